@@ -1,0 +1,3 @@
+from ossimport.cli import main
+
+raise SystemExit(main())

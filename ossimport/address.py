@@ -1,0 +1,252 @@
+"""One way to name a place: every address form users type becomes a `Location`.
+
+Forms (ads-cli grammar, see README "Addresses"):
+  NAME://[AK:SK[:TOKEN]@]BUCKET[.ENDPOINT][/PREFIX]   NAME in s3 oss cos obs bos ks3 qiniu ufile aoss
+  minio://[AK:SK[:TOKEN]@]HOST:PORT/BUCKET[/PREFIX]
+  [user[:pass]@]host[:port]:path                       SFTP (no '://', has ':')
+  path                                                 local (no '://', no ':'), also file://path
+  http(s)://host/path                                  one URL, read-only source
+  list://PATH                                          a URL list file (read-only source)
+Percent-escapes (%2F for '/', %40 for '@', %3A for ':') are decoded in keys, prefixes and secrets.
+Secrets live only in the Location; its repr and `display()` mask them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field, replace
+from urllib.parse import unquote
+
+from ossimport.errors import UsageError
+
+# Address NAME -> (registry backend, flavour). The S3-compatible clouds are flavours of `s3`.
+SCHEMES: dict[str, tuple[str, str]] = {
+    "s3": ("s3", "s3"),
+    "cos": ("s3", "cos"),
+    "obs": ("s3", "obs"),
+    "bos": ("s3", "bos"),
+    "ks3": ("s3", "ks3"),
+    "qiniu": ("s3", "qiniu"),
+    "ufile": ("s3", "ufile"),
+    "us3": ("s3", "ufile"),
+    "aoss": ("s3", "aoss"),
+    "minio": ("s3", "minio"),
+    "oss": ("oss", "oss"),
+}
+
+_SFTP_RE = re.compile(
+    r"^(?:(?P<user>[^:@/]+)(?::(?P<password>[^@/]*))?@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-]*)"
+    r"(?::(?P<port>\d+))?:(?P<path>.*)$"
+)
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,254}$")
+
+
+@dataclass(slots=True)
+class Location:
+    """A parsed address. `backend` is the registry key; `flavour` the provider."""
+
+    backend: str  # local | s3 | oss | sftp | http
+    flavour: str = ""  # s3 cos obs bos ks3 qiniu ufile aoss minio oss | local | sftp | http
+    bucket: str = ""
+    endpoint: str = ""  # host[:port] without scheme; "" = the provider's default
+    prefix: str = ""  # object stores: key prefix of the root ("" or ending in "/" for a directory)
+    path: str = ""  # local and SFTP: the directory (or file); http: the URL or the list file
+    host: str = ""  # SFTP host
+    port: int | None = None  # SFTP port
+    user: str = ""  # SFTP user
+    is_dir: bool = True  # the address ended in '/' (or names a bucket root)
+    https: bool | None = None  # None: decided by the --https option
+    path_style: bool = False  # path-style addressing (IP / localhost endpoints, MinIO)
+    access_key: str = field(default="", repr=False)
+    secret_key: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+    password: str = field(default="", repr=False)
+
+    def __repr__(self) -> str:
+        return f"Location({self.display()!r})"
+
+    def display(self) -> str:
+        """The address as the user would write it, with every secret replaced by '***'."""
+        if self.backend == "local":
+            return self.path
+        if self.backend == "http":
+            return self.path
+        if self.backend == "sftp":
+            user = f"{self.user}{':***' if self.password else ''}@" if self.user else ""
+            port = f":{self.port}" if self.port else ""
+            return f"{user}{self.host}{port}:{self.path}"
+        creds = "***:***@" if (self.access_key or self.secret_key) else ""
+        if self.flavour == "minio":
+            return f"minio://{creds}{self.endpoint}/{self.bucket}/{self.prefix}"
+        host = f"{self.bucket}.{self.endpoint}" if self.endpoint else self.bucket
+        return f"{self.flavour}://{creds}{host}/{self.prefix}"
+
+    def endpoint_url(self, https_default: bool = False) -> str | None:
+        """scheme://endpoint for object stores, None when the provider default applies."""
+        if not self.endpoint:
+            return None
+        secure = self.https if self.https is not None else https_default
+        return f"{'https' if secure else 'http'}://{self.endpoint}"
+
+    def split_object(self) -> tuple[Location, str]:
+        """For a single-object address: (the parent directory's Location, the object's name)."""
+        if self.backend in ("local", "sftp", "http"):
+            path = self.path.rstrip("/") if self.backend != "http" else self.path
+            parent, _, name = path.rpartition("/")
+            if self.backend == "local" and not parent and not path.startswith("/"):
+                parent = "."
+            return replace(self, path=(parent or "/") + "/", is_dir=True), name
+        parent, _, name = self.prefix.rpartition("/")
+        return replace(self, prefix=f"{parent}/" if parent else "", is_dir=True), name
+
+    def child(self, name: str) -> Location:
+        """The single-object Location of `name` inside this directory Location."""
+        if self.backend in ("local", "sftp"):
+            return replace(self, path=self.path.rstrip("/") + "/" + name, is_dir=False)
+        return replace(self, prefix=self.prefix + name, is_dir=False)
+
+
+def is_ip_or_localhost(host: str) -> bool:
+    host = host.split(":")[0] if not host.startswith("[") else host[1 : host.index("]")]
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_address(text: str, *, https: bool | None = None) -> Location:
+    """Parse one address. Raises UsageError with a message naming the problem and the fix."""
+    if not text:
+        raise UsageError("empty address: give a local path, an SFTP path or NAME://BUCKET.ENDPOINT/PREFIX")
+    if "\x00" in text:
+        raise UsageError("address contains a NUL character")
+    if "://" in text:
+        name, _, rest = text.partition("://")
+        name = name.lower()
+        if name in ("file", "local"):
+            return _local(rest or "/")
+        if name in ("http", "https"):
+            return Location(backend="http", flavour="http", path=text, is_dir=False, https=name == "https")
+        if name == "list":
+            if not rest:
+                raise UsageError("list:// needs the path of a URL list file, e.g. list:///data/urls.txt")
+            return Location(backend="http", flavour="http", path=rest, is_dir=True)
+        if name not in SCHEMES:
+            known = ", ".join(sorted(SCHEMES))
+            raise UsageError(f"unknown storage type {name!r} in {_mask(text)!r}; use one of: {known}, or a local/SFTP path")
+        return _object_store(name, rest, text, https)
+    m = _SFTP_RE.match(text)
+    if m and ":" in text and not text.startswith(("/", ".", "~")):
+        return _sftp(m, text)
+    return _local(text)
+
+
+def _local(path: str) -> Location:
+    path = os.path.expanduser(path)
+    is_dir = path.endswith("/") or path in (".", "..") or path.endswith(("/.", "/.."))
+    return Location(backend="local", flavour="local", path=path, is_dir=is_dir)
+
+
+def _sftp(m: re.Match[str], text: str) -> Location:
+    path = unquote(m["path"])
+    if not path:
+        raise UsageError(f"SFTP address {_mask(text)!r} has no path after 'host:'; write user@host:/dir/")
+    port = int(m["port"]) if m["port"] else None
+    if port is not None and not 0 < port < 65536:
+        raise UsageError(f"SFTP port {port} is out of range 1-65535")
+    return Location(
+        backend="sftp",
+        flavour="sftp",
+        host=m["host"].strip("[]"),
+        port=port,
+        user=unquote(m["user"] or ""),
+        password=unquote(m["password"] or ""),
+        path=path,
+        is_dir=path.endswith("/"),
+    )
+
+
+def _split_credentials(authority_and_rest: str, original: str) -> tuple[str, str, str, str]:
+    """'AK:SK[:TOKEN]@rest' -> (ak, sk, token, rest). Secrets must escape '/', '@' as %2F, %40."""
+    head = authority_and_rest.split("/", 1)[0]
+    if "@" not in head:
+        if "@" in authority_and_rest and ":" in authority_and_rest.split("@", 1)[0]:
+            raise UsageError(
+                f"address {_mask(original)!r}: the secret key seems to contain '/'; escape it as %2F"
+            )
+        return "", "", "", authority_and_rest
+    creds, _, rest = authority_and_rest.partition("/")[0].rpartition("@")
+    tail = authority_and_rest[len(creds) + 1 :]
+    fields = creds.split(":")
+    if len(fields) not in (2, 3) or not fields[0] or not fields[1]:
+        raise UsageError(
+            f"address {_mask(original)!r}: credentials must be ACCESS_KEY:SECRET_KEY[:TOKEN]@ "
+            "(escape ':' '@' '/' in keys as %3A %40 %2F)"
+        )
+    ak, sk = unquote(fields[0]), unquote(fields[1])
+    token = unquote(fields[2]) if len(fields) == 3 else ""
+    return ak, sk, token, tail
+
+
+def _object_store(name: str, rest: str, original: str, https: bool | None) -> Location:
+    backend, flavour = SCHEMES[name]
+    ak, sk, token, rest = _split_credentials(rest, original)
+    host, slash, key = rest.partition("/")
+    if name == "minio":
+        # minio://[AK:SK@]HOST:PORT/BUCKET[/PREFIX]
+        bucket, slash2, key = key.partition("/")
+        endpoint = host
+        if not endpoint or not bucket:
+            raise UsageError(f"address {_mask(original)!r}: write minio://[AK:SK@]HOST:PORT/BUCKET[/PREFIX]")
+        is_dir = not key or key.endswith("/")
+        path_style = True
+    else:
+        bucket, _, endpoint = host.partition(".")
+        if not bucket:
+            raise UsageError(
+                f"address {_mask(original)!r} has no bucket; write {name}://[AK:SK@]BUCKET[.ENDPOINT][/PREFIX]"
+            )
+        is_dir = not key or key.endswith("/")
+        path_style = bool(endpoint) and is_ip_or_localhost(endpoint)
+    if not _BUCKET_RE.match(bucket):
+        raise UsageError(
+            f"address {_mask(original)!r}: {bucket!r} is not a valid bucket name "
+            "(letters, digits, '-' and '_'; the endpoint follows the first '.')"
+        )
+    if endpoint and (" " in endpoint or endpoint.startswith((".", ":")) or endpoint.endswith(".")):
+        raise UsageError(f"address {_mask(original)!r}: {endpoint!r} is not a valid endpoint")
+    prefix = unquote(key)
+    if "\x00" in prefix:
+        raise UsageError("address prefix contains a NUL character")
+    return Location(
+        backend=backend,
+        flavour=flavour,
+        bucket=bucket,
+        endpoint=endpoint,
+        prefix=prefix,
+        is_dir=is_dir,
+        https=https,
+        path_style=path_style,
+        access_key=ak,
+        secret_key=sk,
+        token=token,
+    )
+
+
+def _mask(text: str) -> str:
+    """The address as typed, with anything that could be a secret hidden (for error messages)."""
+    if "://" in text:
+        name, _, rest = text.partition("://")
+        if "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+        return f"{name}://{rest}"
+    if "@" in text:
+        user, _, rest = text.rpartition("@")
+        return f"{user.split(':')[0]}{':***' if ':' in user else ''}@{rest}"
+    return text

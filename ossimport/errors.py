@@ -1,0 +1,63 @@
+"""Error types shared by every layer.
+
+Each error carries a short machine code (the codes users know from ossimport audit logs and
+from S3/OSS error responses) and says whether retrying can help. Front ends turn them into one
+line for the user; nothing here ever holds a secret in its message.
+"""
+
+from __future__ import annotations
+
+
+class OssimportError(Exception):
+    """Base of every error we raise on purpose. `exit_code` is what the CLI returns."""
+
+    exit_code = 1
+    code = "Error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class UsageError(OssimportError):
+    """The user's input is wrong (address, option, config): fix it and run again."""
+
+    exit_code = 2
+    code = "InvalidArgument"
+
+
+class StorageError(OssimportError):
+    """A storage operation failed. `retryable` is true for throttling, 5xx and broken connections."""
+
+    def __init__(self, message: str, *, code: str = "StorageError", retryable: bool = False) -> None:
+        super().__init__(message, code=code)
+        self.retryable = retryable
+
+
+class NotFound(StorageError):
+    """The key (or bucket) does not exist."""
+
+    def __init__(self, message: str, *, code: str = "NoSuchKey") -> None:
+        super().__init__(message, code=code, retryable=False)
+
+
+class UnsafeKey(StorageError):
+    """A key that would escape the destination root, or cannot be a file name."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="InvalidObjectName", retryable=False)
+
+
+class SourceChanged(StorageError):
+    """The source changed while we copied it; the copy is not recorded as done."""
+
+    def __init__(self, message: str, *, code: str = "SIZE_NOT_MATCH") -> None:
+        super().__init__(message, code=code, retryable=False)
+
+
+class VerifyFailed(StorageError):
+    """What arrived differs from what was sent."""
+
+    def __init__(self, message: str, *, code: str = "CHECKSUM_NOT_MATCH") -> None:
+        super().__init__(message, code=code, retryable=True)

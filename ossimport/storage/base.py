@@ -1,0 +1,222 @@
+"""The storage contract every backend implements.
+
+A `Storage` is bound to one root (a local directory, a bucket plus prefix, an SFTP directory).
+Every key it takes or yields is *relative to that root*, '/'-separated, never starting with '/'.
+The engine works only in relative keys, so one copy loop serves every pair of backends.
+
+Required of every backend: `list`, `head`, `open`, `put`, `delete`.
+Optional abilities are declared in `Abilities` and checked by the engine, never assumed:
+multipart upload, random-access writes (parallel ranged download into a file), server-side copy,
+setting mtime, POSIX mode, symlinks, reported checksums.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO, ClassVar
+
+from ossimport.errors import StorageError, UnsafeKey
+
+if TYPE_CHECKING:
+    from ossimport.address import Location
+
+# Checksum names used across the project. Values are stored as strings:
+#   md5     lower-case hex of the whole content
+#   crc64   CRC-64/ECMA-182 as OSS computes it, decimal string
+#   etag    the store's ETag, unquoted (md5 hex for single PUTs on S3/OSS, "<hex>-N" for multipart)
+MD5 = "md5"
+CRC64 = "crc64"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One listed object or file. `key` is relative to the storage root."""
+
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch, UTC
+    etag: str | None = None
+    checksums: dict[str, str] = field(default_factory=dict)
+    mode: int | None = None  # POSIX permission bits, where the store keeps them
+    link_target: str | None = None  # symlink target, when the entry is a link that was not followed
+
+
+@dataclass(frozen=True, slots=True)
+class Abilities:
+    """What a backend can do beyond the required five operations."""
+
+    multipart: bool = False  # create/upload_part/complete/abort/list_parts
+    random_write: bool = False  # open_writer(): write ranges at offsets, then commit atomically
+    ranged_read: bool = True  # open(key, start, end)
+    server_side_copy: bool = False  # copy() within the same store
+    set_mtime: bool = False  # put(..., mtime=) makes head().mtime equal to it (to the second)
+    posix_mode: bool = False
+    symlinks: bool = False
+    # checksums that list()/head() report without reading the content, e.g. {"crc64"} for OSS.
+    # An S3-style MD5 ETag is reported as Entry.etag, not here: it is md5 only for single PUTs.
+    hashes: frozenset[str] = frozenset()
+    etag_is_md5: bool = False  # a non-multipart ETag equals the content MD5 (S3, OSS)
+    min_part_size: int = 5 * 1024 * 1024
+    max_part_size: int = 5 * 1024 * 1024 * 1024
+    max_parts: int = 10000
+    read_only: bool = False
+
+
+@dataclass(slots=True)
+class StorageOptions:
+    """Connection settings that come from global CLI options or the job config, not the address."""
+
+    https: bool = False
+    connect_timeout: float = 30.0
+    read_timeout: float = 120.0
+    anonymous: bool = False
+    max_pool: int = 10  # connections to keep: at least the number of worker threads
+    follow_symlinks: bool = False
+    keep_perms: bool = True  # --noperms turns it off
+    # symlinked directories that were skipped are reported here (the CLI's --recordName)
+    skipped_links: list[str] = field(default_factory=list)
+
+
+class Writer(ABC):
+    """A file being written in ranges (parallel ranged download). Nothing is visible under the
+    final key until `commit`; `abort` removes every trace."""
+
+    @abstractmethod
+    def write_at(self, offset: int, data: bytes) -> None: ...
+
+    @abstractmethod
+    def commit(self, mtime: float | None = None, mode: int | None = None) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Part:
+    number: int  # 1-based
+    etag: str
+    size: int = 0
+
+
+class Storage(ABC):
+    """A place where bytes live. Subclasses are registered in `ossimport.storage.REGISTRY`."""
+
+    scheme: ClassVar[str] = ""
+    abilities: ClassVar[Abilities] = Abilities()
+
+    def __init__(self, location: Location, options: StorageOptions | None = None) -> None:
+        self.location = location
+        self.options = options or StorageOptions()
+
+    # ---- required ---------------------------------------------------------------------------
+    @abstractmethod
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[Entry]:
+        """Every file/object under the root whose key starts with `prefix` and is > `start_after`,
+        recursively, sorted by key in byte order (UTF-8; a directory `d` sorts as `d/`).
+        Streams: never holds the whole listing. Directories themselves are not yielded."""
+
+    @abstractmethod
+    def head(self, key: str) -> Entry:
+        """The entry for `key`; raises `NotFound` when it does not exist."""
+
+    @abstractmethod
+    def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        """A streaming reader of bytes [start, end) (end exclusive, None = to the end).
+        The caller closes it. Raises `NotFound`."""
+
+    @abstractmethod
+    def put(
+        self,
+        key: str,
+        data: BinaryIO,
+        size: int,
+        *,
+        mtime: float | None = None,
+        mode: int | None = None,
+    ) -> Entry:
+        """Store exactly `size` bytes read from `data` under `key`, atomically: readers see the
+        old content or the whole new content, never a part. Returns the new entry as far as the
+        store tells without another request (size, etag where known). Raises `StorageError` if
+        `data` yields fewer or more than `size` bytes (code SIZE_NOT_MATCH), writing nothing."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove `key`. Deleting a missing key is not an error."""
+
+    # ---- optional abilities (declared in `abilities`) ----------------------------------------
+    def create_multipart(self, key: str, *, mtime: float | None = None, mode: int | None = None) -> str:
+        raise self._unsupported("multipart upload")
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> Part:
+        raise self._unsupported("multipart upload")
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[Part]) -> Entry:
+        raise self._unsupported("multipart upload")
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        raise self._unsupported("multipart upload")
+
+    def list_multipart(self, prefix: str = "") -> Iterator[tuple[str, str]]:
+        """(key, upload_id) of unfinished multipart uploads under the root."""
+        raise self._unsupported("multipart upload")
+
+    def open_writer(self, key: str, size: int) -> Writer:
+        raise self._unsupported("random-access writes")
+
+    def copy(self, src_key: str, dst_key: str, *, src_root: Storage | None = None) -> Entry:
+        """Server-side copy. `src_root` is another Storage of the same class and the same server
+        (another bucket or prefix); None means this one."""
+        raise self._unsupported("server-side copy")
+
+    def same_server(self, other: Storage) -> bool:
+        """True when `copy(..., src_root=other)` can work (same endpoint and credentials)."""
+        return False
+
+    def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    # ---- shared helpers ----------------------------------------------------------------------
+    def describe(self) -> str:
+        """A human name for messages: never contains a secret."""
+        return self.location.display()
+
+    def _unsupported(self, what: str) -> StorageError:
+        return StorageError(f"{self.scheme} storage does not support {what}", code="NotImplemented")
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that cannot name a file under a root: absolute, `..` or `.` segments, empty
+    segments (`a//b`), NUL, backslash. Returns the key unchanged when it is safe.
+
+    File-system backends call this before touching the disk, so an object key such as
+    `../../etc/passwd` can never be written outside the destination directory."""
+    if not key:
+        raise UnsafeKey("empty key")
+    if "\x00" in key:
+        raise UnsafeKey(f"key contains NUL: {key!r}")
+    if key.startswith("/"):
+        raise UnsafeKey(f"key is absolute: {key!r}")
+    if "\\" in key:
+        raise UnsafeKey(f"key contains a backslash: {key!r}")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
+        raise UnsafeKey(f"key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+def join_key(prefix: str, key: str) -> str:
+    """prefix + key for object stores, where prefix is '' or ends with '/'."""
+    return prefix + key if not prefix or prefix.endswith("/") else f"{prefix}/{key}"
+
+
+def parent_key(key: str) -> str:
+    return posixpath.dirname(key)

@@ -1,0 +1,1 @@
+"""One module per backend under test; see tests/conftest.py for what each defines."""
