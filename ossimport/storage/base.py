@@ -78,6 +78,9 @@ class StorageOptions:
     keep_perms: bool = True  # --noperms turns it off
     # symlinked directories that were skipped are reported here (the CLI's --recordName)
     skipped_links: list[str] = field(default_factory=list)
+    # http list source: 1-based columns of the URL prefix and the relative key in each line
+    http_prefix_column: int = 1
+    http_key_column: int = 2
 
 
 class Writer(ABC):
