@@ -63,6 +63,9 @@ class Abilities:
     max_part_size: int = 5 * 1024 * 1024 * 1024
     max_parts: int = 10000
     read_only: bool = False
+    # files can change in place while we read them (file systems); immutable objects cannot,
+    # so only these sources are re-checked after a copy to catch a change mid-transfer
+    mutable_files: bool = False
 
 
 @dataclass(slots=True)
@@ -178,7 +181,7 @@ class Storage(ABC):
         """True when `copy(..., src_root=other)` can work (same endpoint and credentials)."""
         return False
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections. Safe to call twice."""
 
     # ---- shared helpers ----------------------------------------------------------------------

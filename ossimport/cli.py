@@ -1,0 +1,351 @@
+"""`ossimport [global options] cp|sync SRC DST` — the direct commands (ads-cli style).
+
+Global options may stand before or after the command. Exit codes: 0 everything copied and
+verified, 1 some files failed (each named on stderr), 2 bad input (one line saying what to fix),
+130 interrupted. Heavy modules are imported only when a command runs, so `--version` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ossimport import __version__
+from ossimport.errors import OssimportError, UsageError
+
+if TYPE_CHECKING:
+    from ossimport.address import Location
+    from ossimport.engine.stats import Stats
+    from ossimport.storage.base import Entry, Storage, StorageOptions
+
+log = logging.getLogger("ossimport")
+
+MiB = 1024 * 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line and exit 2, like every other bad input
+        raise UsageError(f"{message} (see 'ossimport -h')")
+
+
+def _size(text: str) -> int:
+    """'64m', '1g', '4096' -> bytes (the unit letters of ossimport configs)."""
+    units = {"k": 1024, "m": MiB, "g": 1024 * MiB, "t": 1024**4}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 64m, 1g)") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return v
+
+
+def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options of the ads-cli table (plus ours). On subcommands their defaults are
+    suppressed so that a value given before the command is not reset after it."""
+
+    def d(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    a = p.add_argument
+    a("--start", "-s", metavar="KEY", default=d(""), help="first key to copy (inclusive)")
+    a("--end", "-e", metavar="KEY", default=d(""), help="last key to copy (inclusive)")
+    a("--threads", "-p", type=_positive_int, metavar="N", default=d(10), help="concurrent transfers (default 10)")
+    a("--dryrun", "--dry-run", action="store_true", default=d(False), help="list and count, copy and delete nothing")
+    a("--delete-src", "--deleteSrc", dest="delete_src", action="store_true", default=d(False),
+      help="delete each source file after it was copied and verified (a move)")
+    a("--delete-dst", "--deleteDst", dest="delete_dst", action="store_true", default=d(False),
+      help="delete destination files that the source does not have (only when nothing failed)")
+    a("--exclude", action="append", metavar="REGEX", default=d([]), help="skip keys matching REGEX (repeatable)")
+    a("--include", action="append", metavar="REGEX", default=d([]),
+      help="keep keys matching REGEX even if an --exclude matched; alone, keep only matching keys")
+    a("--exclude-dir", dest="exclude_dir", action="append", metavar="REGEX", default=d([]),
+      help="skip keys under a directory whose name matches REGEX")
+    a("--include-dir", dest="include_dir", action="append", metavar="REGEX", default=d([]),
+      help="re-admit directories an --exclude-dir matched; alone, keep only keys under matching directories")
+    a("--bwlimit", type=_nonneg_float, metavar="MBPS", default=d(0.0), help="bandwidth limit in Mbit/s (0 = unlimited)")
+    a("--https", action="store_true", default=d(False), help="talk to object stores over HTTPS (default HTTP)")
+    a("--connTimeout", "--conntimeout", "--conn-timeout", dest="conn_timeout", type=_nonneg_float, metavar="S",
+      default=d(30.0), help="seconds to establish a connection (default 30)")
+    a("--timeout", type=_nonneg_float, metavar="S", default=d(120.0), help="seconds to wait for a response (default 120)")
+    a("--anonymous", metavar="SIDE", default=d(None),
+      help="no credentials for: 0 or src (source), 1 or dst (destination), both")
+    a("--noperms", action="store_true", default=d(False), help="do not copy POSIX permissions")
+    a("--recordName", "-rd", dest="record_name", metavar="FILE", default=d(None),
+      help="write the keys of skipped symbolic links to FILE")
+    a("--copy-links", "-L", dest="copy_links", action="store_true", default=d(False),
+      help="follow symbolic links and copy what they point to (default: skip and record them)")
+    a("--checksum", "-c", action="store_true", default=d(False),
+      help="decide 'changed' and verify copies by content checksum, not size and mtime")
+    a("--update", "-u", action="store_true", default=d(False), help="copy only when the source is newer")
+    a("--json", action="store_true", default=d(False), help="print the final summary as one JSON object")
+    a("--multipart-threshold", dest="multipart_threshold", type=_size, metavar="SIZE", default=d(64 * MiB),
+      help="files at least this large move in parallel parts (default 64m)")
+    a("--part-size", dest="part_size", type=_size, metavar="SIZE", default=d(16 * MiB), help="part size (default 16m)")
+    a("--verbose", "-v", action="count", default=d(0), help="log every file (-vv: debug)")
+    a("--quiet", "-q", action="store_true", default=d(False), help="print errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ossimport", description="Copy and synchronise data between local disks, "
+                "S3-compatible stores, Alibaba Cloud OSS and SFTP. Addresses: see README.")
+    p.add_argument("--version", "-V", action="version", version=f"ossimport {__version__}")
+    _global_options(p, suppress=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, aliases, text in (("cp", ["copy"], "copy everything from SRC to DST (full copy)"),
+                                ("sync", [], "copy what is missing or changed at DST (incremental)")):
+        sp = sub.add_parser(name, aliases=aliases, help=text, description=text)
+        _global_options(sp, suppress=True)
+        if name == "cp":
+            sp.add_argument("--info", action="store_true", default=False,
+                            help="print count, total, min/max/average size of SRC and copy nothing")
+        sp.add_argument("src", metavar="SRC")
+        sp.add_argument("dst", metavar="DST")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = any(a in ("-v", "--verbose", "-vv") for a in argv)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("no command given: use 'ossimport cp SRC DST' or 'ossimport sync SRC DST'")
+        from ossimport import log as logsetup
+
+        logsetup.setup(-1 if args.quiet else args.verbose)
+        return run_copy(args)
+    except KeyboardInterrupt:
+        print("ossimport: interrupted", file=sys.stderr)
+        return 130
+    except OssimportError as exc:
+        _fail_line(exc, verbose)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        _fail_line(exc, verbose, internal=True)
+        return 1
+
+
+def _fail_line(exc: BaseException, verbose: bool, internal: bool = False) -> None:
+    from ossimport.log import redact
+
+    if verbose:
+        import traceback
+
+        print(redact("".join(traceback.format_exception(exc))), file=sys.stderr)
+    prefix = "internal error: " if internal else ""
+    hint = " (run with -v for details)" if internal and not verbose else ""
+    print(f"ossimport: error: {prefix}{redact(str(exc))}{hint}", file=sys.stderr)
+
+
+# ---- cp / sync -------------------------------------------------------------------------------------
+def _storage_options(args: argparse.Namespace, side: str) -> StorageOptions:
+    from ossimport.storage.base import StorageOptions
+
+    anon = (args.anonymous or "").lower()
+    if anon and anon not in ("0", "1", "src", "dst", "both", "source", "destination"):
+        raise UsageError(f"--anonymous {args.anonymous!r}: use 0/src (source), 1/dst (destination) or both")
+    anonymous = anon == "both" or (side == "src" and anon in ("0", "src", "source")) or (
+        side == "dst" and anon in ("1", "dst", "destination"))
+    return StorageOptions(
+        https=args.https,
+        connect_timeout=args.conn_timeout or 30.0,
+        read_timeout=args.timeout or 120.0,
+        anonymous=anonymous,
+        max_pool=max(args.threads * 2, 10),
+        follow_symlinks=args.copy_links,
+        keep_perms=not args.noperms,
+    )
+
+
+def _locations(args: argparse.Namespace) -> tuple[Location, Location]:
+    from ossimport.address import parse_address
+    from ossimport.log import register_secret
+
+    src = parse_address(args.src)
+    dst = parse_address(args.dst)
+    for loc in (src, dst):
+        register_secret(loc.access_key, loc.secret_key, loc.token, loc.password)
+    if dst.backend == "http":
+        raise UsageError("http sources are read-only: DST must be a local path, SFTP path or bucket")
+    if src.backend == "local" and not src.is_dir and os.path.isdir(src.path):
+        raise UsageError(f"SRC {src.path!r} is a directory: end SRC and DST with '/' to copy a directory")
+    if src.is_dir and not dst.is_dir:
+        if dst.backend == "local" and os.path.isdir(dst.path):
+            raise UsageError(f"SRC is a directory: end DST with '/' too ({dst.path}/)")
+        raise UsageError("SRC is a directory (ends with '/'): DST must end with '/' too")
+    if src.backend == dst.backend == "local":
+        a, b = os.path.realpath(src.path), os.path.realpath(dst.path)
+        if a == b:
+            raise UsageError("SRC and DST are the same directory")
+        if src.is_dir and (b + "/").startswith(a.rstrip("/") + "/"):
+            raise UsageError("DST is inside SRC: choose a destination outside the source directory")
+    return src, dst
+
+
+def run_copy(args: argparse.Namespace) -> int:
+    from ossimport.engine.listing import Filter, KeyRange
+    from ossimport.engine.policy import Policy
+    from ossimport.engine.runner import Runner, RunOptions
+    from ossimport.engine.stats import Stats
+    from ossimport.engine.throttle import TokenBucket, mbit_to_bytes
+    from ossimport.engine.transfer import TransferOptions
+    from ossimport.progress import Progress
+    from ossimport.storage import open_storage
+
+    src_loc, dst_loc = _locations(args)
+    single = not src_loc.is_dir
+    dst_key = ""
+    if single:
+        src_loc, src_key = src_loc.split_object()
+        if dst_loc.is_dir:
+            dst_key = src_key  # cp file dir/ puts the file into the directory
+        else:
+            dst_loc, dst_key = dst_loc.split_object()
+    policy = Policy(mode="cp" if args.command in ("cp", "copy") else "sync", update=args.update,
+                    checksum=args.checksum)
+    opts = RunOptions(
+        policy=policy,
+        threads=args.threads,
+        dryrun=args.dryrun,
+        delete_src=args.delete_src,
+        delete_dst=args.delete_dst,
+        filter=Filter(args.exclude, args.include, args.exclude_dir, args.include_dir),
+        key_range=KeyRange(args.start, args.end),
+        transfer=TransferOptions(
+            multipart_threshold=args.multipart_threshold,
+            part_size=args.part_size,
+            part_threads=max(4, min(args.threads, 16)),
+            checksum=args.checksum,
+            keep_perms=not args.noperms,
+            bucket=TokenBucket(mbit_to_bytes(args.bwlimit)) if args.bwlimit > 0 else None,
+        ),
+    )
+    src_opts, dst_opts = _storage_options(args, "src"), _storage_options(args, "dst")
+    src = open_storage(src_loc, src_opts)
+    dst = open_storage(dst_loc, dst_opts)
+    try:
+        if src_loc.backend == "local" and not os.path.isdir(src_loc.path):
+            raise UsageError(f"source directory {src_loc.path!r} does not exist")
+        if getattr(args, "info", False):
+            return _info(src, opts)
+        stats = Stats()
+        runner = Runner(src, dst, opts, stats, listener=_listener(args))
+        try:
+            with Progress(stats, enabled=not args.quiet and not args.json):
+                if single:
+                    runner.run_items(_single_item(src, dst, src_key, dst_key, stats, policy.needs_destination))
+                else:
+                    runner.run()
+        except KeyboardInterrupt:
+            runner.stop()
+            _report(args, stats, src_opts)
+            print("ossimport: interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
+        _report(args, stats, src_opts)
+        return 0 if stats.failed == 0 else 1
+    finally:
+        src.close()
+        dst.close()
+
+
+def _single_item(src: Storage, dst: Storage, src_key: str, dst_key: str, stats: Stats,
+                 needs_dst: bool) -> list[tuple[Entry, Entry | None, str]]:
+    from ossimport.errors import NotFound
+
+    try:
+        entry = src.head(src_key)
+    except NotFound:
+        raise UsageError(f"source object {src.describe()}{src_key} does not exist") from None
+    stats.add(found=1, found_bytes=entry.size)
+    current = None
+    if needs_dst:
+        try:
+            current = dst.head(dst_key)
+        except NotFound:
+            current = None
+    return [(entry, current, dst_key)]
+
+
+def _listener(args: argparse.Namespace) -> Any:
+    def on(event: str, entry: Entry, detail: str) -> None:
+        if event == "failed":
+            from ossimport.log import redact
+
+            print(redact(f"FAILED {entry.key}: {detail}"), file=sys.stderr, flush=True)
+        elif args.verbose:
+            verb = "would " + event if args.dryrun else event
+            log.info("%s %s", verb, entry.key)
+
+    return on
+
+
+def _report(args: argparse.Namespace, stats: Stats, src_opts: StorageOptions) -> None:
+    from ossimport.progress import human_bytes
+
+    if args.record_name:
+        with open(args.record_name, "w", encoding="utf-8") as f:
+            for key in src_opts.skipped_links:
+                f.write(key + "\n")
+    elif src_opts.skipped_links and not args.quiet:
+        print(f"skipped {len(src_opts.skipped_links)} symbolic links (use -L to follow them, "
+              "--recordName FILE to list them)", file=sys.stderr)
+    summary = stats.summary()
+    if args.json:
+        summary["dryrun"] = bool(args.dryrun)
+        print(json.dumps(summary))
+        return
+    if args.quiet:
+        return
+    secs = stats.elapsed
+    dry = " (dry run: nothing written)" if args.dryrun else ""
+    print(f"found {stats.found}, excluded {stats.excluded}, skipped {stats.skipped}, copied {stats.copied} "
+          f"({human_bytes(stats.copied_bytes)}), extra {stats.extra}, deleted {stats.deleted}, "
+          f"failed {stats.failed} in {secs:.2f}s ({stats.copied / secs:.1f} files/s, "
+          f"{human_bytes(stats.copied_bytes / secs)}/s){dry}")
+
+
+def _info(src: Storage, opts: Any) -> int:
+    from ossimport.progress import human_bytes
+
+    count = total = 0
+    smallest: int | None = None
+    largest = 0
+    kr, flt = opts.key_range, opts.filter
+    from ossimport.engine.listing import ranged
+
+    for e in ranged(src.list(start_after=kr.start_after()), kr):
+        if flt.active and not flt.admits(e.key):
+            continue
+        count += 1
+        total += e.size
+        largest = max(largest, e.size)
+        smallest = e.size if smallest is None else min(smallest, e.size)
+    avg = total / count if count else 0
+    print(f"count {count}, total {human_bytes(total)} ({total} bytes), min {smallest or 0}, max {largest}, "
+          f"avg {avg:.0f} bytes")
+    return 0

@@ -1,0 +1,200 @@
+"""Wires a listing (or an explicit list of keys) to a pool of copy threads.
+
+lister thread -> bounded queue -> `threads` workers, so copying starts while listing continues
+and memory stays flat however many objects there are. Destination-only keys ("extras") are
+spooled to a temporary file and deleted only after the copy phase, and only when nothing failed
+(as rclone does: an incomplete listing must never turn into deletions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO
+
+from ossimport.engine.listing import Filter, KeyRange, Pair, checked_order, merge, ranged
+from ossimport.engine.policy import Action, Policy
+from ossimport.engine.stats import Stats
+from ossimport.engine.transfer import Transfer, TransferOptions
+from ossimport.errors import OssimportError, StorageError
+from ossimport.storage.base import Entry, Storage
+
+log = logging.getLogger("ossimport")
+
+_DONE = object()
+
+
+@dataclass
+class RunOptions:
+    policy: Policy = field(default_factory=Policy)
+    threads: int = 10
+    dryrun: bool = False
+    delete_src: bool = False  # move: remove each source after its verified copy
+    delete_dst: bool = False  # remove destination keys the source does not have
+    filter: Filter = field(default_factory=Filter)
+    key_range: KeyRange = field(default_factory=KeyRange)
+    transfer: TransferOptions = field(default_factory=TransferOptions)
+
+
+# (source entry, destination entry or None, destination key)
+Item = tuple[Entry, Entry | None, str]
+Listener = Callable[[str, Entry, str], None]  # (event, entry, detail): "copied", "failed", ...
+
+
+class Runner:
+    def __init__(self, src: Storage, dst: Storage, opts: RunOptions, stats: Stats | None = None,
+                 listener: Listener | None = None) -> None:
+        self.src = src
+        self.dst = dst
+        self.opts = opts
+        self.stats = stats or Stats()
+        self.listener = listener
+        self.transfer = Transfer(src, dst, opts.transfer, self.stats)
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+
+    # ---- entry points ---------------------------------------------------------------------------
+    def run(self) -> Stats:
+        """Compare the two roots by listing and copy what the policy says."""
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as extras:
+            self._execute(self._items_from_listing(extras))
+            self._delete_extras(extras)
+        return self.stats
+
+    def run_items(self, items: Iterable[Item]) -> Stats:
+        """Copy an explicit list of (source entry, destination entry or None, destination key):
+        single-object copies and job tasks. The policy still decides per item."""
+        self._execute(iter(items))
+        return self.stats
+
+    def stop(self) -> None:
+        """Ask the run to finish early (Ctrl-C): no new copies start."""
+        self._stop.set()
+
+    # ---- listing side ---------------------------------------------------------------------------
+    def _listing(self, st: Storage, count: bool) -> Iterator[Entry]:
+        kr, flt = self.opts.key_range, self.opts.filter
+        for e in checked_order(ranged(st.list(start_after=kr.start_after()), kr), st.describe()):
+            if count:
+                self.stats.add(found=1, found_bytes=e.size)
+            if flt.active and not flt.admits(e.key):
+                if count:
+                    self.stats.add(excluded=1)
+                continue
+            yield e
+
+    def _items_from_listing(self, extras: IO[str]) -> Iterator[Item]:
+        src = self._listing(self.src, count=True)
+        pairs: Iterable[Pair]
+        if self.opts.policy.needs_destination or self.opts.delete_dst:
+            pairs = merge(src, self._listing(self.dst, count=False))
+        else:
+            pairs = ((s, None) for s in src)
+        for s, d in pairs:
+            if s is None:
+                assert d is not None
+                self.stats.add(extra=1)
+                if self.opts.delete_dst:
+                    extras.write(json.dumps(d.key) + "\n")
+                continue
+            yield s, d, s.key
+
+    # ---- the pipeline -----------------------------------------------------------------------------
+    def _execute(self, items: Iterator[Item]) -> None:
+        q: queue.Queue[object] = queue.Queue(maxsize=max(64, self.opts.threads * 4))
+        workers = [threading.Thread(target=self._work, args=(q,), name=f"copy-{i}", daemon=True)
+                   for i in range(max(1, self.opts.threads))]
+        for w in workers:
+            w.start()
+        try:
+            for item in items:
+                if self._stop.is_set():
+                    break
+                q.put(item)
+        except OssimportError as exc:
+            self._errors.append(exc)
+            log.error("listing failed: %s", exc)
+            self.stats.fail("", exc.code, f"listing failed: {exc}")
+        finally:
+            self.stats.listing_done = True
+            for _ in workers:
+                q.put(_DONE)
+            for w in workers:
+                w.join()
+            self.transfer.close()
+
+    def _work(self, q: queue.Queue[object]) -> None:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if self._stop.is_set():
+                continue
+            src, dst, dst_key = item  # type: ignore[misc]
+            try:
+                self._one(src, dst, dst_key)
+            except StorageError as exc:
+                self.stats.fail(src.key, exc.code, str(exc), src.size)
+                self._emit("failed", src, f"{exc.code}: {exc}")
+            except Exception as exc:  # a bug or an unmapped library error: fail the file, not the run
+                log.debug("unexpected error on %s", src.key, exc_info=True)
+                self.stats.fail(src.key, type(exc).__name__, str(exc), src.size)
+                self._emit("failed", src, f"{type(exc).__name__}: {exc}")
+
+    def _one(self, src: Entry, dst: Entry | None, dst_key: str) -> None:
+        action = self.opts.policy.decide(src, dst)
+        if action is Action.COMPARE:
+            assert dst is not None
+            action = Action.SKIP if self.transfer.same_content(src, dst) else Action.COPY
+        if action is Action.SKIP:
+            self.stats.add(skipped=1)
+            self._emit("skipped", src, dst_key)
+        else:
+            if not self.opts.dryrun:
+                self.transfer.copy(src, dst_key)
+            self.stats.add(copied=1, copied_bytes=src.size)
+            self._emit("copied", src, dst_key)
+        if self.opts.delete_src:
+            if not self.opts.dryrun:
+                self.src.delete(src.key)
+            self.stats.add(deleted=1)
+            self._emit("deleted-source", src, src.key)
+
+    def _delete_extras(self, extras: IO[str]) -> None:
+        if not self.opts.delete_dst or not self.stats.extra:
+            return
+        if self.stats.failed or self._errors or self._stop.is_set():
+            log.error("not deleting %d extra destination files because there were errors", self.stats.extra)
+            return
+        extras.seek(0)
+        self._delete_keys(json.loads(line) for line in extras)
+
+    def _delete_keys(self, keys: Iterator[str]) -> None:
+        slots = threading.BoundedSemaphore(max(1, self.opts.threads) * 4)  # bounded, like the copy queue
+
+        def delete(key: str) -> None:
+            try:
+                if not self.opts.dryrun:
+                    self.dst.delete(key)
+                self.stats.add(deleted=1)
+                self._emit("deleted", Entry(key, 0, 0.0), key)
+            except StorageError as exc:
+                self.stats.fail(key, exc.code, f"delete failed: {exc}")
+                self._emit("failed", Entry(key, 0, 0.0), f"{exc.code}: delete failed: {exc}")
+            finally:
+                slots.release()
+
+        with ThreadPoolExecutor(max(1, self.opts.threads)) as pool:
+            for key in keys:
+                slots.acquire()
+                pool.submit(delete, key)
+
+    def _emit(self, event: str, entry: Entry, detail: str) -> None:
+        if self.listener is not None:
+            self.listener(event, entry, detail)
