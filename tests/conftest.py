@@ -19,6 +19,7 @@ Backends under test are discovered from `tests/backends/*.py`. Each such module 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -36,6 +37,9 @@ import backends as _backends_pkg  # noqa: E402
 
 from ossimport.address import parse_address  # noqa: E402
 from ossimport.storage import Storage, StorageOptions, open_storage  # noqa: E402
+
+# the moto server logs every request at INFO: keep failures readable
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 BACKEND_MODULES = {
     mod.NAME: mod
