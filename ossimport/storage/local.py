@@ -1,0 +1,568 @@
+"""Local file system backend, plus the sorted directory walk shared by every file-system backend.
+
+Keys are paths relative to the root directory. Writes go to a hidden temp file in the target
+directory and are renamed into place, so readers never see half a file; a key can never make us
+write outside the root (checked lexically by `check_key` and physically with realpath).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import re
+import secrets
+import stat
+import threading
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple, cast
+
+from ossimport.errors import NotFound, StorageError, UnsafeKey
+from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, Writer, check_key
+
+if TYPE_CHECKING:
+    from ossimport.address import Location
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+
+# ---- shared by file-system backends (local, sftp) ---------------------------------------------
+
+NodeKind = Literal["file", "dir", "skip"]
+
+
+class Node(NamedTuple):
+    """One directory entry as a backend's `scan` reports it to `sorted_walk`.
+
+    kind "file": listed (through `make_entry`); "dir": descended into; "skip": not listed, reported
+    to `on_skip` with `ref` as the reason (a symlink not followed, a dangling link).
+    `ident` names a directory's physical identity for symlink-loop detection (None: no check).
+    `ref` is whatever the backend needs later (a DirEntry, a stat result, SFTP attributes)."""
+
+    name: str
+    kind: NodeKind
+    ident: Hashable | None = None
+    ref: Any = None
+
+
+def _b(s: str) -> bytes:
+    # surrogateescape: names that are not valid UTF-8 still sort by their raw bytes
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _sort_key(node: Node) -> bytes:
+    # object-store order: directory `d` sorts as "d/", so "a/x" < "a0" and "a-b" < "a/x"
+    return _b(node.name + "/") if node.kind == "dir" else _b(node.name)
+
+
+def _may_contain(dir_b: bytes, prefix_b: bytes, after_b: bytes) -> bool:
+    """Can a key under the directory `dir_b` (ending in b'/') start with prefix and be > after?"""
+    if not (dir_b.startswith(prefix_b) or prefix_b.startswith(dir_b)):
+        return False
+    # every key below is dir_b + something: all are > after when dir_b > after, unless after lies
+    # inside the directory itself
+    return dir_b > after_b or after_b.startswith(dir_b)
+
+
+def sorted_walk(
+    scan: Callable[[str, Hashable | None], Iterable[Node]],
+    make_entry: Callable[[str, Node], Entry | None],
+    *,
+    prefix: str = "",
+    start_after: str = "",
+    root_ident: Hashable | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> Iterator[Entry]:
+    """Walk a directory tree yielding files in global UTF-8 byte order of their keys.
+
+    `scan(dir_key, ident)` lists one directory ("" is the root, else "a/b/"); only that one
+    directory's entries are held in memory at a time per level. Directories that cannot hold a key
+    starting with `prefix` and greater than `start_after` are never scanned. A directory whose
+    `ident` is already on the current path is a symlink loop: reported to `on_skip`, not entered.
+    """
+    prefix_b, after_b = _b(prefix), _b(start_after)
+    ancestors: set[Hashable] = set()
+    stack: list[tuple[Iterator[Node], str, Hashable | None]] = []
+
+    def enter(dir_key: str, ident: Hashable | None) -> None:
+        nodes = sorted(scan(dir_key, ident), key=_sort_key)
+        stack.append((iter(nodes), dir_key, ident))
+        if ident is not None:
+            ancestors.add(ident)
+
+    enter("", root_ident)
+    while stack:
+        nodes, dir_key, dir_ident = stack[-1]
+        node = next(nodes, None)
+        if node is None:
+            stack.pop()
+            if dir_ident is not None:
+                ancestors.discard(dir_ident)
+            continue
+        key = dir_key + node.name
+        key_b = _b(key)
+        if node.kind == "dir":
+            if not _may_contain(key_b + b"/", prefix_b, after_b):
+                continue
+            if node.ident is not None and node.ident in ancestors:
+                if on_skip:
+                    on_skip(key, "symlink loop")
+                continue
+            enter(key + "/", node.ident)
+        elif node.kind == "file":
+            if key_b.startswith(prefix_b) and key_b > after_b:
+                entry = make_entry(key, node)
+                if entry is not None:
+                    yield entry
+        elif on_skip and (
+            _may_contain(key_b + b"/", prefix_b, after_b) or (key_b.startswith(prefix_b) and key_b > after_b)
+        ):
+            on_skip(key, str(node.ref))
+
+
+_TEMP_RE = re.compile(r"\A\..*\.ossimport\.[0-9a-f]{16}\.tmp\Z", re.DOTALL)
+_NAME_MAX = 255
+
+
+def temp_name(name: str) -> str:
+    """Hidden temp file name for `name` in the same directory; fits in NAME_MAX bytes."""
+    raw = _b(name)[: _NAME_MAX - 32]  # 32 = len(".") + len(".ossimport.") + 16 hex + len(".tmp")
+    short = raw.decode("utf-8", "surrogateescape")
+    return f".{short}.ossimport.{secrets.token_hex(8)}.tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    """Our own unfinished writes are not data: listings hide them."""
+    return bool(_TEMP_RE.match(name))
+
+
+def read_exact(data: BinaryIO, size: int, write: Callable[[bytes], object], key: str) -> None:
+    """Copy exactly `size` bytes from `data` to `write`, reading one byte more to catch extras."""
+    remaining = size
+    while remaining > 0:
+        chunk = data.read(min(CHUNK, remaining))
+        if not chunk:
+            raise size_mismatch(key, size, size - remaining)
+        write(chunk)
+        remaining -= len(chunk)
+    if data.read(1):
+        raise size_mismatch(key, size, None)
+
+
+def size_mismatch(key: str, expected: int, got: int | None) -> StorageError:
+    what = f"only {got} bytes" if got is not None else "more bytes than that"
+    return StorageError(
+        f"{key}: expected {expected} bytes but the source gave {what}; it probably changed during the copy",
+        code="SIZE_NOT_MATCH",
+    )
+
+
+# ---- local backend ------------------------------------------------------------------------------
+
+
+def _os_error(e: OSError, path: str, action: str) -> StorageError:
+    reason = e.strerror or str(e)
+    msg = f"cannot {action} {path}: {reason}"
+    if e.errno == errno.ENOENT:
+        return NotFound(msg)
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(msg, code="AccessDenied")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(msg, code="NoSpaceLeft")
+    if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY, errno.EEXIST):
+        return StorageError(msg, code="PathConflict")
+    if e.errno == errno.ENAMETOOLONG:
+        return StorageError(msg, code="InvalidObjectName")
+    return StorageError(msg, code="IOError", retryable=e.errno in (errno.EIO, errno.EAGAIN, errno.EINTR))
+
+
+class LocalStorage(Storage):
+    scheme = "local"
+    abilities = Abilities(random_write=True, set_mtime=True, posix_mode=True, ranged_read=True,
+                          mutable_files=True)
+
+    def __init__(self, location: Location, options: StorageOptions | None = None) -> None:
+        super().__init__(location, options)
+        self.root = os.path.abspath(location.path)
+        self._root_real = os.path.realpath(self.root)
+        # unreadable directories and files met while listing: "path: reason". The listing goes on;
+        # callers that delete by comparison must check this before trusting the listing.
+
+    # ---- paths ------------------------------------------------------------------------------
+    def local_path(self, key: str) -> str:
+        """The file name for `key`, refusing keys whose directory resolves outside the root."""
+        check_key(key)
+        path = os.path.join(self.root, key)
+        parent_real = os.path.realpath(os.path.dirname(path))
+        if parent_real != self._root_real and not parent_real.startswith(self._root_real.rstrip("/") + "/"):
+            raise UnsafeKey(
+                f"key {key!r}: its directory resolves to {parent_real}, outside the root {self._root_real} "
+                "(a symlinked directory in the destination?)"
+            )
+        return path
+
+    def _make_parents(self, key: str, path: str) -> None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise self._conflict(key) from None
+        except OSError as e:
+            raise _os_error(e, os.path.dirname(path), "create directory") from None
+
+    def _conflict(self, key: str) -> StorageError:
+        """Name the first path component of `key` that is a file where a directory is needed."""
+        parts = key.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            p = os.path.join(self.root, *parts[:i])
+            if os.path.lexists(p) and not os.path.isdir(p):
+                return StorageError(
+                    f"cannot write {key}: {p} is a file, but a directory is needed there", code="PathConflict"
+                )
+        return StorageError(f"cannot create the directories for {key}", code="PathConflict")
+
+    def _create_temp(self, key: str, path: str) -> tuple[str, int]:
+        directory, name = os.path.split(path)
+        # a concurrent delete() may remove the parent between makedirs and open: retry a little
+        for attempt in range(3):
+            self._make_parents(key, path)
+            tmp = os.path.join(directory, temp_name(name))
+            try:
+                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise StorageError(f"cannot create a temp file in {directory}", code="IOError") from None
+            except OSError as e:
+                raise _os_error(e, tmp, "create") from None
+        raise AssertionError("unreachable")
+
+    def _finish(self, fd: int, tmp: str, path: str, key: str, mtime: float | None, mode: int | None) -> Entry:
+        """chmod/utime the temp file, rename it over `path`; returns the entry. Closes fd."""
+        try:
+            if mode is not None and self.options.keep_perms:
+                os.fchmod(fd, mode & 0o7777)
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            st = os.fstat(fd)
+        except OSError as e:
+            raise _os_error(e, tmp, "set the mode/mtime of") from None
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.isdir(path):
+                raise StorageError(f"cannot write {key}: {path} is a directory", code="PathConflict") from None
+            raise _os_error(e, path, "rename into") from None
+        return Entry(key, st.st_size, st.st_mtime, mode=stat.S_IMODE(st.st_mode))
+
+    # ---- listing ----------------------------------------------------------------------------
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[Entry]:
+        try:
+            st = os.stat(self.root)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise _os_error(e, self.root, "list") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StorageError(f"{self.root} is not a directory", code="PathConflict")
+        root_ident = (st.st_dev, st.st_ino) if self.options.follow_symlinks else None
+        yield from sorted_walk(
+            self._scan, self._entry, prefix=prefix, start_after=start_after,
+            root_ident=root_ident, on_skip=self._skipped,
+        )
+
+    def _scan(self, dir_key: str, ident: Hashable | None) -> Iterator[Node]:
+        path = os.path.join(self.root, dir_key[:-1]) if dir_key else self.root
+        follow = self.options.follow_symlinks
+        try:
+            with os.scandir(path) as it:
+                found = list(it)
+        except FileNotFoundError:
+            return  # vanished while we walked
+        except OSError as e:
+            if not dir_key:
+                raise _os_error(e, path, "list") from None
+            self._list_error(path, e)
+            return
+        for de in found:
+            if is_temp_name(de.name):
+                continue
+            try:
+                if de.is_symlink():
+                    if not follow:
+                        yield Node(de.name, "skip", ref="symlink not followed")
+                        continue
+                    try:
+                        st = os.stat(de.path)
+                    except OSError as e:
+                        yield Node(de.name, "skip", ref=f"broken symlink ({e.strerror})")
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        yield Node(de.name, "dir", (st.st_dev, st.st_ino))
+                    elif stat.S_ISREG(st.st_mode):
+                        yield Node(de.name, "file", ref=st)
+                elif de.is_dir(follow_symlinks=False):
+                    ino: Hashable | None = None
+                    if follow:  # identities only matter when links can lead back up
+                        st = de.stat(follow_symlinks=False)
+                        ino = (st.st_dev, st.st_ino)
+                    yield Node(de.name, "dir", ino)
+                elif de.is_file(follow_symlinks=False):
+                    yield Node(de.name, "file", ref=de)
+                # sockets, fifos and devices are not data to copy
+            except OSError as e:
+                self._list_error(de.path, e)
+
+    def _entry(self, key: str, node: Node) -> Entry | None:
+        ref = node.ref
+        if isinstance(ref, os.stat_result):
+            st = ref
+        else:
+            try:
+                st = ref.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                self._list_error(ref.path, e)
+                return None
+        return Entry(key, st.st_size, st.st_mtime, mode=stat.S_IMODE(st.st_mode))
+
+    def _list_error(self, path: str, e: OSError) -> None:
+        msg = f"{path}: {e.strerror or e}"
+        log.warning("cannot list %s", msg)
+        self.list_errors.append(msg)
+
+    def _skipped(self, key: str, reason: str) -> None:
+        log.info("skipped %s: %s", key, reason)
+        self.options.skipped_links.append(key)
+
+    # ---- single objects ---------------------------------------------------------------------
+    def head(self, key: str) -> Entry:
+        path = os.path.join(self.root, check_key(key))
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise NotFound(f"{path} does not exist") from None
+            raise _os_error(e, path, "stat") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(f"{path} is not a regular file")
+        return Entry(key, st.st_size, st.st_mtime, mode=stat.S_IMODE(st.st_mode))
+
+    def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        path = os.path.join(self.root, check_key(key))
+        try:
+            f = io.FileIO(path, "r")
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+                raise NotFound(f"{path} does not exist or is not a file") from None
+            raise _os_error(e, path, "open") from None
+        if start:
+            f.seek(start)
+        return cast(BinaryIO, _RangeReader(f, start, end))
+
+    def put(
+        self, key: str, data: BinaryIO, size: int, *, mtime: float | None = None, mode: int | None = None
+    ) -> Entry:
+        path = self.local_path(key)
+        tmp, fd = self._create_temp(key, path)
+        try:
+            src_fd = _kernel_copy_source(data)
+            if src_fd is not None:
+                _copy_fd(src_fd, fd, size, key)
+            else:
+                out = io.FileIO(fd, "w", closefd=False)
+                read_exact(data, size, out.write, key)
+        except BaseException as e:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            if isinstance(e, OSError):
+                raise _os_error(e, path, "copy to") from None
+            raise
+        try:
+            return self._finish(fd, tmp, path, key, mtime, mode)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def delete(self, key: str) -> None:
+        path = self.local_path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except IsADirectoryError:
+            raise StorageError(f"cannot delete {path}: it is a directory", code="PathConflict") from None
+        except OSError as e:
+            raise _os_error(e, path, "delete") from None
+        # a removed file may leave empty directories behind; remove them up to the root
+        parent = os.path.dirname(path)
+        while parent != self.root and parent.startswith(self.root + "/"):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
+
+    def open_writer(self, key: str, size: int) -> Writer:
+        path = self.local_path(key)
+        tmp, fd = self._create_temp(key, path)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise _os_error(e, tmp, "allocate") from None
+        return _LocalWriter(self, key, path, tmp, fd, size)
+
+
+class _RangeReader(io.RawIOBase):
+    """Bytes [start, end) of an open file; EOF at `end`."""
+
+    def __init__(self, f: io.FileIO, start: int, end: int | None) -> None:
+        super().__init__()
+        self._f = f
+        self._whole = start == 0 and end is None
+        self._left = None if end is None else max(0, end - start)
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        # only a whole-file reader may be handed to the kernel: a range would need offsets the
+        # consumer does not know about
+        if not self._whole:
+            raise io.UnsupportedOperation("fileno() of a ranged reader")
+        return self._f.fileno()
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._left if self._left is not None else -1
+            if n < 0:
+                return self._f.readall()
+        if self._left is not None:
+            n = min(n, self._left)
+        if n == 0:
+            return b""
+        data = self._f.read(n) or b""
+        if self._left is not None:
+            self._left -= len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(memoryview(b)))
+        memoryview(b).cast("B")[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+class _LocalWriter(Writer):
+    """A temp file written with pwrite from many threads; renamed into place on commit."""
+
+    def __init__(self, storage: LocalStorage, key: str, path: str, tmp: str, fd: int, size: int) -> None:
+        self._storage, self._key, self._path, self._tmp = storage, key, path, tmp
+        self._fd: int | None = fd
+        self._size = size
+        self._lock = threading.Lock()
+        self._committed = False
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        fd = self._fd
+        if fd is None:
+            raise StorageError(f"{self._key}: write after commit or abort", code="InvalidState")
+        if offset < 0 or offset + len(data) > self._size:
+            raise StorageError(
+                f"{self._key}: write of {len(data)} bytes at {offset} exceeds the size {self._size}",
+                code="InvalidRange",
+            )
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            raise _os_error(e, self._tmp, "write") from None
+
+    def commit(self, mtime: float | None = None, mode: int | None = None) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is None:
+                raise StorageError(f"{self._key}: commit after commit or abort", code="InvalidState")
+            try:
+                self._storage._finish(fd, self._tmp, self._path, self._key, mtime, mode)
+            except BaseException:
+                _unlink_quietly(self._tmp)
+                raise
+            self._committed = True
+
+    def abort(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+            if not self._committed:
+                _unlink_quietly(self._tmp)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _kernel_copy_source(data: BinaryIO) -> int | None:
+    """The fd of `data` when the kernel can copy from it: a regular file whose fd offset is where
+    the Python object says it is (nothing buffered ahead)."""
+    try:
+        fd = data.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        if data.tell() != os.lseek(fd, 0, os.SEEK_CUR):
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fd
+
+
+def _copy_fd(src: int, dst: int, size: int, key: str) -> None:
+    """Copy `size` bytes between fds, zero-copy where the kernel allows, then check for extras.
+    All three methods move the fds' own offsets, so falling back mid-way continues correctly."""
+    remaining = size
+    method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
+    while remaining > 0:
+        n = min(remaining, 64 * CHUNK)
+        try:
+            if method == "copy_file_range":
+                done = os.copy_file_range(src, dst, n)
+            elif method == "sendfile":
+                done = os.sendfile(dst, src, None, n)
+            else:
+                buf = os.read(src, min(n, CHUNK))
+                done = len(buf)
+                view = memoryview(buf)
+                while view:
+                    view = view[os.write(dst, view):]
+        except OSError as e:
+            if method != "read" and e.errno in (
+                errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF
+            ):
+                method = "sendfile" if method == "copy_file_range" else "read"
+                continue
+            raise
+        if done == 0:
+            if method != "read":  # some file systems report 0 from the kernel calls early: ask read()
+                method = "read"
+                continue
+            raise size_mismatch(key, size, size - remaining)
+        remaining -= done
+    if os.read(src, 1):
+        raise size_mismatch(key, size, None)

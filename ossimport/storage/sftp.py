@@ -1,0 +1,778 @@
+"""SFTP backend (paramiko).
+
+Each worker thread gets its own SFTP channel so threads do not wait on each other's round trips;
+channels are spread over as many SSH connections as the server's MaxSessions requires. Writes go to a hidden temp name in the target directory and
+are renamed into place with posix-rename@openssh.com. Keys are checked like local keys, and every
+directory we write into must resolve (server-side realpath) inside the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import getpass
+import io
+import logging
+import os
+import posixpath
+import socket
+import stat
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+import paramiko
+from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, int64
+
+from ossimport.errors import NotFound, StorageError, UnsafeKey
+from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, Writer, check_key
+from ossimport.storage.local import Node, is_temp_name, read_exact, sorted_walk, temp_name
+
+if TYPE_CHECKING:
+    from ossimport.address import Location
+
+log = logging.getLogger(__name__)
+
+CHANNELS_PER_CONNECTION = 8  # below OpenSSH's default MaxSessions of 10
+REQUEST = 32768  # paramiko's largest read/write request
+_CONNECTION_ERRORS = (socket.timeout, TimeoutError, ConnectionError, EOFError, paramiko.SSHException)
+
+
+class _LogUnknownHost(paramiko.MissingHostKeyPolicy):
+    """Accept a host we have never seen (like ssh with StrictHostKeyChecking=accept-new, but
+    without saving it), and say so. A *changed* known key is still refused by paramiko."""
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        log.warning("SFTP host %s is not in known_hosts; accepting its %s key %s",
+                    hostname, key.get_name(), key.get_fingerprint().hex())
+
+
+class _Conn:
+    """One SSH connection and how many SFTP channels are open on it."""
+
+    def __init__(self, ssh: paramiko.SSHClient) -> None:
+        self.ssh = ssh
+        self.channels = 0
+        self.limit = CHANNELS_PER_CONNECTION
+
+    def alive(self) -> bool:
+        transport = self.ssh.get_transport()
+        return transport is not None and transport.is_active()
+
+
+class SFTPStorage(Storage):
+    scheme = "sftp"
+    abilities = Abilities(random_write=True, set_mtime=True, posix_mode=True, ranged_read=True,
+                          mutable_files=True)
+
+    def __init__(self, location: Location, options: StorageOptions | None = None) -> None:
+        super().__init__(location, options)
+        self.host = location.host
+        self.port = location.port or 22
+        self.user = location.user or getpass.getuser()
+        self._password = location.password
+        # read now: connecting is lazy and the environment may differ by then
+        self._key_path = os.environ.get("SSH_PRIVATE_KEY_PATH") or None
+        path = location.path
+        if path == "~" or path.startswith("~/"):  # servers resolve relative paths from the home dir
+            path = path[2:]
+        self.root = posixpath.normpath(path or ".")
+        self._lock = threading.Lock()
+        self._conns: list[_Conn] = []
+        self._clients: dict[paramiko.SFTPClient, _Conn] = {}  # every open channel, by connection
+        self._owners: dict[paramiko.SFTPClient, threading.Thread | None] = {}  # None: a writer's
+        self._local = threading.local()
+        self._root_real: str | None = None
+        self._dirs_ok: set[str] = set()  # directories known to exist inside the root
+        self._posix_rename = True
+
+    # ---- connection -------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    def _ssh_client(self) -> paramiko.SSHClient:
+        ssh = paramiko.SSHClient()
+        for known in ("/etc/ssh/ssh_known_hosts", os.path.expanduser("~/.ssh/known_hosts")):
+            with contextlib.suppress(OSError, paramiko.SSHException):
+                ssh.load_system_host_keys(known)
+        ssh.set_missing_host_key_policy(_LogUnknownHost())
+        return ssh
+
+    def _connect(self) -> paramiko.SSHClient:
+        ssh = self._ssh_client()
+        t = self.options.connect_timeout
+        common: dict[str, Any] = dict(
+            hostname=self.host, port=self.port, username=self.user,
+            timeout=t, banner_timeout=t, auth_timeout=t, channel_timeout=t,
+        )
+        if self._password:
+            how = "the password from the address"
+            kwargs: dict[str, Any] = dict(password=self._password, allow_agent=False, look_for_keys=False)
+        elif self._key_path:
+            how = f"the key SSH_PRIVATE_KEY_PATH={self._key_path}"
+            kwargs = dict(pkey=self._load_key(self._key_path), allow_agent=False, look_for_keys=False)
+        else:
+            how = "the SSH agent and ~/.ssh keys"
+            kwargs = dict(allow_agent=True, look_for_keys=True)
+        try:
+            try:
+                ssh.connect(**common, **kwargs)
+            except paramiko.SSHException as e:
+                if not _is_auth_failure(e) or self._password or self._key_path or not sys.stdin.isatty():
+                    raise
+                ssh.close()
+                ssh = self._ssh_client()
+                how = "the password typed"
+                password = getpass.getpass(f"Password for {self._where()}: ")
+                ssh.connect(**common, password=password, allow_agent=False, look_for_keys=False)
+        except paramiko.BadHostKeyException:
+            ssh.close()
+            raise StorageError(
+                f"the host key of {self.host} differs from the one in known_hosts: refusing to connect. "
+                f"If the server was reinstalled, remove the old key with: ssh-keygen -R {self.host}",
+                code="HostKeyMismatch",
+            ) from None
+        except paramiko.SSHException as e:
+            ssh.close()
+            if _is_auth_failure(e):
+                raise StorageError(
+                    f"SFTP login as {self._where()} failed using {how}. Give a private key authorised on "
+                    "the server with SSH_PRIVATE_KEY_PATH=/path/to/key, or a password in the address "
+                    "as user:password@host:/path",
+                    code="AccessDenied",
+                ) from None
+            raise StorageError(f"SSH connection to {self._where()} failed: {e}", code="ConnectionError",
+                               retryable=True) from None
+        except socket.gaierror as e:
+            ssh.close()
+            raise StorageError(f"cannot resolve SFTP host {self.host!r}: {e.strerror}",
+                               code="ConnectionError") from None
+        except (OSError, EOFError) as e:
+            ssh.close()
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise StorageError(f"cannot connect to SFTP server {self.host}:{self.port}: {reason}",
+                               code="ConnectionError", retryable=True) from None
+        transport = ssh.get_transport()
+        if transport is not None:
+            transport.set_keepalive(30)  # long single-file copies must not look idle to NAT boxes
+        return ssh
+
+    def _load_key(self, path: str) -> paramiko.PKey:
+        def load(password: str | None) -> paramiko.PKey:
+            if hasattr(paramiko.PKey, "from_path"):  # paramiko >= 3.2: any key type
+                return paramiko.PKey.from_path(path, password)
+            last: Exception = paramiko.SSHException("unknown key type")
+            for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+                try:
+                    return cls.from_private_key_file(path, password)
+                except paramiko.PasswordRequiredException:
+                    raise
+                except (paramiko.SSHException, ValueError) as e:
+                    last = e
+            raise last
+
+        try:
+            try:
+                return load(None)
+            except paramiko.PasswordRequiredException:
+                if not sys.stdin.isatty():
+                    raise StorageError(
+                        f"the SSH key {path} is protected by a passphrase and there is no terminal to ask "
+                        "for it; use an unencrypted key or run interactively",
+                        code="AccessDenied",
+                    ) from None
+                return load(getpass.getpass(f"Passphrase for {path}: "))
+        except OSError as e:
+            raise StorageError(f"cannot read SSH_PRIVATE_KEY_PATH={path}: {e.strerror or e}",
+                               code="InvalidArgument") from None
+        except (paramiko.SSHException, ValueError) as e:
+            raise StorageError(f"SSH_PRIVATE_KEY_PATH={path} is not a private key paramiko can use: {e}",
+                               code="InvalidArgument") from None
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        """This thread's SFTP channel, (re)connecting when needed."""
+        client: paramiko.SFTPClient | None = getattr(self._local, "client", None)
+        if client is not None:
+            conn = self._clients.get(client)
+            if conn is not None and conn.alive():
+                return client
+            self._release_client(client)
+        client = self._new_client()
+        self._local.client = client
+        return client
+
+    def _new_client(self, owned: bool = True) -> paramiko.SFTPClient:
+        """A new SFTP channel on a connection with room for it. OpenSSH allows MaxSessions
+        (default 10) channels per connection, so more threads means more connections."""
+        for _ in range(3):
+            self._reap_finished_threads()
+            with self._lock:  # one connect at a time: servers also limit unauthenticated ones
+                for dead in [c for c in self._conns if not c.alive()]:
+                    log.info("SFTP connection to %s was lost; reconnecting", self._where())
+                    self._conns.remove(dead)
+                    dead.ssh.close()
+                conn = next((c for c in self._conns if c.channels < c.limit), None)
+                if conn is None:
+                    conn = _Conn(self._connect())
+                    self._conns.append(conn)
+                conn.channels += 1
+            try:
+                client = conn.ssh.open_sftp()
+            except paramiko.ChannelException:
+                with self._lock:  # the server allows fewer channels than we assumed
+                    conn.channels -= 1
+                    conn.limit = max(1, conn.channels)
+                continue
+            except _CONNECTION_ERRORS as e:
+                with self._lock:
+                    conn.channels -= 1
+                raise StorageError(f"cannot open an SFTP channel to {self._where()}: {e}",
+                                   code="ConnectionError", retryable=True) from None
+            client.get_channel().settimeout(self.options.read_timeout)
+            with self._lock:
+                self._clients[client] = conn
+                self._owners[client] = threading.current_thread() if owned else None
+            return client
+        raise StorageError(f"{self._where()} refuses to open SFTP channels (check MaxSessions and the "
+                           "sftp Subsystem in its sshd_config)", code="ConnectionError", retryable=True)
+
+    def _release_client(self, client: paramiko.SFTPClient) -> None:
+        with self._lock:
+            conn = self._clients.pop(client, None)
+            self._owners.pop(client, None)
+            if conn is not None:
+                conn.channels -= 1
+        with contextlib.suppress(Exception):
+            client.close()
+
+    def _reap_finished_threads(self) -> None:
+        """Close the channels of threads that have ended (a thread-local is never told)."""
+        with self._lock:
+            orphans = [c for c, t in self._owners.items() if t is not None and not t.is_alive()]
+        for client in orphans:
+            self._release_client(client)
+
+    def _drop_thread_client(self) -> None:
+        """After a timeout the channel may still owe us replies: never reuse it."""
+        client = getattr(self._local, "client", None)
+        self._local.client = None
+        if client is not None:
+            self._release_client(client)
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, path: str) -> Iterator[None]:
+        try:
+            yield
+        except StorageError:
+            raise
+        except _CONNECTION_ERRORS as e:
+            self._drop_thread_client()
+            raise StorageError(f"SFTP {action} {path} on {self.host}: {type(e).__name__}: {e}",
+                               code="ConnectionError", retryable=True) from None
+        except OSError as e:
+            raise _io_error(e, f"SFTP {action} {path} on {self.host}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients), {}
+            self._owners.clear()
+            conns, self._conns = self._conns, []
+        for c in clients:
+            with contextlib.suppress(Exception):
+                c.close()
+        for conn in conns:
+            conn.ssh.close()
+
+    # ---- paths ------------------------------------------------------------------------------
+    def _path(self, key: str) -> str:
+        return posixpath.join(self.root, check_key(key))
+
+    def _ensure_root(self, sftp: paramiko.SFTPClient) -> str:
+        if self._root_real is None:
+            with self._errors("create", self.root):
+                parts = self.root.split("/")
+                for i in range(1, len(parts) + 1):
+                    d = "/".join(parts[:i])
+                    if d in ("", ".", ".."):
+                        continue
+                    try:
+                        sftp.stat(d)
+                    except OSError as e:
+                        if e.errno != errno.ENOENT:
+                            raise
+                        with contextlib.suppress(OSError):  # another thread may win the race
+                            sftp.mkdir(d)
+                self._root_real = sftp.normalize(self.root)
+        return self._root_real
+
+    def _inside(self, real: str) -> bool:
+        root = cast(str, self._root_real)
+        return real == root or real.startswith(root.rstrip("/") + "/")
+
+    def _ensure_dir(self, sftp: paramiko.SFTPClient, d: str, key: str, create: bool = True) -> bool:
+        """Make sure directory `d` exists inside the root (mkdir -p). False when it is missing
+        and `create` is false. Refuses directories that resolve outside the root."""
+        if d in self._dirs_ok:
+            return True
+        root_real = self._ensure_root(sftp) if create else self._root_real_or_none(sftp)
+        if root_real is None:
+            return False
+        if d == self.root:
+            self._dirs_ok.add(d)
+            return True
+        with self._errors("create directory", d):
+            try:
+                st = sftp.stat(d)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                if not create or not self._ensure_dir(sftp, posixpath.dirname(d), key, create):
+                    return False
+                try:
+                    sftp.mkdir(d)
+                except OSError as mkdir_error:
+                    try:
+                        st = sftp.stat(d)  # made by another thread, or a real conflict
+                    except OSError:
+                        raise mkdir_error from None
+                    if not stat.S_ISDIR(st.st_mode or 0):
+                        raise self._conflict(d, key) from None
+                else:
+                    # a new directory inside a verified one is inside the root
+                    self._remember_dir(d)
+                    return True
+            if not stat.S_ISDIR(st.st_mode or 0):
+                raise self._conflict(d, key)
+            real = sftp.normalize(d)
+        if not self._inside(real):
+            raise UnsafeKey(
+                f"key {key!r}: directory {d} resolves to {real} on {self.host}, outside the root "
+                f"{self._root_real} (a symlinked directory in the destination?)"
+            )
+        self._remember_dir(d)
+        return True
+
+    def _root_real_or_none(self, sftp: paramiko.SFTPClient) -> str | None:
+        if self._root_real is None:
+            with self._errors("resolve", self.root):
+                try:
+                    self._root_real = sftp.normalize(self.root)
+                except OSError as e:
+                    if e.errno == errno.ENOENT:
+                        return None
+                    raise
+        return self._root_real
+
+    def _remember_dir(self, d: str) -> None:
+        if len(self._dirs_ok) > 100_000:  # bounded: a cache, not a listing
+            self._dirs_ok.clear()
+        self._dirs_ok.add(d)
+
+    def _forget_dir(self, d: str) -> None:
+        self._dirs_ok.discard(d)
+
+    def _conflict(self, d: str, key: str) -> StorageError:
+        return StorageError(f"cannot write {key}: {d} is a file on {self.host}, but a directory is needed there",
+                            code="PathConflict")
+
+    # ---- listing ----------------------------------------------------------------------------
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[Entry]:
+        sftp = self._sftp()
+        with self._errors("list", self.root):
+            try:
+                root_real = sftp.normalize(self.root)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise
+            if not stat.S_ISDIR(sftp.stat(root_real).st_mode or 0):
+                raise StorageError(f"{self.root} on {self.host} is not a directory", code="PathConflict")
+        yield from sorted_walk(
+            self._scan, self._entry, prefix=prefix, start_after=start_after,
+            root_ident=root_real, on_skip=self._skipped,
+        )
+
+    def _scan(self, dir_key: str, ident: Hashable | None) -> Iterator[Node]:
+        # idents are server-side real paths: unique per directory, and what we list
+        path = cast(str, ident)
+        sftp = self._sftp()
+        follow = self.options.follow_symlinks
+        with self._errors("list", path):
+            try:
+                attrs = sftp.listdir_attr(path)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                if not dir_key or isinstance(e, _CONNECTION_ERRORS):
+                    raise
+                self._list_error(path, e)
+                return
+        base = path.rstrip("/")
+        for a in attrs:
+            name = a.filename
+            if name in (".", "..") or is_temp_name(name):
+                continue
+            mode = a.st_mode or 0
+            child = f"{base}/{name}"
+            if stat.S_ISLNK(mode):
+                if not follow:
+                    yield Node(name, "skip", ref="symlink not followed")
+                    continue
+                with self._errors("stat", child):
+                    try:
+                        target = sftp.stat(child)
+                    except OSError as e:
+                        if isinstance(e, _CONNECTION_ERRORS):
+                            raise
+                        yield Node(name, "skip", ref=f"broken symlink ({e.strerror or e})")
+                        continue
+                    tmode = target.st_mode or 0
+                    if stat.S_ISDIR(tmode):
+                        yield Node(name, "dir", sftp.normalize(child))
+                    elif stat.S_ISREG(tmode):
+                        yield Node(name, "file", ref=target)
+            elif stat.S_ISDIR(mode):
+                yield Node(name, "dir", child)
+            elif stat.S_ISREG(mode):
+                yield Node(name, "file", ref=a)
+
+    def _entry(self, key: str, node: Node) -> Entry:
+        return _to_entry(key, node.ref)
+
+    def _list_error(self, path: str, e: OSError) -> None:
+        msg = f"{self.host}:{path}: {e.strerror or e}"
+        log.warning("cannot list %s", msg)
+        self.list_errors.append(msg)
+
+    def _skipped(self, key: str, reason: str) -> None:
+        log.info("skipped %s: %s", key, reason)
+        self.options.skipped_links.append(key)
+
+    # ---- single objects ---------------------------------------------------------------------
+    def head(self, key: str) -> Entry:
+        path = self._path(key)
+        sftp = self._sftp()
+        with self._errors("stat", path):
+            a = sftp.stat(path)
+        if not stat.S_ISREG(a.st_mode or 0):
+            raise NotFound(f"{path} on {self.host} is not a regular file")
+        return _to_entry(key, a)
+
+    def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        path = self._path(key)
+        sftp = self._sftp()
+        with self._errors("open", path):
+            f = sftp.open(path, "rb")
+            try:
+                if end is None:
+                    a = f.stat()
+                    if not stat.S_ISREG(a.st_mode or 0):
+                        raise NotFound(f"{path} on {self.host} is not a regular file")
+                    end = a.st_size or 0
+            except BaseException:
+                f.close()
+                raise
+        return cast(BinaryIO, _Reader(self, f, path, start, max(start, end)))
+
+    def put(
+        self, key: str, data: BinaryIO, size: int, *, mtime: float | None = None, mode: int | None = None
+    ) -> Entry:
+        path = self._path(key)
+        sftp = self._sftp()
+        parent, name = posixpath.split(path)
+        tmp = posixpath.join(parent, temp_name(name))
+        keep_mode = mode is not None and self.options.keep_perms
+        for attempt in range(2):
+            self._ensure_dir(sftp, parent, key)
+            try:
+                with self._errors("create", tmp):
+                    f = sftp.open(tmp, "wbx")
+                break
+            except NotFound:
+                # a concurrent delete() removed the (cached) parent: make it again, once
+                self._forget_dir(parent)
+                if attempt:
+                    raise
+        try:
+            with self._errors("write", tmp):
+                with f:
+                    f.set_pipelined(True)
+                    read_exact(data, size, f.write, key)
+                    f.flush()
+                    _wait_for_writes(f)
+                    if keep_mode:
+                        f.chmod(cast(int, mode) & 0o7777)
+                    if mtime is not None:
+                        f.utime((mtime, mtime))
+                self._rename(sftp, tmp, path, key)
+        except BaseException:
+            self._remove_quietly(sftp, tmp)
+            raise
+        return Entry(key, size, float(mtime) if mtime is not None else time.time(),
+                     mode=cast(int, mode) & 0o7777 if keep_mode else None)
+
+    def _rename(self, sftp: paramiko.SFTPClient, tmp: str, path: str, key: str) -> None:
+        if self._posix_rename:
+            try:
+                sftp.posix_rename(tmp, path)
+                return
+            except OSError as e:
+                if e.errno is not None:
+                    raise
+                # SSH_FX_FAILURE / OP_UNSUPPORTED: a directory in the way, or no extension
+                if self._is_dir(sftp, path):
+                    raise self._dir_in_the_way(path, key) from None
+                if "unsupported" in str(e).lower():
+                    self._posix_rename = False
+                else:
+                    raise
+        # plain SFTP rename refuses to replace: not atomic, but the best the server offers
+        if self._is_dir(sftp, path):
+            raise self._dir_in_the_way(path, key)
+        with contextlib.suppress(FileNotFoundError):
+            sftp.remove(path)
+        sftp.rename(tmp, path)
+
+    def _is_dir(self, sftp: paramiko.SFTPClient, path: str) -> bool:
+        try:
+            return stat.S_ISDIR(sftp.lstat(path).st_mode or 0)
+        except OSError:
+            return False
+
+    def _dir_in_the_way(self, path: str, key: str) -> StorageError:
+        return StorageError(f"cannot write {key}: {path} is a directory on {self.host}", code="PathConflict")
+
+    def _remove_quietly(self, sftp: paramiko.SFTPClient, path: str) -> None:
+        with contextlib.suppress(Exception):
+            sftp.remove(path)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        sftp = self._sftp()
+        parent = posixpath.dirname(path)
+        if not self._ensure_dir(sftp, parent, key, create=False):
+            return  # its directory does not exist: nothing to delete
+        with self._errors("delete", path):
+            try:
+                sftp.remove(path)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                if e.errno is None and self._is_dir(sftp, path):
+                    raise StorageError(f"cannot delete {path} on {self.host}: it is a directory",
+                                       code="PathConflict") from None
+                raise
+        # remove directories the deletion left empty, as an object store would show them
+        while parent != self.root and parent.startswith(self.root.rstrip("/") + "/"):
+            try:
+                sftp.rmdir(parent)
+            except OSError:
+                break
+            except _CONNECTION_ERRORS:
+                self._drop_thread_client()
+                break
+            self._forget_dir(parent)
+            parent = posixpath.dirname(parent)
+
+    def open_writer(self, key: str, size: int) -> Writer:
+        path = self._path(key)
+        sftp = self._sftp()
+        parent, name = posixpath.split(path)
+        self._ensure_dir(sftp, parent, key)
+        tmp = posixpath.join(parent, temp_name(name))
+        # the writer's own channel: write_at comes from any thread, so it needs one it can lock
+        client = self._new_client(owned=False)
+        try:
+            with self._errors("create", tmp):
+                f = client.open(tmp, "wbx")
+                f.truncate(size)
+                f.set_pipelined(True)
+        except BaseException:
+            self._release_client(client)
+            raise
+        return _SFTPWriter(self, client, f, key, path, tmp, size)
+
+
+class _SFTPWriter(Writer):
+    """Ranged writes into one remote temp file over a private channel; renamed on commit."""
+
+    def __init__(self, storage: SFTPStorage, client: paramiko.SFTPClient, f: paramiko.SFTPFile,
+                 key: str, path: str, tmp: str, size: int) -> None:
+        self._st, self._client, self._f = storage, client, f
+        self._key, self._path, self._tmp, self._size = key, path, tmp, size
+        self._lock = threading.Lock()
+        self._done = False
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self._size:
+            raise StorageError(f"{self._key}: write of {len(data)} bytes at {offset} exceeds the size {self._size}",
+                               code="InvalidRange")
+        with self._lock:
+            if self._done:
+                raise StorageError(f"{self._key}: write after commit or abort", code="InvalidState")
+            with self._st._errors("write", self._tmp):
+                self._f.seek(offset)
+                self._f.write(data)
+
+    def commit(self, mtime: float | None = None, mode: int | None = None) -> None:
+        with self._lock:
+            if self._done:
+                raise StorageError(f"{self._key}: commit after commit or abort", code="InvalidState")
+            self._done = True
+            try:
+                with self._st._errors("write", self._tmp):
+                    self._f.flush()
+                    _wait_for_writes(self._f)
+                    if mode is not None and self._st.options.keep_perms:
+                        self._f.chmod(mode & 0o7777)
+                    if mtime is not None:
+                        self._f.utime((mtime, mtime))
+                    self._f.close()
+                    self._st._rename(self._client, self._tmp, self._path, self._key)
+            except BaseException:
+                self._st._remove_quietly(self._client, self._tmp)
+                raise
+            finally:
+                self._st._release_client(self._client)
+
+    def abort(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            with contextlib.suppress(Exception):
+                self._f.close()
+            self._st._remove_quietly(self._client, self._tmp)
+            self._st._release_client(self._client)
+
+
+def _wait_for_writes(f: paramiko.SFTPFile) -> None:
+    """Collect the replies of pipelined writes. paramiko drops replies that another request reads
+    first, so a failed write (disk full, quota) would go unnoticed once we send fsetstat/close."""
+    reqs = getattr(f, "_reqs", None)
+    expecting = getattr(f.sftp, "_expecting", {})
+    while reqs:
+        req = reqs.popleft()
+        if req in expecting:  # else another reader on this channel already took (and dropped) it
+            f.sftp._read_response(req)
+
+
+class _Reader(io.RawIOBase):
+    """Bytes [start, end) of a remote file with up to DEPTH read requests in flight.
+
+    paramiko's prefetch() buffers without bound and leaves its request thread spinning when a
+    reader is closed early, so this keeps its own small pipeline: it registers itself as the
+    receiver of its requests' replies (paramiko's `_async_request` protocol, the one SFTPFile
+    uses) and reads them in order. No extra thread; memory is at most DEPTH * 32 KiB."""
+
+    DEPTH = 64
+
+    def __init__(self, st: SFTPStorage, f: paramiko.SFTPFile, path: str, start: int, end: int) -> None:
+        super().__init__()
+        self._st, self._f, self._path = st, f, path
+        self._sftp = f.sftp
+        self._next, self._end = start, end
+        self._pending: deque[tuple[int, int, int]] = deque()  # (request number, offset, length)
+        self._replies: dict[int, tuple[int, paramiko.Message]] = {}
+        self._buf = memoryview(b"")
+        self._eof = start >= end
+
+    def readable(self) -> bool:
+        return True
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        # called by paramiko (in this thread) for each reply to one of our requests
+        self._replies[num] = (t, msg)
+
+    def _send(self, offset: int, length: int) -> None:
+        num = self._sftp._async_request(self, CMD_READ, self._f.handle, int64(offset), int(length))
+        self._pending.append((num, offset, length))
+
+    def _fill(self) -> bool:
+        """Load the next block into the buffer; False at the end."""
+        with self._st._errors("read", self._path):
+            while not self._eof:
+                while len(self._pending) < self.DEPTH and self._next < self._end:
+                    n = min(REQUEST, self._end - self._next)
+                    self._send(self._next, n)
+                    self._next += n
+                if not self._pending:
+                    break
+                num, offset, length = self._pending[0]
+                while num not in self._replies:
+                    self._sftp._read_response()
+                self._pending.popleft()
+                t, msg = self._replies.pop(num)
+                if t == CMD_STATUS:
+                    try:
+                        self._sftp._convert_status(msg)
+                    except EOFError:
+                        break  # read past the end: the file shrank, the caller checks sizes
+                    raise paramiko.SFTPError("expected data in reply to a read")
+                if t != CMD_DATA:
+                    raise paramiko.SFTPError("expected data in reply to a read")
+                data = msg.get_string()
+                if not data:
+                    break
+                if len(data) < length:
+                    # servers may answer short: ask for the rest next, keeping the order
+                    self._resend_gap(offset + len(data), length - len(data))
+                self._buf = memoryview(data)
+                return True
+        self._eof = True
+        return False
+
+    def _resend_gap(self, offset: int, length: int) -> None:
+        num = self._sftp._async_request(self, CMD_READ, self._f.handle, int64(offset), int(length))
+        self._pending.appendleft((num, offset, length))
+
+    def read(self, n: int | None = -1) -> bytes:
+        want = sys.maxsize if n is None or n < 0 else n
+        out: list[bytes] = []
+        while want > 0 and (self._buf or self._fill()):
+            take = self._buf[:want]
+            out.append(bytes(take))
+            self._buf = self._buf[len(take):]
+            want -= len(take)
+        return b"".join(out)
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            # closing the handle reads (and drops) the replies still on their way
+            with contextlib.suppress(Exception):
+                self._f.close()
+            self._pending.clear()
+            self._replies.clear()
+        super().close()
+
+
+def _to_entry(key: str, a: paramiko.SFTPAttributes) -> Entry:
+    mode = a.st_mode
+    return Entry(key, a.st_size or 0, float(a.st_mtime or 0),
+                 mode=stat.S_IMODE(mode) if mode is not None else None)
+
+
+def _is_auth_failure(e: Exception) -> bool:
+    if isinstance(e, paramiko.AuthenticationException):
+        return True
+    # raised when no key and no password could even be tried
+    return "authentication" in str(e).lower()
+
+
+def _io_error(e: OSError, what: str) -> StorageError:
+    reason = e.strerror or str(e) or type(e).__name__
+    msg = f"{what}: {reason}"
+    if e.errno == errno.ENOENT:
+        return NotFound(msg)
+    if e.errno == errno.EACCES:
+        return StorageError(msg, code="AccessDenied")
+    return StorageError(msg, code="SFTPFailure")
