@@ -1,0 +1,352 @@
+"""A read-only source of plain HTTP(S) URLs: one URL, or a URL list file (ossimport's `http` source).
+
+`Location.path` is either
+- one URL (`is_dir` False): a single object whose key is the last path segment, unquoted; or
+- the path of a list file (`list://PATH`): each non-empty line not starting with '#' holds
+  columns; column `options.http_prefix_column` (1-based) is a URL prefix and column
+  `options.http_key_column` the object's relative key. The object's URL is the prefix followed by
+  the percent-quoted key. Columns are separated by tabs when the line has one, otherwise by
+  whitespace; in the latter case a key column that comes after the prefix column takes the rest
+  of the line, so keys may contain spaces ("http://host/dir/ my file.txt").
+- a URL ending in '/' (what `Location.split_object` makes of a single URL): a base URL that keys
+  are appended to; it cannot be listed.
+
+Sizes and mtimes come from HEAD (Content-Length, Last-Modified) over one pooled keep-alive client.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import urllib3
+
+from ossimport.errors import NotFound, StorageError
+from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions
+
+if TYPE_CHECKING:
+    from ossimport.address import Location
+
+log = logging.getLogger("ossimport")
+_READ_ALL_CHUNK = 1024 * 1024
+_URL_SCHEMES = ("http://", "https://")
+
+
+class HTTPListStorage(Storage):
+    scheme = "http"
+    abilities = Abilities(read_only=True, ranged_read=True)
+
+    def __init__(self, location: Location, options: StorageOptions | None = None) -> None:
+        super().__init__(location, options)
+        # self.list_errors (base class) receives failed HEADs and malformed list lines: those
+        # entries are skipped by list(), and the engine reports the listing as incomplete
+        self._pool = urllib3.PoolManager(
+            num_pools=16,
+            maxsize=max(1, self.options.max_pool),
+            block=False,
+            retries=False,  # the engine decides about retries, from StorageError.retryable
+            timeout=urllib3.Timeout(connect=self.options.connect_timeout, read=self.options.read_timeout),
+        )
+        self._index: dict[str, str] | None = None
+        self._lock = threading.Lock()
+        path = location.path
+        if path.startswith(_URL_SCHEMES):
+            self._mode = "dir" if path.endswith("/") else "url"
+        else:
+            self._mode = "list"
+
+    # ---- the list ----------------------------------------------------------------------------
+    def _pairs(self, record: bool = False) -> Iterator[tuple[str, str]]:
+        """(key, url) for every object the location names, in the list's order. Malformed lines
+        are skipped; with `record` they are also reported in `list_errors`."""
+        path = self.location.path
+        if self._mode == "url":
+            name = unquote(urlsplit(path).path.rstrip("/").rpartition("/")[2])
+            if name:
+                yield name, path
+            return
+        if self._mode == "dir":
+            raise StorageError(f"{self.describe()}: an HTTP directory cannot be listed; give a list:// file",
+                               code="NotImplemented")
+        pcol, kcol = self.options.http_prefix_column, self.options.http_key_column
+        if pcol < 1 or kcol < 1 or pcol == kcol:
+            raise StorageError(f"{path}: prefix column {pcol} and key column {kcol} must be distinct and >= 1",
+                               code="InvalidArgument")
+        try:
+            f = open(path, encoding="utf-8-sig")  # closed by the with below; -sig: Windows editors add a BOM
+        except OSError as e:
+            raise StorageError(f"cannot read URL list {path}: {e.strerror or e}", code="ListFileError") from e
+        with f:
+            yield from self._parse_lines(f, path, pcol, kcol, record)
+
+    def _parse_lines(self, f: Any, path: str, pcol: int, kcol: int, record: bool) -> Iterator[tuple[str, str]]:
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.strip("\r\n")
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                if "\t" in line:
+                    cols = [c.strip() for c in line.split("\t")]
+                elif kcol > pcol:
+                    cols = line.split(None, kcol - 1)  # the key keeps its inner spaces
+                else:
+                    cols = line.split()
+                key = cols[kcol - 1].strip() if len(cols) >= max(pcol, kcol) else ""
+                if not key.lstrip("/"):
+                    if record:
+                        self._list_error(f"{path}:{lineno}: expected a URL prefix in column {pcol} "
+                                         f"and a key in column {kcol}")
+                    continue
+                yield key.lstrip("/"), cols[pcol - 1] + quote(key, safe="/")
+        except UnicodeDecodeError as e:
+            raise StorageError(f"URL list {path}: not UTF-8 near line {lineno + 1}", code="ListFileError") from e
+
+    def _url(self, key: str) -> str:
+        if self._mode == "dir":
+            return self.location.path + quote(key, safe="/")
+        with self._lock:
+            if self._index is None:
+                # head()/open() look keys up in a dict of the whole list (held in memory)
+                index: dict[str, str] = {}
+                for k, url in self._pairs():
+                    index.setdefault(k, url)
+                self._index = index
+            url = self._index.get(key)
+        if url is None:
+            raise NotFound(f"{self.describe()}: {key!r} is not in the URL list")
+        return url
+
+    # ---- required ---------------------------------------------------------------------------
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[Entry]:
+        # Sorting needs every key of the list in memory at once (the list file is not sorted).
+        # Duplicate keys: the first line wins, as in head()/open().
+        seen: dict[str, str] = {}
+        for key, url in self._pairs(record=True):
+            seen.setdefault(key, url)
+        with self._lock:
+            self._index = seen  # head()/open() during the copy look keys up here
+        after = start_after.encode()
+        for key in sorted(seen, key=lambda k: k.encode()):
+            if not key.startswith(prefix) or (start_after and key.encode() <= after):
+                continue
+            try:
+                entry = self._head_url(key, seen[key])
+            except StorageError as e:
+                self._list_error(f"{key}: {e} ({e.code})")
+                continue
+            yield entry
+
+    def _list_error(self, message: str) -> None:
+        log.warning("URL list entry skipped: %s", message)
+        self.list_errors.append(message)
+
+    def head(self, key: str) -> Entry:
+        return self._head_url(key, self._url(key))
+
+    def _head_url(self, key: str, url: str) -> Entry:
+        try:
+            r = self._pool.request("HEAD", url, redirect=True)
+        except urllib3.exceptions.HTTPError as e:
+            raise _connection_error(f"HEAD {_safe_url(url)}", e) from e
+        if r.status >= 300:
+            raise _status_error(f"HEAD {_safe_url(url)}", r.status)
+        length = r.headers.get("Content-Length")
+        if length is None:
+            size = self._size_by_range(url)
+        else:
+            size = int(length)
+        return Entry(key, size, _http_time(r.headers.get("Last-Modified")), _etag(r.headers.get("ETag")))
+
+    def _size_by_range(self, url: str) -> int:
+        """Size of a URL whose HEAD has no Content-Length: the total of a one-byte range."""
+        try:
+            r = self._pool.request("GET", url, headers={"Range": "bytes=0-0"}, preload_content=False)
+        except urllib3.exceptions.HTTPError as e:
+            raise _connection_error(f"GET {_safe_url(url)}", e) from e
+        try:
+            total = (r.headers.get("Content-Range") or "").rpartition("/")[2]
+            if r.status == 206 and total.isdigit():
+                return int(total)
+            if r.status == 416:  # an empty object has no byte 0
+                return 0
+        finally:
+            r.close()
+            r.release_conn()
+        raise StorageError(f"{_safe_url(url)}: the server reports no size", code="UnknownSize")
+
+    def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        if start < 0 or (end is not None and end < start):
+            raise StorageError(f"{self.describe()}{key}: invalid range [{start}, {end})", code="InvalidArgument")
+        url = self._url(key)
+        if end == start:
+            self._head_url(key, url)  # still NotFound for a missing URL
+            return io.BytesIO(b"")
+        ranged = start > 0 or end is not None
+        headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if ranged else {}
+        where = f"GET {_safe_url(url)}"
+        try:
+            r = self._pool.request("GET", url, headers=headers, preload_content=False, decode_content=False)
+        except urllib3.exceptions.HTTPError as e:
+            raise _connection_error(where, e) from e
+        skip, limit = 0, None
+        if r.status == 416 and ranged:
+            _discard(r)
+            if start >= self._head_url(key, url).size:
+                return io.BytesIO(b"")  # reading from the end yields nothing
+            raise StorageError(f"{where}: range {headers['Range']} not satisfiable", code="InvalidRange")
+        if r.status >= 300:
+            _discard(r)
+            raise _status_error(where, r.status)
+        if ranged and r.status == 206:
+            got = (r.headers.get("Content-Range") or "")[6:].partition("-")[0]
+            if not got.isdigit() or int(got) != start:
+                _discard(r)
+                raise StorageError(f"{where}: asked for bytes from {start}, got Content-Range "
+                                   f"{r.headers.get('Content-Range')!r}", code="InvalidRange", retryable=True)
+        elif ranged:
+            # 200 to a range request: the server ignores Range and sends everything; cut it here
+            skip, limit = start, None if end is None else end - start
+        elif r.status != 200:
+            _discard(r)
+            raise StorageError(f"{where}: unexpected HTTP {r.status}", code=f"HTTP{r.status}")
+        return _Reader(r, where, skip, limit)
+
+    def put(
+        self,
+        key: str,
+        data: BinaryIO,
+        size: int,
+        *,
+        mtime: float | None = None,
+        mode: int | None = None,
+    ) -> Entry:
+        raise StorageError("http sources are read-only", code="ReadOnly")
+
+    def delete(self, key: str) -> None:
+        raise StorageError("http sources are read-only", code="ReadOnly")
+
+    def describe(self) -> str:
+        path = self.location.path
+        return _safe_url(path) if path.startswith(_URL_SCHEMES) else f"list://{path}"
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+class _Reader(io.RawIOBase):
+    """A streaming body; `skip` bytes are dropped first and at most `limit` returned (for servers
+    that ignore Range). Transport errors become retryable StorageErrors."""
+
+    def __init__(self, resp: Any, where: str, skip: int, limit: int | None) -> None:
+        super().__init__()
+        self._r, self._where, self._skip, self._left = resp, where, skip, limit
+        self._done = False
+        self._eof = False  # the server's body was read to its end: the connection is clean
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            chunks = []
+            while chunk := self._read_some(_READ_ALL_CHUNK):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        return self._read_some(size) if size else b""
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._read_some(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _raw(self, n: int) -> bytes:
+        try:
+            data = bytes(self._r.read(n))
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise _connection_error(self._where, e) from e
+        if not data:
+            self._eof = True
+        return data
+
+    def _read_some(self, n: int) -> bytes:
+        if self._done:
+            return b""
+        while self._skip:
+            dropped = self._raw(min(self._skip, _READ_ALL_CHUNK))
+            if not dropped:
+                break
+            self._skip -= len(dropped)
+        if self._left is not None:
+            n = min(n, self._left)
+        data = self._raw(n) if n else b""
+        if self._left is not None:
+            self._left -= len(data)
+        if not data:
+            self._done = True
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                if self._eof:
+                    self._r.release_conn()  # read to the end: the connection can be reused
+                else:
+                    _discard(self._r)
+            finally:
+                super().close()
+
+
+def _discard(resp: Any) -> None:
+    """Give a response's connection back without reading the rest of its body: close it first, so
+    no half-read connection is ever reused."""
+    resp.close()
+    resp.release_conn()
+
+
+def _status_error(where: str, status: int) -> StorageError:
+    if status in (404, 410):
+        return NotFound(f"{where}: HTTP {status}", code="NoSuchKey")
+    if status in (401, 403):
+        return StorageError(f"{where}: HTTP {status}", code="AccessDenied")
+    retryable = status >= 500 or status in (408, 429)
+    return StorageError(f"{where}: HTTP {status}", code=f"HTTP{status}", retryable=retryable)
+
+
+def _connection_error(where: str, exc: BaseException) -> StorageError:
+    reason = getattr(exc, "reason", None) or exc  # MaxRetryError wraps the real cause
+    text = f"{type(reason).__name__}: {reason}"[:300]
+    return StorageError(f"{where}: connection failed: {text}", code="RequestError", retryable=True)
+
+
+def _safe_url(url: str) -> str:
+    """The URL for messages: no password, no query string (signed URLs carry their signature there)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':')[0]}:***@{host}" if ":" in user else f"{user}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+def _http_time(value: str | None) -> float:
+    if not value:
+        return 0.0  # unknown: older than anything, so an mtime compare always copies
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _etag(value: str | None) -> str | None:
+    if not value:
+        return None
+    return value.removeprefix("W/").strip('"') or None
