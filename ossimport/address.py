@@ -73,7 +73,7 @@ class Location:
         if self.backend == "local":
             return self.path
         if self.backend == "http":
-            return self.path
+            return _mask_url(self.path)
         if self.backend == "sftp":
             user = f"{self.user}{':***' if self.password else ''}@" if self.user else ""
             port = f":{self.port}" if self.port else ""
@@ -96,6 +96,8 @@ class Location:
         if self.backend in ("local", "sftp", "http"):
             path = self.path.rstrip("/") if self.backend != "http" else self.path
             parent, _, name = path.rpartition("/")
+            if self.backend == "http":
+                name = unquote(name)  # list() keys are decoded; so must the single object's be
             if self.backend == "local" and not parent and not path.startswith("/"):
                 parent = "."
             return replace(self, path=(parent or "/") + "/", is_dir=True), name
@@ -237,6 +239,16 @@ def _object_store(name: str, rest: str, original: str, https: bool | None) -> Lo
         secret_key=sk,
         token=token,
     )
+
+
+def _mask_url(url: str) -> str:
+    """A URL without its user:password@ and query string (signed URLs carry secrets there)."""
+    if "://" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    host = host.rpartition("@")[2]
+    return f"{scheme}://{host}{slash}{path.split('?', 1)[0]}"
 
 
 def _mask(text: str) -> str:

@@ -296,7 +296,8 @@ def _listener(args: argparse.Namespace) -> Any:
         if event == "failed":
             from ossimport.log import redact
 
-            print(redact(f"FAILED {entry.key}: {detail}"), file=sys.stderr, flush=True)
+            where = f" {entry.key}" if entry.key else ""
+            print(redact(f"FAILED{where}: {detail}"), file=sys.stderr, flush=True)
         elif args.verbose:
             verb = "would " + event if args.dryrun else event
             log.info("%s %s", verb, entry.key)

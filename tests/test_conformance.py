@@ -16,7 +16,7 @@ import pytest
 from ossimport.errors import NotFound, StorageError
 
 TRICKY = {
-    "a": b"1",
+    "a!": b"1",
     "a b": b"22",
     "a-b": b"333",
     "a.b": b"4444",

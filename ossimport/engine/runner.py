@@ -64,6 +64,10 @@ class Runner:
         """Compare the two roots by listing and copy what the policy says."""
         with tempfile.TemporaryFile("w+", encoding="utf-8") as extras:
             self._execute(self._items_from_listing(extras))
+            for st in (self.src, self.dst):
+                for problem in st.list_errors:
+                    self.stats.fail("", "ListingIncomplete", f"{st.describe()}: {problem}")
+                    self._emit("failed", Entry("", 0, 0.0), f"listing of {st.describe()} incomplete: {problem}")
             self._delete_extras(extras)
         return self.stats
 

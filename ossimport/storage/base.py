@@ -79,7 +79,8 @@ class StorageOptions:
     max_pool: int = 10  # connections to keep: at least the number of worker threads
     follow_symlinks: bool = False
     keep_perms: bool = True  # --noperms turns it off
-    # symlinked directories that were skipped are reported here (the CLI's --recordName)
+    # keys of symbolic links that were not copied (file, directory, dangling links and loops):
+    # the CLI's --recordName
     skipped_links: list[str] = field(default_factory=list)
     # http list source: 1-based columns of the URL prefix and the relative key in each line
     http_prefix_column: int = 1
@@ -116,6 +117,9 @@ class Storage(ABC):
     def __init__(self, location: Location, options: StorageOptions | None = None) -> None:
         self.location = location
         self.options = options or StorageOptions()
+        # what a listing had to leave out (an unreadable directory, a failed HEAD): the listing is
+        # incomplete, so the engine reports these and refuses to delete destination extras
+        self.list_errors: list[str] = []
 
     # ---- required ---------------------------------------------------------------------------
     @abstractmethod
@@ -130,8 +134,8 @@ class Storage(ABC):
 
     @abstractmethod
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
-        """A streaming reader of bytes [start, end) (end exclusive, None = to the end).
-        The caller closes it. Raises `NotFound`."""
+        """A streaming reader of bytes [start, end) (end exclusive, None = to the end), used by
+        the thread that opened it. The caller closes it. Raises `NotFound`. Follows symlinks."""
 
     @abstractmethod
     def put(
