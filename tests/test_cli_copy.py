@@ -21,6 +21,9 @@ PAIRS = [
     ("oss", "local"),
     ("local", "oss"),
     ("http", "local"),
+    ("s3-moto", "s3-ceph"),  # two servers: streamed, multipart, no server-side copy
+    ("oss", "s3-ceph"),
+    ("sftp", "s3-moto"),
 ]
 # small thresholds so that a 12 MiB file goes through multipart / parallel ranged reads
 SMALL_PARTS = ["--multipart-threshold", "5m", "--part-size", "5m"]
