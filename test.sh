@@ -38,5 +38,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
-.venv/bin/python -m ruff check ossimport tests bench
+.venv/bin/python -m ruff check .
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
