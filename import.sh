@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One-click import: sets up ossimport in .venv on a fresh machine, then runs the default job:
-# copy the bundled demo data (demo/data/) to a local destination (demo-output/).
-# Any arguments are passed to `ossimport sync`, e.g. ./import.sh --dryrun
+# One-click import (ossimport standalone style): on a fresh machine it first sets up .venv, then
+# runs the job in conf/local_job.cfg (by default: copy the bundled demo/data/ to demo-output/):
+# submit, start the master and local workers, print the status every 10 s, offer a retry when
+# tasks failed, stop. If the job ran before, it asks: resume from breakpoint (y) or start over (n).
+#   ./import.sh [--yes | --resume | --restart] [--interval S] [--workers N] [CFG]
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -10,4 +12,4 @@ if [ ! -x .venv/bin/ossimport ]; then
     "$PY" -m venv --system-site-packages .venv
     .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi
-exec .venv/bin/ossimport "$@" sync demo/data/ demo-output/
+exec .venv/bin/ossimport console import "$@"

@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = any(a in ("-v", "--verbose", "-vv") for a in argv)
     try:
+        if argv and argv[0] in ("console", "master", "worker"):
+            return _job_front_end(argv)
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("no command given: use 'ossimport cp SRC DST' or 'ossimport sync SRC DST'")
@@ -148,6 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
         _fail_line(exc, verbose, internal=True)
         return 1
+
+
+def _job_front_end(argv: list[str]) -> int:
+    """The job system's commands live in ossimport.jobs.console; they share this error handling."""
+    from ossimport import log as logsetup
+    from ossimport.jobs import console
+
+    logsetup.setup(0)
+    if argv[0] == "console":
+        return console.run_console(argv[1:])
+    if argv[0] == "master":
+        return console.run_master(argv[1:])
+    return console.run_worker(argv[1:])
 
 
 def _fail_line(exc: BaseException, verbose: bool, internal: bool = False) -> None:

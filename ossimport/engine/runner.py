@@ -37,6 +37,9 @@ class RunOptions:
     dryrun: bool = False
     delete_src: bool = False  # move: remove each source after its verified copy
     delete_dst: bool = False  # remove destination keys the source does not have
+    # audit: compare only, copy nothing; a missing or different destination is a failure
+    verify_only: bool = False
+    verify_checksum: bool = False  # audit by content checksum, not only size
     filter: Filter = field(default_factory=Filter)
     key_range: KeyRange = field(default_factory=KeyRange)
     transfer: TransferOptions = field(default_factory=TransferOptions)
@@ -75,6 +78,21 @@ class Runner:
         """Copy an explicit list of (source entry, destination entry or None, destination key):
         single-object copies and job tasks. The policy still decides per item."""
         self._execute(iter(items))
+        return self.stats
+
+    def run_manifest(self, entries: list[Entry]) -> Stats:
+        """Copy a job task's files: the manifest is merged with a listing of the destination over
+        the task's key range (one LIST per page instead of one HEAD per file)."""
+        if not entries:
+            return self.stats
+        self.stats.add(found=len(entries), found_bytes=sum(e.size for e in entries))
+        needs_dst = self.opts.policy.needs_destination or self.opts.verify_only
+        if not needs_dst:
+            self._execute((e, None, e.key) for e in entries)
+            return self.stats
+        kr = KeyRange(entries[0].key, entries[-1].key)
+        dst = checked_order(ranged(self.dst.list(start_after=kr.start_after()), kr), self.dst.describe())
+        self._execute((s, d, s.key) for s, d in merge(entries, dst) if s is not None)
         return self.stats
 
     def stop(self) -> None:
@@ -152,6 +170,9 @@ class Runner:
                 self._emit("failed", src, f"{type(exc).__name__}: {exc}")
 
     def _one(self, src: Entry, dst: Entry | None, dst_key: str) -> None:
+        if self.opts.verify_only:
+            self._verify_one(src, dst)
+            return
         action = self.opts.policy.decide(src, dst)
         if action is Action.COMPARE:
             assert dst is not None
@@ -169,6 +190,17 @@ class Runner:
                 self.src.delete(src.key)
             self.stats.add(deleted=1)
             self._emit("deleted-source", src, src.key)
+
+    def _verify_one(self, src: Entry, dst: Entry | None) -> None:
+        if dst is None:
+            raise StorageError(f"{src.key!r} is missing at the destination", code="MISSING_AT_DESTINATION")
+        if dst.size != src.size:
+            raise StorageError(f"{src.key!r}: destination has {dst.size} bytes, source {src.size}",
+                               code="SIZE_NOT_MATCH")
+        if self.opts.verify_checksum and not self.transfer.same_content(src, dst):
+            raise StorageError(f"{src.key!r}: content differs", code="CHECKSUM_NOT_MATCH")
+        self.stats.add(skipped=1)
+        self._emit("verified", src, src.key)
 
     def _delete_extras(self, extras: IO[str]) -> None:
         if not self.opts.delete_dst or not self.stats.extra:

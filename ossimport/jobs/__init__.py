@@ -1,0 +1,1 @@
+"""The job system: config, state on disk, master, workers, tracker."""

@@ -1,0 +1,352 @@
+"""The master: takes submitted jobs, scans sources into tasks, leases tasks to workers.
+
+- Scanning runs on one thread per job: the source listing is cut into tasks by count and size
+  (a file is never split); each task is written (one rename) before the checkpoint that says it
+  exists, and task names derive from (job, pass, seq), so a scan killed at any instant resumes
+  from its checkpoint without losing or duplicating a task.
+- Dispatch: a ROUTER socket; a dispatched task is leased to a worker and the lease is renewed by
+  its heartbeats; a lapsed lease (worker killed, host gone) returns the task to pending. After a
+  master restart every dispatched task gets a fresh lease, so live workers keep their work.
+- A result is recorded once: a duplicate (the task already finished) is acknowledged and ignored.
+- Incremental jobs start a new pass `incrementalModeInterval` seconds after the last one ended;
+  later passes (and isSkipExistFile) compare with the destination and cut tasks only of files
+  that are missing or changed there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ossimport.engine.listing import checked_order, merge
+from ossimport.engine.policy import Action, Policy
+from ossimport.jobs.execute import JobSpec
+from ossimport.jobs.protocol import ProtocolError, pack, unpack
+from ossimport.jobs.security import CurveServer, is_loopback_endpoint
+from ossimport.jobs.store import JobDir, TaskHeader, WorkDir, task_digest, task_name
+from ossimport.jobs.tracker import Tracker
+from ossimport.storage import open_storage
+from ossimport.storage.base import Entry
+
+log = logging.getLogger("ossimport.master")
+
+
+@dataclass
+class JobPlan:
+    """What the master needs of a job's config to scan it."""
+
+    spec: JobSpec
+    count_limit: int = 10000
+    size_limit: int = 1_000_000_000
+    import_since: int = 0
+    incremental: bool = False
+    interval: float = 86400.0
+
+
+@dataclass
+class Lease:
+    job: str
+    worker: str
+    path: Path
+    deadline: float
+
+
+@dataclass
+class ActiveJob:
+    dir: JobDir
+    plan: JobPlan
+    pending: deque[str] = field(default_factory=deque)
+    scanner: threading.Thread | None = None
+    scan_error: str = ""
+
+
+class Master:
+    def __init__(self, workdir: WorkDir, address: str, load_plan: Any, *, lease: float = 60.0,
+                 stat_interval: float = 10.0, curve_keys: Path | None = None) -> None:
+        """`load_plan(config_path) -> JobPlan` reads a frozen job config (kept as a callable so
+        this module does not depend on the config reader's details)."""
+        self.workdir = workdir
+        self.address = address
+        self.load_plan = load_plan
+        self.lease = lease
+        self.stat_interval = stat_interval
+        self.curve_keys = curve_keys
+        self.jobs: dict[str, ActiveJob] = {}
+        self.leases: dict[str, Lease] = {}  # task -> lease
+        self.progress: dict[str, tuple[str, int, int]] = {}  # task -> (job, files, bytes) in flight
+        self.tracker = Tracker(workdir)
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()  # guards `pending` deques shared with scanner threads
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.workdir.create()
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        auth = None
+        if not is_loopback_endpoint(self.address):
+            if self.curve_keys is None:
+                raise ProtocolError("a master bound beyond loopback needs CURVE keys (curveKeysDir)")
+            auth = CurveServer(self.curve_keys).start(ctx, sock)
+        sock.bind(self.address)
+        self.workdir.log("ossimport2.log", f"master listening on {self.address}")
+        next_tick = next_stat = 0.0
+        try:
+            while not self.stop_event.is_set():
+                if sock.poll(100):
+                    ident, frame = sock.recv_multipart()[:2]
+                    self._handle(sock, ident, frame)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._housekeeping()
+                    next_tick = now + 0.5
+                if now >= next_stat:
+                    self._track()
+                    next_stat = now + self.stat_interval
+        finally:
+            self._track()
+            sock.close()
+            if auth is not None:
+                auth.stop()
+
+    def _track(self) -> None:
+        inflight: dict[str, tuple[int, int]] = {}
+        for job, files, size in self.progress.values():
+            f0, b0 = inflight.get(job, (0, 0))
+            inflight[job] = (f0 + files, b0 + size)
+        self.tracker.tick(inflight)
+
+    # ---- jobs ---------------------------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        for name in self.workdir.queued():
+            if name.startswith("."):
+                continue
+            if self.workdir.job(name).root.exists():
+                log.error("job %s is queued but already exists; clean it first", name)
+                continue
+            self.workdir.take(name)
+            self.workdir.log("ossimport2.log", f"job {name} taken from the queue")
+        for jdir in self.workdir.jobs():
+            if jdir.name.startswith(".") or jdir.name in self.jobs:
+                continue
+            self._adopt(jdir)
+        for name in list(self.jobs):
+            job = self.jobs[name]
+            if not job.dir.root.exists():  # cleaned
+                self.jobs.pop(name)
+                for task in [t for t, lease in self.leases.items() if lease.job == name]:
+                    self.leases.pop(task)
+                continue
+            self._maybe_scan(job)
+            self._maybe_next_pass(job)
+        self._expire_leases()
+
+    def _adopt(self, jdir: JobDir) -> None:
+        try:
+            plan = self.load_plan(jdir.config_path)
+        except Exception as exc:  # a broken frozen config stops that job, not the master
+            log.error("job %s cannot be loaded: %s", jdir.name, exc)
+            self.workdir.log("ossimport2.log", f"job {jdir.name} cannot be loaded: {exc}")
+            return
+        jdir.create()
+        jdir.sweep_tmp()
+        job = ActiveJob(jdir, plan)
+        now = time.monotonic()
+        for name, path in jdir.tasks("dispatched"):
+            # fresh lease: a live worker renews it with its next heartbeat, a dead one lets it lapse
+            self.leases[name] = Lease(jdir.name, path.parent.name, path, now + self.lease)
+        job.pending.extend(name for name, _ in jdir.tasks("pending_tasks"))
+        self.jobs[jdir.name] = job
+        self.workdir.log("ossimport2.log", f"job {jdir.name} active")
+
+    def _maybe_scan(self, job: ActiveJob) -> None:
+        if job.scanner is not None and job.scanner.is_alive():
+            return
+        cp = job.dir.read_checkpoint()
+        if cp.get("done") or cp.get("not_before", 0) > time.time():
+            if not job.pending and job.dir.count("pending_tasks"):  # e.g. after `retry`
+                with self._lock:
+                    job.pending.extend(n for n, _ in job.dir.tasks("pending_tasks"))
+            return
+        job.scanner = threading.Thread(target=self._scan, args=(job,), name=f"scan-{job.dir.name}", daemon=True)
+        job.scanner.start()
+
+    def _maybe_next_pass(self, job: ActiveJob) -> None:
+        if not job.plan.incremental:
+            return
+        cp = job.dir.read_checkpoint()
+        if not cp.get("done") or job.pending or any(lease.job == job.dir.name for lease in self.leases.values()):
+            return
+        if job.dir.count("pending_tasks") or job.dir.count("dispatched"):
+            return
+        cp.update({"pass": cp["pass"] + 1, "seq": 0, "last_key": "", "done": False,
+                   "not_before": time.time() + job.plan.interval})
+        job.dir.write_checkpoint(cp)
+        self.workdir.log("ossimport2.log", f"job {job.dir.name}: pass {cp['pass'] - 1} done; next scan in "
+                         f"{job.plan.interval:.0f}s")
+
+    # ---- scanning -----------------------------------------------------------------------------------
+    def _scan(self, job: ActiveJob) -> None:
+        plan, jdir = job.plan, job.dir
+        try:
+            cp = jdir.read_checkpoint()
+            src = open_storage(plan.spec.src, plan.spec.src_options)
+            dst = open_storage(plan.spec.dst, plan.spec.dst_options)
+            try:
+                batch: list[Entry] = []
+                size = 0
+                for e in self._candidates(job, src, dst, cp):
+                    batch.append(e)
+                    size += e.size
+                    if len(batch) >= plan.count_limit or size >= plan.size_limit:
+                        self._cut(job, cp, batch, size)
+                        batch, size = [], 0
+                    if self.stop_event.is_set() or not jdir.root.exists():
+                        return
+                if batch:
+                    self._cut(job, cp, batch, size)
+                for problem in src.list_errors:
+                    self.workdir.log("ossimport2.log", f"job {jdir.name}: listing incomplete: {problem}")
+                cp["done"] = True
+                jdir.write_checkpoint(cp)
+                self.workdir.log("ossimport2.log", f"job {jdir.name}: scan of pass {cp['pass']} finished, "
+                                 f"{cp['seq']} tasks")
+            finally:
+                src.close()
+                dst.close()
+        except Exception as exc:
+            job.scan_error = str(exc)
+            log.error("scan of job %s failed: %s", jdir.name, exc)
+            self.workdir.log("ossimport2.log", f"job {jdir.name}: scan failed: {exc}; retrying")
+            time.sleep(2)  # the housekeeping loop starts a new scanner from the checkpoint
+
+    def _candidates(self, job: ActiveJob, src: Any, dst: Any, cp: dict[str, Any]) -> Iterator[Entry]:
+        plan = job.plan
+        listing = checked_order(src.list(start_after=cp["last_key"]), src.describe())
+        if plan.import_since:
+            listing = (e for e in listing if e.mtime > plan.import_since)
+        compare = cp["pass"] > 1 or plan.spec.skip_existing
+        if not compare or plan.spec.job_type == "audit":
+            yield from listing
+            return
+        policy = Policy("sync", skip_existing=plan.spec.skip_existing)
+        dst_listing = checked_order(dst.list(start_after=cp["last_key"]), dst.describe())
+        for s, d in merge(listing, dst_listing):
+            if s is not None and policy.decide(s, d) is Action.COPY:
+                yield s
+
+    def _cut(self, job: ActiveJob, cp: dict[str, Any], batch: list[Entry], size: int) -> None:
+        jdir = job.dir
+        seq = cp["seq"] + 1
+        name = task_name(jdir.name, cp["pass"], seq)
+        existing = jdir.find(task_digest(name))
+        if existing is None:  # else: written before a crash that preceded its checkpoint
+            header = TaskHeader(jdir.name, name, cp["pass"], seq, len(batch), size, batch[0].key, batch[-1].key)
+            jdir.add_task(header, batch)
+            with self._lock:
+                job.pending.append(name)
+        cp.update({"seq": seq, "last_key": batch[-1].key, "files": cp["files"] + len(batch),
+                   "bytes": cp["bytes"] + size})
+        jdir.write_checkpoint(cp)
+
+    # ---- dispatch -------------------------------------------------------------------------------------
+    def _handle(self, sock: zmq.Socket, ident: bytes, frame: bytes) -> None:
+        try:
+            msg = unpack(frame)
+        except ProtocolError as exc:
+            log.warning("ignoring a message: %s", exc)
+            return
+        worker = ident.decode(errors="replace")
+        kind = msg["type"]
+        if kind == "want":
+            self._offer(sock, ident, worker)
+        elif kind == "beat":
+            self._beat(sock, ident, worker, msg)
+        elif kind == "result":
+            self._result(sock, ident, worker, msg)
+        elif kind == "release":  # offered while busy: back to the front of the queue
+            lease = self.leases.get(msg.get("task", ""))
+            if lease is not None and lease.worker == worker:
+                lease.deadline = 0.0
+                self._expire_leases()
+        elif kind == "hello":
+            self.workdir.log("ossimport2.log", f"worker {worker} connected from {msg.get('host')}")
+
+    def _offer(self, sock: zmq.Socket, ident: bytes, worker: str) -> None:
+        for job in list(self.jobs.values()):
+            while True:
+                with self._lock:
+                    if not job.pending:
+                        break
+                    name = job.pending.popleft()
+                try:
+                    path = job.dir.dispatch(name, worker)
+                except FileNotFoundError:
+                    continue  # gone meanwhile (retry, clean, a stale queue entry)
+                self.leases[name] = Lease(job.dir.name, worker, path, time.monotonic() + self.lease)
+                manifest = (path / "TASK").read_text(encoding="utf-8")
+                sock.send_multipart([ident, pack("task", job=job.dir.name, task=name, manifest=manifest,
+                                                 spec=job.plan.spec.to_dict())])
+                return
+        sock.send_multipart([ident, pack("idle", wait=1.0)])
+
+    def _beat(self, sock: zmq.Socket, ident: bytes, worker: str, msg: dict[str, Any]) -> None:
+        now = time.monotonic()
+        for task in msg.get("tasks", []):
+            lease = self.leases.get(task)
+            if lease is not None and lease.worker == worker:
+                lease.deadline = now + self.lease
+                files, size = msg.get("progress", {}).get(task, [0, 0])
+                self.progress[task] = (lease.job, int(files), int(size))
+            else:  # lapsed and handed on, or the job was cleaned: tell the worker to let go
+                sock.send_multipart([ident, pack("drop", task=task)])
+
+    def _result(self, sock: zmq.Socket, ident: bytes, worker: str, msg: dict[str, Any]) -> None:
+        task, job_name = msg["task"], msg["job"]
+        self.progress.pop(task, None)
+        job = self.jobs.get(job_name)
+        if job is None:
+            sock.send_multipart([ident, pack("ack", task=task)])
+            return
+        lease = self.leases.pop(task, None)
+        path = lease.path if lease is not None else None
+        if path is None or not path.exists():
+            # the lease lapsed but the work is done: take the result from wherever the task is now
+            found = job.dir.find(task_digest(task))
+            if found is None or found.parent.name in ("succeed_tasks", "failed_tasks"):
+                sock.send_multipart([ident, pack("ack", task=task)])  # a duplicate: counted once
+                return
+            path = found
+            with self._lock:
+                if task in job.pending:
+                    job.pending.remove(task)
+        done = dict(msg.get("done", {}))
+        done["worker"] = worker
+        done["finished"] = time.time()
+        job.dir.finish(path, bool(msg.get("ok")), done, list(msg.get("audit", [])), list(msg.get("errors", [])))
+        sock.send_multipart([ident, pack("ack", task=task)])
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for task, lease in list(self.leases.items()):
+            if lease.deadline > now:
+                continue
+            self.leases.pop(task, None)
+            self.progress.pop(task, None)
+            job = self.jobs.get(lease.job)
+            if job is None or not lease.path.exists():
+                continue
+            job.dir.return_to_pending(lease.path)
+            with self._lock:
+                job.pending.appendleft(task)
+            self.workdir.log("ossimport2.log", f"lease of task {task} by {lease.worker} lapsed: back to pending")

@@ -1,0 +1,90 @@
+"""ZeroMQ CURVE for a master reachable beyond loopback: workers authenticate with their key and
+all traffic (tasks carry storage credentials) is encrypted.
+
+Key directory (sys.properties curveKeysDir), in ZeroMQ's certificate format:
+    master.key, master.key_secret       the master's pair
+    worker.key, worker.key_secret       the pair `console deploy` gives the workers
+    authorized/                         public keys allowed to connect (worker.key is put there)
+A master bound to loopback needs none of this: only local processes can reach it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from ossimport.errors import UsageError
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """tcp://127.0.0.1:port, tcp://localhost:port, tcp://[::1]:port, ipc://..."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ensure_keys(keys_dir: Path) -> None:
+    """Create the master and worker key pairs once (0600 secrets)."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(keys_dir, 0o700)
+    for name in ("master", "worker"):
+        if not (keys_dir / f"{name}.key_secret").exists():
+            zmq.auth.create_certificates(str(keys_dir), name)
+            os.chmod(keys_dir / f"{name}.key_secret", 0o600)
+    authorized = keys_dir / "authorized"
+    authorized.mkdir(exist_ok=True)
+    if not (authorized / "worker.key").exists():
+        shutil.copy(keys_dir / "worker.key", authorized / "worker.key")
+
+
+def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
+    if not path.exists():
+        raise UsageError(f"CURVE key {path} is missing: run 'console.sh deploy' or copy the keys directory")
+    public, secret_key = zmq.auth.load_certificate(str(path))
+    if secret and secret_key is None:
+        raise UsageError(f"{path} holds no secret key")
+    return public, secret_key
+
+
+@dataclass
+class CurveServer:
+    """The master side: an authenticator thread plus the server keys on the ROUTER socket."""
+
+    keys_dir: Path
+
+    def start(self, ctx: zmq.Context, sock: zmq.Socket) -> ThreadAuthenticator:
+        public, secret = _load(self.keys_dir / "master.key_secret", secret=True)
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        auth.configure_curve(domain="*", location=str(self.keys_dir / "authorized"))
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+        return auth
+
+
+@dataclass
+class CurveClientKeys:
+    """The worker side: its own pair and the master's public key."""
+
+    keys_dir: Path
+
+    def apply(self, sock: zmq.Socket) -> None:
+        public, secret = _load(self.keys_dir / "worker.key_secret", secret=True)
+        server_public, _ = _load(self.keys_dir / "master.key", secret=False)
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_serverkey = server_public

@@ -1,0 +1,185 @@
+"""A worker: `ossimport worker --master tcp://HOST:PORT`. Any number, on any host.
+
+It asks the master for a task, runs it through the engine on a background thread, heartbeats the
+leases of what it holds, and sends the result until the master acknowledges it. It keeps its
+in-flight state in its own directory (no shared disk with the master). Killed at any instant, it
+loses only unfinished work: the lapsed lease returns the task to pending and it is done again
+(copies are idempotent; the master counts each task once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ossimport.engine.stats import Stats
+from ossimport.engine.throttle import TokenBucket
+from ossimport.jobs.execute import JobSpec, TaskResult, TaskRunner
+from ossimport.jobs.protocol import ProtocolError, pack, unpack
+from ossimport.jobs.security import CurveClientKeys
+from ossimport.jobs.store import atomic_write, decode_manifest
+
+log = logging.getLogger("ossimport.worker")
+
+
+@dataclass
+class Held:
+    job: str
+    task: str
+    stats: Stats
+    thread: threading.Thread
+    result: TaskResult | None = None
+    sent_at: float = 0.0
+    runner: TaskRunner | None = None
+    dropped: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, master: str, workdir: Path, *, worker_id: str | None = None,
+                 heartbeat: float = 2.0, max_throughput_kbps: int = 0,
+                 curve: CurveClientKeys | None = None) -> None:
+        self.master = master
+        self.workdir = Path(workdir)
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.heartbeat = heartbeat
+        self.curve = curve
+        self.bucket = TokenBucket(max_throughput_kbps * 1024) if max_throughput_kbps > 0 else None
+        self.stop_event = threading.Event()
+        self._runners: dict[str, tuple[str, TaskRunner]] = {}  # job -> (spec json, runner)
+        self._held: Held | None = None
+        self._want_after = 0.0
+
+    # ---- main loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(sock)
+        sock.connect(self.master)
+        self._sock = sock
+        self._send(sock, "hello", host=socket.gethostname(), pid=os.getpid())
+        last_beat = 0.0
+        try:
+            while not self.stop_event.is_set():
+                if sock.poll(200):
+                    self._handle(sock, sock.recv())
+                now = time.monotonic()
+                held = self._held
+                if held is not None and held.result is None and not held.thread.is_alive():
+                    held.result = TaskResult(False, {"files": 0}, ["FAILED\t\tworker thread ended"], [])
+                if held is not None and held.result is not None and now - held.sent_at > 3.0:
+                    self._send_result(sock, held)
+                if now - last_beat >= self.heartbeat:
+                    self._beat(sock)
+                    last_beat = now
+                if held is None and now >= self._want_after:
+                    self._send(sock, "want")
+                    self._want_after = now + 2.0  # ask again if the answer was lost
+        finally:
+            if self._held is not None and self._held.runner is not None:
+                self._held.runner.stop()
+            for _, runner in self._runners.values():
+                runner.close()
+            sock.close()
+
+    def _send(self, sock: zmq.Socket, kind: str, **body: Any) -> None:
+        sock.send(pack(kind, worker=self.id, **body))
+
+    def _handle(self, sock: zmq.Socket, frame: bytes) -> None:
+        try:
+            msg = unpack(frame)
+        except ProtocolError as exc:
+            log.error("ignoring a message from the master: %s", exc)
+            return
+        kind = msg["type"]
+        if kind == "task":
+            self._start(msg)
+        elif kind == "idle":
+            self._want_after = time.monotonic() + float(msg.get("wait", 1.0))
+        elif kind == "ack":
+            held = self._held
+            if held is not None and held.task == msg.get("task"):
+                shutil.rmtree(self._task_dir(held.job, held.task), ignore_errors=True)
+                self._held = None
+                self._want_after = 0.0
+        elif kind == "drop":
+            held = self._held
+            if held is not None and held.task == msg.get("task"):
+                held.dropped = True
+                if held.runner is not None:
+                    held.runner.stop()
+                self._held = None
+                self._want_after = 0.0
+        elif kind == "hello":  # the master restarted and asks who we are
+            self._send(sock, "hello", host=socket.gethostname(), pid=os.getpid())
+
+    # ---- tasks ----------------------------------------------------------------------------------
+    def _task_dir(self, job: str, task: str) -> Path:
+        return self.workdir / "worker" / "jobs" / job / "tasks" / task
+
+    def _start(self, msg: dict[str, Any]) -> None:
+        if self._held is not None:  # one task at a time: hand it back at once
+            self._send(self._sock, "release", task=msg["task"])
+            return
+        job, task = msg["job"], msg["task"]
+        tdir = self._task_dir(job, task)
+        tdir.mkdir(parents=True, exist_ok=True)
+        atomic_write(tdir / "TASK", msg["manifest"])
+        stats = Stats()
+        held = Held(job, task, stats, threading.Thread(target=lambda: None))
+        held.thread = threading.Thread(target=self._execute, args=(held, msg), name=f"task-{task[:8]}",
+                                       daemon=True)
+        self._held = held
+        held.thread.start()
+
+    def _runner(self, job: str, spec_dict: dict[str, Any]) -> TaskRunner:
+        key = json.dumps(spec_dict, sort_keys=True)
+        cached = self._runners.get(job)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if cached is not None:
+            cached[1].close()
+        runner = TaskRunner(JobSpec.from_dict(spec_dict), self.bucket)
+        self._runners[job] = (key, runner)
+        return runner
+
+    def _execute(self, held: Held, msg: dict[str, Any]) -> None:
+        try:
+            _, entries = decode_manifest(msg["manifest"])
+            runner = self._runner(held.job, msg["spec"])
+            held.runner = runner
+            result = runner.run(entries, held.stats)
+        except Exception as exc:  # a task that cannot even start fails as a whole, with its cause
+            code = getattr(exc, "code", type(exc).__name__)
+            log.error("task %s failed: %s: %s", held.task, code, exc)
+            result = TaskResult(False, {"files": 0, "failed": 0}, [f"FAILED\t\t{code}: {exc}"], [])
+        held.result = result
+
+    def _send_result(self, sock: zmq.Socket, held: Held) -> None:
+        assert held.result is not None
+        if held.dropped:
+            return
+        r = held.result
+        self._send(sock, "result", job=held.job, task=held.task, ok=r.ok, done=r.done, audit=r.audit,
+                   errors=r.errors)
+        held.sent_at = time.monotonic()
+
+    def _beat(self, sock: zmq.Socket) -> None:
+        held = self._held
+        tasks = [held.task] if held is not None else []
+        progress = {held.task: [held.stats.copied + held.stats.skipped, held.stats.bytes_moved]} if held else {}
+        self._send(sock, "beat", tasks=tasks, progress=progress)
