@@ -95,6 +95,10 @@ class Transfer:
     # ---- one attempt ----------------------------------------------------------------------------
     def _copy_once(self, entry: Entry, dst_key: str) -> Entry:
         try:
+            if self.src.abilities.mutable_files:
+                # a file may have changed since it was listed (or since a task was cut): copy what
+                # it is now, and re-check against that after the copy
+                entry = self.src.head(entry.key)
             if self._server_side:
                 result = self.dst.copy(entry.key, dst_key, src_root=self.src)
                 self.stats.moved(entry.size)

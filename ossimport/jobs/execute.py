@@ -115,6 +115,9 @@ class TaskRunner:
             ),
         )
         stats = stats or Stats()
+        if not verify:
+            # this task may have run before on a worker that was killed mid-copy
+            self.dst.remove_stale_temps([e.key for e in entries])
         runner = Runner(self.src, self.dst, opts, stats, listener=listener)
         with self._lock:
             self._current = runner

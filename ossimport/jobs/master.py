@@ -31,7 +31,7 @@ from ossimport.engine.policy import Action, Policy
 from ossimport.jobs.execute import JobSpec
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.security import CurveServer, is_loopback_endpoint
-from ossimport.jobs.store import JobDir, TaskHeader, WorkDir, task_digest, task_name
+from ossimport.jobs.store import JobDir, TaskHeader, WorkDir, read_header, task_digest, task_name
 from ossimport.jobs.tracker import Tracker
 from ossimport.storage import open_storage
 from ossimport.storage.base import Entry
@@ -323,14 +323,19 @@ class Master:
         if path is None or not path.exists():
             # the lease lapsed but the work is done: take the result from wherever the task is now
             found = job.dir.find(task_digest(task))
-            if found is None or found.parent.name in ("succeed_tasks", "failed_tasks"):
-                sock.send_multipart([ident, pack("ack", task=task)])  # a duplicate: counted once
+            if found is None or found.parent.name in ("succeed_tasks", "failed_tasks") or not msg.get("ok"):
+                # a duplicate (counted once), or a failure from a worker that no longer holds the
+                # task: whoever holds it now reports
+                sock.send_multipart([ident, pack("ack", task=task)])
                 return
             path = found
             with self._lock:
                 if task in job.pending:
                     job.pending.remove(task)
         done = dict(msg.get("done", {}))
+        header = read_header(path / "TASK")
+        done["files"] = int(done.get("files", 0)) + header.carried_files
+        done["bytes"] = int(done.get("bytes", 0)) + header.carried_bytes
         done["worker"] = worker
         done["finished"] = time.time()
         job.dir.finish(path, bool(msg.get("ok")), done, list(msg.get("audit", [])), list(msg.get("errors", [])))

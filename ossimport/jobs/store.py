@@ -57,6 +57,10 @@ class TaskHeader:
     bytes: int
     first: str
     last: str
+    # files (and bytes) of this task that already succeeded before a `retry` cut it down to the
+    # ones that failed: still counted as done when the task finishes
+    carried_files: int = 0
+    carried_bytes: int = 0
 
 
 def task_name(job: str, pass_no: int, seq: int, host: str | None = None) -> str:
@@ -71,23 +75,27 @@ def task_digest(name: str) -> str:
 def encode_manifest(header: TaskHeader, entries: Iterable[Entry]) -> str:
     lines = [json.dumps({"job": header.job, "task": header.task, "pass": header.pass_no, "seq": header.seq,
                          "count": header.count, "bytes": header.bytes, "first": header.first,
-                         "last": header.last})]
+                         "last": header.last, "carried": [header.carried_files, header.carried_bytes]})]
     lines.extend(json.dumps([e.key, e.size, e.mtime], ensure_ascii=False) for e in entries)
     return "\n".join(lines) + "\n"
 
 
+def _header(h: dict) -> TaskHeader:
+    carried = h.get("carried", [0, 0])
+    return TaskHeader(h["job"], h["task"], h["pass"], h["seq"], h["count"], h["bytes"], h["first"], h["last"],
+                      carried[0], carried[1])
+
+
 def decode_manifest(text: str) -> tuple[TaskHeader, list[Entry]]:
     lines = text.splitlines()
-    h = json.loads(lines[0])
-    header = TaskHeader(h["job"], h["task"], h["pass"], h["seq"], h["count"], h["bytes"], h["first"], h["last"])
+    header = _header(json.loads(lines[0]))
     entries = [Entry(k, s, m) for k, s, m in (json.loads(ln) for ln in lines[1:] if ln)]
     return header, entries
 
 
 def read_header(path: Path) -> TaskHeader:
     with open(path, encoding="utf-8") as f:
-        h = json.loads(f.readline())
-    return TaskHeader(h["job"], h["task"], h["pass"], h["seq"], h["count"], h["bytes"], h["first"], h["last"])
+        return _header(json.loads(f.readline()))
 
 
 class JobDir:
@@ -193,6 +201,8 @@ class JobDir:
             header, entries = decode_manifest((path / "TASK").read_text(encoding="utf-8"))
             failed = set((path / "error.list").read_text(encoding="utf-8").splitlines())
             keep = [e for e in entries if e.key in failed] or entries
+            header.carried_files += header.count - len(keep)
+            header.carried_bytes += header.bytes - sum(e.size for e in keep)
             header.count, header.bytes = len(keep), sum(e.size for e in keep)
             header.first, header.last = keep[0].key, keep[-1].key
             atomic_write(path / "TASK", encode_manifest(header, keep))

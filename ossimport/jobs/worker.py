@@ -97,7 +97,12 @@ class Worker:
             sock.close()
 
     def _send(self, sock: zmq.Socket, kind: str, **body: Any) -> None:
-        sock.send(pack(kind, worker=self.id, **body))
+        # Never block: with no connection to the master (CURVE refused, queue full) a blocking send
+        # would hang the loop for good, deaf to SIGTERM. Every message is repeated until answered.
+        try:
+            sock.send(pack(kind, worker=self.id, **body), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("master unreachable: %s not sent", kind)
 
     def _handle(self, sock: zmq.Socket, frame: bytes) -> None:
         try:

@@ -185,6 +185,12 @@ class Storage(ABC):
         """True when `copy(..., src_root=other)` can work (same endpoint and credentials)."""
         return False
 
+    def remove_stale_temps(self, keys: list[str]) -> int:
+        """Remove temporary files that interrupted writes of `keys` left behind (a process killed
+        mid-copy cannot clean up). Object stores have none: they publish only on completion.
+        Returns how many were removed."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections. Safe to call twice."""
 

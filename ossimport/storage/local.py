@@ -7,6 +7,7 @@ write outside the root (checked lexically by `check_key` and physically with rea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -138,6 +139,19 @@ def is_temp_name(name: str) -> bool:
     return bool(_TEMP_RE.match(name))
 
 
+def stale_temps(keys: list[str], listdir: Callable[[str], list[str]]) -> Iterator[str]:
+    """Relative paths of our temp files that belong to `keys` (any writer, any age), looking into
+    each key's directory once. `listdir(rel_dir)` returns names, or [] for a missing directory."""
+    by_dir: dict[str, set[str]] = {}
+    for key in keys:
+        d, _, name = key.rpartition("/")
+        by_dir.setdefault(d, set()).add(temp_name(name).rsplit(".ossimport.", 1)[0])
+    for d, owners in by_dir.items():
+        for entry in listdir(d):
+            if is_temp_name(entry) and entry.rsplit(".ossimport.", 1)[0] in owners:
+                yield f"{d}/{entry}" if d else entry
+
+
 def read_exact(data: BinaryIO, size: int, write: Callable[[bytes], object], key: str) -> None:
     """Copy exactly `size` bytes from `data` to `write`, reading one byte more to catch extras."""
     remaining = size
@@ -191,6 +205,20 @@ class LocalStorage(Storage):
         # callers that delete by comparison must check this before trusting the listing.
 
     # ---- paths ------------------------------------------------------------------------------
+    def remove_stale_temps(self, keys: list[str]) -> int:
+        def listdir(d: str) -> list[str]:
+            try:
+                return os.listdir(os.path.join(self.root, d))
+            except OSError:
+                return []
+
+        removed = 0
+        for rel in stale_temps(keys, listdir):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.root, rel))
+                removed += 1
+        return removed
+
     def local_path(self, key: str) -> str:
         """The file name for `key`, refusing keys whose directory resolves outside the root."""
         check_key(key)

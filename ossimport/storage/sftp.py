@@ -29,7 +29,7 @@ from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, int64
 
 from ossimport.errors import NotFound, StorageError, UnsafeKey
 from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, Writer, check_key
-from ossimport.storage.local import Node, is_temp_name, read_exact, sorted_walk, temp_name
+from ossimport.storage.local import Node, is_temp_name, read_exact, sorted_walk, stale_temps, temp_name
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -548,6 +548,22 @@ class SFTPStorage(Storage):
     def _remove_quietly(self, sftp: paramiko.SFTPClient, path: str) -> None:
         with contextlib.suppress(Exception):
             sftp.remove(path)
+
+    def remove_stale_temps(self, keys: list[str]) -> int:
+        sftp = self._sftp()
+
+        def listdir(d: str) -> list[str]:
+            try:
+                return sftp.listdir(posixpath.join(self.root, d))
+            except OSError:
+                return []
+
+        removed = 0
+        for rel in stale_temps(keys, listdir):
+            with contextlib.suppress(OSError):
+                sftp.remove(posixpath.join(self.root, rel))
+                removed += 1
+        return removed
 
     def delete(self, key: str) -> None:
         path = self._path(key)
