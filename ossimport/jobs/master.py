@@ -94,18 +94,28 @@ class Master:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         auth = None
-        if not is_loopback_endpoint(self.address):
-            if self.curve_keys is None:
-                raise ProtocolError("a master bound beyond loopback needs CURVE keys (curveKeysDir)")
-            auth = CurveServer(self.curve_keys).start(ctx, sock)
-        sock.bind(self.address)
+        try:
+            if not is_loopback_endpoint(self.address):
+                if self.curve_keys is None:
+                    raise ProtocolError("a master bound beyond loopback needs CURVE keys (curveKeysDir)")
+                auth = CurveServer(self.curve_keys).start(ctx, sock)
+            sock.bind(self.address)
+        except BaseException:
+            sock.close()
+            if auth is not None:
+                auth.stop()
+            raise
         self.workdir.log("ossimport2.log", f"master listening on {self.address}")
         next_tick = next_stat = 0.0
         try:
             while not self.stop_event.is_set():
                 if sock.poll(100):
-                    ident, frame = sock.recv_multipart()[:2]
-                    self._handle(sock, ident, frame)
+                    parts = sock.recv_multipart()
+                    if len(parts) >= 2:
+                        try:
+                            self._handle(sock, parts[0], parts[1])
+                        except Exception as exc:  # one bad message must not stop the master
+                            log.warning("ignoring a message that could not be handled: %r", exc)
                 now = time.monotonic()
                 if now >= next_tick:
                     self._housekeeping()

@@ -41,8 +41,8 @@ def pack(kind: str, **body: Any) -> bytes:
 def unpack(frame: bytes) -> dict[str, Any]:
     try:
         msg = json.loads(frame)
-    except ValueError as exc:
-        raise ProtocolError(f"undecodable message: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"undecodable message: {type(exc).__name__}") from None
     if not isinstance(msg, dict) or msg.get("v") != VERSION or "type" not in msg:
         raise ProtocolError(f"message of another protocol version: {str(msg)[:80]!r}")
     return msg

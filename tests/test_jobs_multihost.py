@@ -1,0 +1,375 @@
+"""Workers on other hosts: a network namespace joined by a veth pair is the second host (its only
+way to the master is the link), the master binds a non-loopback address and so requires CURVE;
+and `console deploy` installs and starts a worker over SSH (a private sshd on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq.auth
+from backends import sftp as sftp_backend
+from jobenv import JobEnv
+
+from ossimport.errors import UsageError
+from ossimport.jobs.master import Master
+from ossimport.jobs.protocol import ProtocolError
+from ossimport.jobs.security import is_loopback_endpoint
+from ossimport.jobs.store import WorkDir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+@dataclass
+class NetNS:
+    name: str
+    host_if: str
+    host_ip: str
+    ns_ip: str
+
+    def counter(self, which: str) -> int:
+        """Bytes through the host end of the link (`tx_bytes` = towards the namespace)."""
+        return int(Path(f"/sys/class/net/{self.host_if}/statistics/{which}").read_text())
+
+
+def _taken_addresses() -> set[str]:
+    out = ip("-o", "-4", "addr", "show").stdout
+    return set(re.findall(r"inet (\d+\.\d+\.\d+\.\d+)/", out))
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNS]:
+    """A second host: namespace `ossiXXXXXX`, veth pair, host side 10.251.R.N+1/30, namespace side
+    N+2/30. Removed on teardown, whatever happened."""
+    tag = uuid.uuid4().hex[:6]
+    name, host_if, ns_if = f"ossi{tag}", f"vo{tag}h", f"vo{tag}n"
+    taken = _taken_addresses()
+    rnd = random.Random()
+    for _ in range(50):  # a /30 nobody on this machine uses yet
+        third, base = rnd.randrange(256), rnd.randrange(64) * 4
+        host_ip, ns_ip = f"10.251.{third}.{base + 1}", f"10.251.{third}.{base + 2}"
+        if host_ip not in taken and ns_ip not in taken:
+            break
+    else:
+        pytest.fail("no free 10.251.x.y/30 found")
+    made = ip("netns", "add", name, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"ip netns not permitted here: {made.stderr.strip()}")
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        ip("link", "set", ns_if, "netns", name)
+        ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("-n", name, "addr", "add", f"{ns_ip}/30", "dev", ns_if)
+        ip("-n", name, "link", "set", ns_if, "up")
+        ip("-n", name, "link", "set", "lo", "up")
+        yield NetNS(name, host_if, host_ip, ns_ip)
+    finally:
+        ip("netns", "del", name, check=False)  # takes the namespace end of the veth, and so the pair
+        if Path(f"/sys/class/net/{host_if}").exists():
+            ip("link", "del", host_if, check=False)
+        assert name not in ip("netns", "list").stdout
+        assert not Path(f"/sys/class/net/{host_if}").exists()
+
+
+def free_port_on(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def small_tree(n: int, seed: int = 11) -> dict[str, bytes]:
+    rnd = random.Random(seed)
+    return {f"d{i % 7}/s{i % 3}/{'deep/' * (i % 2)}f{i:04d}.bin": rnd.randbytes(rnd.randint(0, 3000))
+            for i in range(n)}
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> None:
+    for key, data in files.items():
+        p = root / key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def local_job(src: Path, dst: Path, **extra: Any) -> dict[str, Any]:
+    return {"srcType": "local", "srcPrefix": f"{src}/", "destType": "local", "destPrefix": f"{dst}/",
+            "taskObjectCountLimit": 20, **extra}
+
+
+def terminate(proc: subprocess.Popen[bytes] | psutil.Process) -> None:
+    """SIGTERM, then SIGKILL after 10 s; waits for it."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return
+    try:
+        proc.wait(timeout=10)
+    except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class NsWorkers:
+    """Workers started inside a namespace; all are stopped on teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, ns: NetNS, master: str, keys: Path, workdir: Path) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"{workdir.name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns.name, sys.executable, "-m", "ossimport", "worker", "--master", master,
+                 "--curve-keys", str(keys), "--workdir", str(workdir), "--heartbeat", "1"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            terminate(proc)
+
+
+@pytest.fixture
+def ns_workers(tmp_path: Path) -> Iterator[NsWorkers]:
+    workers = NsWorkers(tmp_path)
+    yield workers
+    workers.stop()
+
+
+@pytest.fixture
+def envs() -> Iterator[list[JobEnv]]:
+    made: list[JobEnv] = []
+    yield made
+    for env in made:
+        env.stop()
+
+
+def worker_id_prefix(pid: int) -> str:
+    """Worker ids are `<hostname>-<pid>-<random>`; `ip netns exec` execs the command in place."""
+    proc = psutil.Process(pid)
+    if "ossimport" not in " ".join(proc.cmdline()):  # in case some `ip` forks instead
+        proc = next(c for c in proc.children(recursive=True) if "ossimport" in " ".join(c.cmdline()))
+    return f"{socket.gethostname()}-{proc.pid}-"
+
+
+def done_workers(env: JobEnv) -> list[str]:
+    return [json.loads((t / "DONE").read_text())["worker"] for t in env.task_dirs("succeed_tasks")]
+
+
+def assert_job_complete(env: JobEnv, files: dict[str, bytes], dst: Path, tasks: int) -> None:
+    st = env.stat()
+    assert st["JobState"] == "SUCCEED", (st, env.log_tail())
+    assert (st["Succeed Task Count"], st["Failed Task Count"], st["Pending Task Count"],
+            st["Dispatched Task Count"]) == (tasks, 0, 0, 0), st
+    assert (st["Files Total"], st["Files Done"], st["Files Failed"]) == (len(files), len(files), 0), st
+    assert st["Bytes Total"] == st["Bytes Done"] == sum(map(len, files.values())), st
+    got = read_tree(dst)
+    assert sorted(got) == sorted(files)
+    assert all(got[k] == files[k] for k in files), [k for k in files if got[k] != files[k]][:5]
+    keys = env.audit_keys()
+    assert Counter(keys) == Counter(list(files)), "every file recorded exactly once in the audit"
+
+
+# ---- a: a worker on a second host, over CURVE ----------------------------------------------------------
+def test_worker_in_namespace_over_curve_and_a_stranger_gets_nothing(
+        tmp_path: Path, netns: NetNS, envs: list[JobEnv], ns_workers: NsWorkers) -> None:
+    files = small_tree(200)
+    src, dst, keys = tmp_path / "src", tmp_path / "dst", tmp_path / "keys"
+    write_tree(src, files)
+    port = free_port_on(netns.host_ip)
+    master = f"tcp://{netns.host_ip}:{port}"
+    env = JobEnv(tmp_path / "job", local_job(src, dst), {"masterAddress": master, "curveKeysDir": str(keys)})
+    envs.append(env)
+    env.console("submit")
+    out = env.console("start", "--workers", "0").stdout
+    assert f"master started on {master}" in out
+    assert (keys / "master.key_secret").exists() and (keys / "authorized" / "worker.key").exists()
+    env.wait_for(lambda: env.stat()["Is Scan Finished"], timeout=20, what="the scan")
+    assert env.stat()["Pending Task Count"] == 10
+
+    # the master listens on the link's address only, not on loopback
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass
+
+    # a worker with a key pair of its own (and the right master key) is refused at the handshake
+    stranger_keys = tmp_path / "stranger-keys"
+    stranger_keys.mkdir()
+    zmq.auth.create_certificates(str(stranger_keys), "worker")
+    shutil.copy(keys / "master.key", stranger_keys / "master.key")
+    stranger = ns_workers.start(netns, master, stranger_keys, tmp_path / "stranger")
+    rx_before = netns.counter("rx_bytes")
+    deadline = time.monotonic() + 3.0
+    polls = 0
+    while time.monotonic() < deadline:  # bounded: 3 s of no progress while only the stranger runs
+        st = env.stat()
+        assert (st["Pending Task Count"], st["Dispatched Task Count"], st["Succeed Task Count"]) == (10, 0, 0), st
+        assert not dst.exists() or not any(dst.iterdir())
+        polls += 1
+        time.sleep(0.2)
+    assert polls >= 3
+    assert stranger.poll() is None, "the stranger died instead of being refused"
+    assert netns.counter("rx_bytes") > rx_before, "the stranger never reached the master over the link"
+    stranger_id = worker_id_prefix(stranger.pid)
+    assert stranger_id not in env.log_tail(1000), "the master heard the stranger"
+
+    # the worker with the deployed pair gets the tasks, over the link only
+    tx_before = netns.counter("tx_bytes")
+    good = ns_workers.start(netns, master, keys, tmp_path / "nsworker")
+    good_id = worker_id_prefix(good.pid)
+    env.wait_state({"SUCCEED", "FAILED"}, timeout=40)
+    assert_job_complete(env, files, dst, tasks=10)
+    workers = done_workers(env)
+    assert len(workers) == 10 and all(w.startswith(good_id) for w in workers), (good_id, workers)
+    assert f"worker {workers[0]} connected" in env.log_tail(1000)
+    # the manifests went master -> namespace through the veth (10 tasks x 20 entries)
+    assert netns.counter("tx_bytes") - tx_before > 200 * 20
+    assert good.poll() is None and stranger.poll() is None
+    assert not list((tmp_path / "stranger").rglob("TASK"))
+    # refused all along, the stranger still obeys SIGTERM (it must not hang in a send to nobody)
+    stranger.send_signal(signal.SIGTERM)
+    try:
+        stranger.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a worker the master refuses does not stop on SIGTERM")
+
+
+# ---- b: beyond loopback, never without keys ------------------------------------------------------------
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:1", "tcp://localhost:1", "tcp://[::1]:1", "ipc://x",
+                                      "tcp://127.9.9.9:13830", "inproc://x"])
+def test_loopback_endpoints(endpoint: str) -> None:
+    assert is_loopback_endpoint(endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://10.1.2.3:1", "tcp://0.0.0.0:1", "tcp://[::]:1", "tcp://*:1",
+                                      "tcp://example.com:1", "tcp://192.168.1.5:13830", "tcp://[fe80::1]:1"])
+def test_non_loopback_endpoints(endpoint: str) -> None:
+    assert not is_loopback_endpoint(endpoint)
+
+
+def test_master_beyond_loopback_refuses_to_start_without_keys(tmp_path: Path) -> None:
+    m = Master(WorkDir(tmp_path / "w"), "tcp://10.1.2.3:1", lambda path: None, curve_keys=None)
+    with pytest.raises(ProtocolError, match="CURVE"):
+        m.run()
+    # a keys directory without the master's pair is refused too, naming the missing file
+    m = Master(WorkDir(tmp_path / "w"), "tcp://10.1.2.3:1", lambda path: None, curve_keys=tmp_path / "nokeys")
+    with pytest.raises(UsageError, match="master.key_secret"):
+        m.run()
+
+
+# ---- c: console deploy over SSH ------------------------------------------------------------------------
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[sftp_backend.SSHD_Handle]:
+    home = tmp_path / "sshd"
+    home.mkdir()
+    handle = sftp_backend.start(home)
+    yield handle
+    sftp_backend.stop(handle)
+
+
+def _deployed_worker(remote: Path) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(int((remote / "worker.pid").read_text()))
+        cmd = " ".join(proc.cmdline())
+    except (FileNotFoundError, ValueError, psutil.Error):
+        return None
+    return proc if "ossimport" in cmd and "worker" in cmd and proc.cwd() == str(remote) else None
+
+
+def _wait_deployed_worker(remote: Path, not_pid: int | None = None) -> psutil.Process:
+    deadline = time.monotonic() + 10
+    while True:
+        worker = _deployed_worker(remote)
+        if worker is not None and worker.pid != not_pid:
+            return worker
+        if time.monotonic() > deadline:
+            log = remote / "worker.log"
+            raise AssertionError(f"no deployed worker is running: {log.read_text(errors='replace') if log.exists() else ''}")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("master_on", ["loopback", "link"])
+def test_console_deploy_starts_a_worker_over_ssh(tmp_path: Path, sshd: sftp_backend.SSHD_Handle,
+                                                 envs: list[JobEnv], request: pytest.FixtureRequest,
+                                                 master_on: str) -> None:
+    """`loopback`: a plain master on 127.0.0.1 (the 'remote' host is this one). `link`: the master on a
+    veth address, so CURVE is required and the worker must use the keys deploy uploaded."""
+    files = small_tree(60, seed=5)
+    src, dst, remote = tmp_path / "src", tmp_path / "dst", tmp_path / "remote"
+    write_tree(src, files)
+    sys_overrides: dict[str, Any] = {"workerUserName": sshd.user, "privateKeyFile": str(sshd.client_key),
+                                     "sshPort": sshd.port}
+    if master_on == "link":
+        ns: NetNS = request.getfixturevalue("netns")
+        sys_overrides.update(masterAddress=f"tcp://{ns.host_ip}:{free_port_on(ns.host_ip)}",
+                             curveKeysDir=str(tmp_path / "keys"))
+    env = JobEnv(tmp_path / "job", local_job(src, dst), sys_overrides, env={"OSSIMPORT_DEPLOY_DIR": str(remote)})
+    envs.append(env)
+    (env.conf / "workers").write_text(f"# the second 'host'\n{sshd.user}@127.0.0.1:{sshd.port}\n")
+    try:
+        env.console("submit")
+        env.console("start", "--workers", "0")
+        out = env.console("deploy", timeout=120)
+        assert "127.0.0.1: worker started" in out.stdout, out.stdout + out.stderr
+        assert sorted(p.name for p in (remote / "keys").iterdir()) == ["master.key", "worker.key",
+                                                                      "worker.key_secret"]
+        assert (remote / "keys" / "worker.key_secret").stat().st_mode & 0o777 == 0o600
+        worker = _wait_deployed_worker(remote)
+        # it runs the uploaded copy of the package, not the tree under test
+        assert worker.environ().get("PYTHONPATH") == str(remote / "src")
+        assert (remote / "src" / "ossimport" / "jobs" / "worker.py").exists()
+        st = env.wait_state({"SUCCEED", "FAILED"}, timeout=40)
+        assert st["JobState"] == "SUCCEED", (remote / "worker.log").read_text(errors="replace")
+        assert_job_complete(env, files, dst, tasks=3)
+        prefix = f"{socket.gethostname()}-{worker.pid}-"
+        assert all(w.startswith(prefix) for w in done_workers(env)), (prefix, done_workers(env))
+        if master_on == "loopback":  # deploying again replaces the running worker
+            out = env.console("deploy", timeout=120)
+            assert "127.0.0.1: worker started" in out.stdout, out.stdout + out.stderr
+            assert _wait_deployed_worker(remote, not_pid=worker.pid).pid != worker.pid
+            worker.wait(timeout=10)
+    finally:
+        worker_left = _deployed_worker(remote)
+        if worker_left is not None:
+            terminate(worker_left)
+
+
+def test_deploy_reports_a_host_it_cannot_reach(tmp_path: Path, sshd: sftp_backend.SSHD_Handle) -> None:
+    env = JobEnv(tmp_path / "job", local_job(tmp_path / "src", tmp_path / "dst"),
+                 {"workerUserName": sshd.user, "privateKeyFile": str(sshd.client_key)},
+                 env={"OSSIMPORT_DEPLOY_DIR": str(tmp_path / "remote")})
+    closed = free_port_on("127.0.0.1")
+    (env.conf / "workers").write_text(f"127.0.0.1:{closed}\nnobody@127.0.0.1:{sshd.port}\n")
+    out = env.console("deploy", check=False, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("127.0.0.1: deploy failed: ") for line in lines), lines
+    assert not (tmp_path / "remote").exists()
