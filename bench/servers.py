@@ -1,0 +1,277 @@
+"""Servers the benchmark talks to, all on 127.0.0.1, plus the few S3 helpers the harness needs.
+
+A server is small on purpose: `start(workdir) -> Endpoint`, `stop()`, and `persistent` (does its
+data survive a restart?). `rclone serve s3` is built in; a Ceph RGW (tests/servers/ceph.py, class
+CephRGW) is loaded lazily with `--server ceph`. An sshd would add an Endpoint with `extra` fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACCESS_KEY = "BENCHAK01"
+SECRET_KEY = "BENCHSECRET01"
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class Server:
+    """Base class: a server this process starts and must stop."""
+
+    name = "server"
+    persistent = False  # data survives stop()/start() on the same workdir
+
+    def start(self, workdir: Path) -> Endpoint:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def version(self) -> str:
+        return ""
+
+    def wipe_bucket(self, endpoint: Endpoint, bucket: str) -> None:
+        """Delete a bucket and everything in it (generic S3 way)."""
+        client = s3_client(endpoint)
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, PaginationConfig={"MaxItems": 10_000_000}):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        with contextlib.suppress(Exception):
+            client.delete_bucket(Bucket=bucket)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(host: str, port: int, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll until the port answers any HTTP response, or raise after `deadline_s` seconds."""
+    end = time.monotonic() + deadline_s
+    last = ""
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        conn = http.client.HTTPConnection(host, port, timeout=2)
+        try:
+            conn.request("GET", "/")
+            conn.getresponse().read()
+            return
+        except OSError as e:
+            last = str(e)
+        finally:
+            conn.close()
+        time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} not ready after {deadline_s:.0f}s ({last})")
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """Stop a process started with start_new_session=True: SIGTERM its group, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+
+
+class RcloneS3Server(Server):
+    """`rclone serve s3` over a directory; buckets are its top-level folders."""
+
+    name = "rclone-serve-s3"
+    persistent = True
+
+    def __init__(self, rclone: str) -> None:
+        self.rclone = rclone
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.datadir: Path | None = None
+        self.log: Path | None = None
+
+    def version(self) -> str:
+        out = subprocess.run([self.rclone, "version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.stdout else ""
+
+    def start(self, workdir: Path) -> Endpoint:
+        self.stop()
+        self.datadir = workdir / "data"
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "server.log"
+        port = free_port()
+        argv = [
+            self.rclone, "serve", "s3", "--addr", f"{HOST}:{port}",
+            "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--force-path-style", "--etag-hash", "MD5",
+            str(self.datadir),
+        ]  # fmt: skip
+        env = clean_env()
+        env["RCLONE_CONFIG"] = os.devnull
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            wait_http(HOST, port, 30.0, self.proc)
+        except BaseException:
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            self.stop()
+            raise RuntimeError(f"rclone serve s3 did not start: {tail}") from None
+        return Endpoint(HOST, port, ACCESS_KEY, SECRET_KEY)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+            self.proc = None
+
+    def wipe_bucket(self, endpoint: Endpoint, bucket: str) -> None:
+        # Buckets are plain folders: removing one is far faster than deleting object by object.
+        # Names are never reused, so the server's directory cache cannot serve a stale bucket.
+        if self.datadir is not None and (self.datadir / bucket).is_dir():
+            shutil.rmtree(self.datadir / bucket, ignore_errors=True)
+        else:
+            super().wipe_bucket(endpoint, bucket)
+
+
+class CephServer(Server):
+    """Adapter for tests/servers/ceph.py's CephRGW (memstore: data is lost on restart)."""
+
+    name = "ceph-rgw"
+    persistent = False
+
+    def __init__(self) -> None:
+        self.rgw: Any = None
+
+    def start(self, workdir: Path) -> Endpoint:
+        self.stop()
+        tests_dir = str(REPO / "tests")
+        if tests_dir not in sys.path:
+            sys.path.insert(0, tests_dir)
+        from servers.ceph import CephRGW  # lazy: only with --server ceph
+
+        try:  # big1g runs leave up to a few GiB in RAM until RGW's garbage collector frees them
+            self.rgw = CephRGW(memstore_bytes=12 << 30)
+        except TypeError:
+            self.rgw = CephRGW()
+        info = self.rgw.start(workdir)
+        return endpoint_from(info if info is not None else self.rgw, self.rgw)
+
+    def stop(self) -> None:
+        if self.rgw is not None:
+            rgw, self.rgw = self.rgw, None
+            rgw.stop()
+
+
+def endpoint_from(*objs: Any) -> Endpoint:
+    """Build an Endpoint from whatever a server helper returns (object or dict, common names)."""
+
+    def get(*names: str) -> Any:
+        for obj in objs:
+            for n in names:
+                val = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
+                if val not in (None, ""):
+                    return val
+        return None
+
+    url = get("endpoint_url", "endpoint", "url")
+    host, port = get("host") or HOST, get("port")
+    if isinstance(url, str) and "://" in url:
+        hostport = url.split("://", 1)[1].rstrip("/")
+        host, _, p = hostport.rpartition(":")
+        port = int(p)
+    ak = get("access_key", "access_key_id", "ak") or ACCESS_KEY
+    sk = get("secret_key", "secret_access_key", "sk") or SECRET_KEY
+    if port is None:
+        raise RuntimeError("cannot tell the server's port")
+    if host not in (HOST, "localhost"):
+        raise RuntimeError(f"server is not on {HOST}: {host}")
+    return Endpoint(HOST, int(port), str(ak), str(sk))
+
+
+def make_server(name: str, rclone: str | None) -> Server:
+    if name == "rclone":
+        if not rclone:
+            raise RuntimeError("rclone not found")
+        return RcloneS3Server(rclone)
+    if name == "ceph":
+        return CephServer()
+    raise ValueError(f"unknown server {name!r} (rclone, ceph)")
+
+
+# ----------------------------------------------------------------------------- S3 helpers
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for child processes: no proxies, no stray AWS/rclone/s3cmd settings."""
+    drop = ("AWS_", "RCLONE_", "S3CMD_", "BOTO_")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(drop) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+def s3_client(endpoint: Endpoint) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        os.environ.pop(k, None)
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint.url,
+        aws_access_key_id=endpoint.access_key,
+        aws_secret_access_key=endpoint.secret_key,
+        region_name=endpoint.region,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=120,
+            max_pool_connections=16,
+        ),
+    )
+
+
+def create_bucket(endpoint: Endpoint, bucket: str) -> None:
+    s3_client(endpoint).create_bucket(Bucket=bucket)
+
+
+def iter_objects(endpoint: Endpoint, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    client = s3_client(endpoint)
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"MaxItems": 10_000_000}):
+        yield from page.get("Contents", [])
