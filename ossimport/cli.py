@@ -254,7 +254,8 @@ def run_copy(args: argparse.Namespace) -> int:
         transfer=TransferOptions(
             multipart_threshold=args.multipart_threshold,
             part_size=args.part_size,
-            part_threads=max(4, min(args.threads, 16)),
+            # parts held in memory at once: part_threads x part size (default 8 x 16 MiB)
+            part_threads=max(2, min(args.threads, 8)),
             checksum=args.checksum,
             keep_perms=not args.noperms,
             bucket=TokenBucket(mbit_to_bytes(args.bwlimit)) if args.bwlimit > 0 else None,

@@ -100,7 +100,7 @@ class Transfer:
                 # it is now, and re-check against that after the copy
                 entry = self.src.head(entry.key)
             if self._server_side:
-                result = self.dst.copy(entry.key, dst_key, src_root=self.src)
+                result = self.dst.copy(entry.key, dst_key, src_root=self.src, size=entry.size)
                 self.stats.moved(entry.size)
                 self._check_size(entry, result, dst_key)
                 return result

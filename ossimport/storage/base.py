@@ -176,9 +176,11 @@ class Storage(ABC):
     def open_writer(self, key: str, size: int) -> Writer:
         raise self._unsupported("random-access writes")
 
-    def copy(self, src_key: str, dst_key: str, *, src_root: Storage | None = None) -> Entry:
+    def copy(self, src_key: str, dst_key: str, *, src_root: Storage | None = None,
+             size: int | None = None) -> Entry:
         """Server-side copy. `src_root` is another Storage of the same class and the same server
-        (another bucket or prefix); None means this one."""
+        (another bucket or prefix); None means this one. `size`, when the caller knows it from a
+        listing, spares a HEAD."""
         raise self._unsupported("server-side copy")
 
     def same_server(self, other: Storage) -> bool:

@@ -264,12 +264,13 @@ class OSSStorage(Storage):
                 yield upload.key[cut:], upload.upload_id
 
     # ---- server-side copy --------------------------------------------------------------------
-    def copy(self, src_key: str, dst_key: str, *, src_root: Storage | None = None) -> Entry:
+    def copy(self, src_key: str, dst_key: str, *, src_root: Storage | None = None,
+             size: int | None = None) -> Entry:
         src = src_root if src_root is not None else self
         if not isinstance(src, OSSStorage):
             raise StorageError(f"cannot copy server-side from {src.describe()} to {self.describe()}",
                                code="NotImplemented")
-        source = src.head(src_key)  # the size picks the method; NotFound names the source
+        source = src.head(src_key)  # always: it brings the CRC64 the engine verifies against
         src_bucket, src_full, dst_full = src.location.bucket, src._full(src_key), self._full(dst_key)
         try:
             if source.size <= COPY_OBJECT_LIMIT:

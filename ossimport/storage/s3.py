@@ -294,7 +294,8 @@ class S3Storage(Storage):
                         yield up["Key"][cut:], up["UploadId"]
 
     # ---- server-side copy --------------------------------------------------------------------
-    def copy(self, src_key: str, dst_key: str, *, src_root: Storage | None = None) -> Entry:
+    def copy(self, src_key: str, dst_key: str, *, src_root: Storage | None = None,
+             size: int | None = None) -> Entry:
         src = src_root or self
         if not isinstance(src, S3Storage) or not self.same_server(src):
             raise StorageError(
@@ -302,8 +303,9 @@ class S3Storage(Storage):
                 code="NotImplemented",
             )
         source = {"Bucket": src.bucket, "Key": src.root + src_key}
-        info = src._head_raw(src_key)
-        size = int(info["ContentLength"])
+        if size is None or size > self.copy_limit:
+            info = src._head_raw(src_key)
+            size = int(info["ContentLength"])
         if size <= self.copy_limit:
             with self._errors("copy", dst_key):
                 r = self._client.copy_object(Bucket=self.bucket, Key=self.root + dst_key, CopySource=source)
