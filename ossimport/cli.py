@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="print count, total, min/max/average size of SRC and copy nothing")
         sp.add_argument("src", metavar="SRC")
         sp.add_argument("dst", metavar="DST")
+    text = "compare SRC with DST (size; content with --checksum); exit 0 only when identical"
+    vp = sub.add_parser("verify", aliases=["check"], help=text, description=text)
+    _global_options(vp, suppress=True)
+    vp.add_argument("--missing", metavar="FILE", help="write the keys missing at DST to FILE")
+    vp.add_argument("--differ", metavar="FILE", help="write the keys whose size or content differ to FILE")
+    vp.add_argument("--extra", metavar="FILE", help="write the keys only at DST to FILE")
+    vp.add_argument("src", metavar="SRC")
+    vp.add_argument("dst", metavar="DST")
     return p
 
 
@@ -140,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         from ossimport import log as logsetup
 
         logsetup.setup(-1 if args.quiet else args.verbose)
+        if args.command in ("verify", "check"):
+            return run_verify(args)
         return run_copy(args)
     except KeyboardInterrupt:
         print("ossimport: interrupted", file=sys.stderr)
@@ -366,3 +376,87 @@ def _info(src: Storage, opts: Any) -> int:
     print(f"count {count}, total {human_bytes(total)} ({total} bytes), min {smallest or 0}, max {largest}, "
           f"avg {avg:.0f} bytes")
     return 0
+
+
+# ---- verify ----------------------------------------------------------------------------------------
+class _KeyLists:
+    """The keys verify finds, counted and written to the files the user asked for."""
+
+    CODES = {"MISSING_AT_DESTINATION": "missing", "SIZE_NOT_MATCH": "differ", "CHECKSUM_NOT_MATCH": "differ"}
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import threading
+
+        self.counts = {"missing": 0, "differ": 0, "extra": 0, "errors": 0}
+        self.files = {kind: open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+                      for kind in ("missing", "differ", "extra") if (path := getattr(args, kind))}
+        self.verbose = args.verbose
+        self.quiet = args.quiet
+        self._lock = threading.Lock()
+
+    def on(self, event: str, entry: Entry, detail: str) -> None:
+        if event == "extra":
+            kind = "extra"
+        elif event == "failed":
+            code = detail.split(":", 1)[0]
+            kind = self.CODES.get(code, "errors")
+        else:
+            return
+        with self._lock:
+            self.counts[kind] += 1
+            if kind in self.files:
+                self.files[kind].write(entry.key + "\n")
+        if not self.quiet and (kind != "extra" or self.verbose):
+            from ossimport.log import redact
+
+            print(redact(f"{kind.upper()} {entry.key}" + (f": {detail}" if kind in ("differ", "errors") else "")),
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from ossimport.engine.listing import Filter, KeyRange
+    from ossimport.engine.runner import Runner, RunOptions
+    from ossimport.engine.stats import Stats
+    from ossimport.engine.transfer import TransferOptions
+    from ossimport.storage import open_storage
+
+    src_loc, dst_loc = _locations(args)
+    if not src_loc.is_dir:
+        raise UsageError("verify compares two directories: end SRC and DST with '/'")
+    opts = RunOptions(
+        threads=args.threads,
+        verify_only=True,
+        verify_checksum=args.checksum,
+        filter=Filter(args.exclude, args.include, args.exclude_dir, args.include_dir),
+        key_range=KeyRange(args.start, args.end),
+        transfer=TransferOptions(checksum=args.checksum),
+    )
+    src_opts, dst_opts = _storage_options(args, "src"), _storage_options(args, "dst")
+    src, dst = open_storage(src_loc, src_opts), open_storage(dst_loc, dst_opts)
+    lists = _KeyLists(args)
+    try:
+        if src_loc.backend == "local" and not os.path.isdir(src_loc.path):
+            raise UsageError(f"source directory {src_loc.path!r} does not exist")
+        stats = Stats()
+        Runner(src, dst, opts, stats, listener=lists.on).run()
+    finally:
+        lists.close()
+        src.close()
+        dst.close()
+    c = lists.counts
+    identical = stats.skipped
+    if args.json:
+        print(json.dumps({"found": stats.found, "excluded": stats.excluded, "identical": identical,
+                          "missing": c["missing"], "differ": c["differ"], "extra": c["extra"],
+                          "errors": c["errors"], "checksum": bool(args.checksum),
+                          "seconds": round(stats.elapsed, 3)}))
+    elif not args.quiet:
+        how = "size and content checksum" if args.checksum else "size"
+        print(f"compared {stats.found - stats.excluded} files by {how}: {identical} identical, "
+              f"{c['missing']} missing at destination, {c['differ']} differ, {c['extra']} extra at destination, "
+              f"{c['errors']} errors")
+    return 0 if not (c["missing"] or c["differ"] or c["extra"] or c["errors"]) else 1

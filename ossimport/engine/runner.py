@@ -114,7 +114,7 @@ class Runner:
     def _items_from_listing(self, extras: IO[str]) -> Iterator[Item]:
         src = self._listing(self.src, count=True)
         pairs: Iterable[Pair]
-        if self.opts.policy.needs_destination or self.opts.delete_dst:
+        if self.opts.policy.needs_destination or self.opts.delete_dst or self.opts.verify_only:
             pairs = merge(src, self._listing(self.dst, count=False))
         else:
             pairs = ((s, None) for s in src)
@@ -122,6 +122,7 @@ class Runner:
             if s is None:
                 assert d is not None
                 self.stats.add(extra=1)
+                self._emit("extra", d, d.key)
                 if self.opts.delete_dst:
                     extras.write(json.dumps(d.key) + "\n")
                 continue

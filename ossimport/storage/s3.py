@@ -21,6 +21,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import boto3
+import botocore.handlers
 import urllib3.exceptions
 from botocore import UNSIGNED
 from botocore.config import Config
@@ -181,6 +182,12 @@ class S3Storage(Storage):
             self._client = boto3.session.Session().client(
                 "s3", endpoint_url=self.endpoint_url, config=config, **creds
             )
+        # botocore sends `Expect: 100-continue` with every PUT body and waits for the answer: a
+        # round trip per small object. Our single PUTs are small (large files go multipart), and a
+        # refused request costs at most that small body.
+        events = self._client.meta.events
+        events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+        events.register("before-call.s3", _expect_continue_except_put_object)
         self._closed = False
 
     # ---- required ----------------------------------------------------------------------------
@@ -445,6 +452,11 @@ def _server_time(response: dict[str, Any]) -> float:
         with contextlib.suppress(TypeError, ValueError):
             return _seconds(parsedate_to_datetime(date))
     return float(math.floor(time.time()))
+
+
+def _expect_continue_except_put_object(model: Any, params: dict[str, Any], **kwargs: Any) -> None:
+    if model.name != "PutObject":
+        botocore.handlers.add_expect_header(model, params, **kwargs)
 
 
 def _md5_b64(data: bytes) -> str:
