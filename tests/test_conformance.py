@@ -208,3 +208,22 @@ def test_describe_hides_secrets(backend) -> None:  # type: ignore[no-untyped-def
     for secret in (st.location.secret_key, st.location.password, st.location.token):
         if secret:
             assert secret not in text
+
+
+def test_remove_stale_temps(backend) -> None:  # type: ignore[no-untyped-def]
+    writable(backend)
+    st = backend.storage(backend.new_root())
+    st.put("keep/a", io.BytesIO(b"a"), 1)
+    if st.abilities.multipart:
+        orphan = st.create_multipart("keep/big")
+        st.upload_part("keep/big", orphan, 1, b"x" * 10)
+        other = st.create_multipart("keep/other")
+        assert st.remove_stale_temps(["keep/big", "keep/a"]) == 1
+        assert [k for k, _ in st.list_multipart()] == ["keep/other"]
+        st.abort_multipart("keep/other", other)
+    elif st.abilities.random_write:
+        w = st.open_writer("keep/b", 5)  # a writer abandoned as a killed process would
+        w.write_at(0, b"12345")
+        assert st.remove_stale_temps(["keep/b", "keep/a"]) == 1
+        assert st.remove_stale_temps(["keep/b"]) == 0
+    assert [e.key for e in st.list()] == ["keep/a"]

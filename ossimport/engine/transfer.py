@@ -137,6 +137,8 @@ class Transfer:
 
     def _multipart(self, entry: Entry, dst_key: str) -> Entry:
         psize = self._part_size(entry.size)
+        # an earlier run killed mid-upload left its parts behind: they would cost storage forever
+        self.dst.remove_stale_temps([dst_key])
         upload_id = self.dst.create_multipart(dst_key, mtime=entry.mtime, mode=self._mode(entry))
         futures: list[Future[tuple[Part, bytes]]] = []
         try:

@@ -115,8 +115,9 @@ class TaskRunner:
             ),
         )
         stats = stats or Stats()
-        if not verify:
-            # this task may have run before on a worker that was killed mid-copy
+        if not verify and not self.dst.abilities.multipart:
+            # this task may have run before on a worker killed mid-copy; object stores clean
+            # unfinished multipart uploads per large file, in the transfer itself
             self.dst.remove_stale_temps([e.key for e in entries])
         runner = Runner(self.src, self.dst, opts, stats, listener=listener)
         with self._lock:

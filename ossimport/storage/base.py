@@ -188,10 +188,18 @@ class Storage(ABC):
         return False
 
     def remove_stale_temps(self, keys: list[str]) -> int:
-        """Remove temporary files that interrupted writes of `keys` left behind (a process killed
-        mid-copy cannot clean up). Object stores have none: they publish only on completion.
-        Returns how many were removed."""
-        return 0
+        """Remove what interrupted writes of `keys` left behind (a process killed mid-copy cannot
+        clean up): temporary files on file systems, unfinished multipart uploads (which cost
+        storage until aborted) on object stores. Returns how many were removed."""
+        if not self.abilities.multipart:
+            return 0
+        removed = 0
+        for key in keys:
+            for found, upload_id in list(self.list_multipart(prefix=key)):
+                if found == key:
+                    self.abort_multipart(found, upload_id)
+                    removed += 1
+        return removed
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections. Safe to call twice."""
