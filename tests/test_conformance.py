@@ -227,3 +227,19 @@ def test_remove_stale_temps(backend) -> None:  # type: ignore[no-untyped-def]
         assert st.remove_stale_temps(["keep/b", "keep/a"]) == 1
         assert st.remove_stale_temps(["keep/b"]) == 0
     assert [e.key for e in st.list()] == ["keep/a"]
+
+
+def test_list_dirs_one_level(backend) -> None:  # type: ignore[no-untyped-def]
+    root = backend.new_root()
+    backend.seed(root, {"f": b"1", "a/x": b"2", "a/b/y": b"3", "c d/z": b"4", "é/w": b"5"})
+    st = backend.storage(root)
+    try:
+        top = st.list_dirs()
+    except StorageError as exc:
+        if exc.code != "NotImplemented":
+            raise
+        pytest.skip(f"{backend.name} cannot list one level (jobs scan it as one range)")
+    assert top == ["a/", "c d/", "é/"]
+    assert st.list_dirs("a/") == ["a/b/"]
+    assert st.list_dirs("a/b/") == []
+    assert st.list_dirs("missing/") == []

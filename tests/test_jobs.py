@@ -135,10 +135,11 @@ def test_master_killed_during_scan_and_during_dispatch(tmp_path: Path, envs: lis
     env.console("submit")
     env.console("start", "--workers", "0")
     checkpoint = env.job_dir / "checkpoints" / "scan.json"
+    range0 = env.job_dir / "checkpoints" / "range-0.json"
 
     def scanning() -> bool:
         try:
-            return json.loads(checkpoint.read_text())["seq"] >= 20
+            return json.loads(range0.read_text())["seq"] >= 20
         except (FileNotFoundError, ValueError):
             return False
 
@@ -314,3 +315,29 @@ def test_secrets_stay_in_the_0600_config(tmp_path: Path, envs: list[JobEnv], bac
     for cfg in env.workdir.rglob("job.cfg"):
         assert oct(cfg.stat().st_mode & 0o777) == "0o600"
     assert os.environ.get("OSSIMPORT_STAT_INTERVAL") is None or True
+
+
+def test_parallel_scan_covers_every_key_once_across_a_crash(tmp_path: Path, envs: list[JobEnv]) -> None:
+    files = {f"top{i}.txt": b"" for i in range(7)}  # files beside the directories belong to a range too
+    files.update({f"d{i % 9}/s{i % 4}/f{i:05d}": b"" for i in range(1200)})
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, files)
+    env = JobEnv(tmp_path, {**local_keys("src", src), **local_keys("dest", dst), "taskObjectCountLimit": 10,
+                            "scanThreadCount": 4, "maxMultiThreadScanDepth": 2})
+    envs.append(env)
+    env.console("submit")
+    env.console("start", "--workers", "0")
+    checkpoint = env.job_dir / "checkpoints" / "scan.json"
+    env.wait_for(lambda: len(env.task_dirs("pending_tasks")) >= 30, 60, "30 tasks cut")
+    env.kill9(env.pids("master")[0])
+    cp = json.loads(checkpoint.read_text())
+    assert not cp["done"], "the master was killed mid-scan"
+    assert len(cp["ranges"]) == 1 + 9 + 9 * 4, "ranges cut at the directories of two levels"
+    env.console("start", "--workers", "0")
+    env.wait_for(lambda: json.loads(checkpoint.read_text()).get("done"), 60, "the scan to finish")
+    keys = [e.key for t in env.task_dirs("pending_tasks") for e in decode_manifest((t / "TASK").read_text())[1]]
+    assert sorted(keys) == sorted(files), "every key in exactly one task"
+    env.console("start", "--workers", "2")
+    st = env.wait_state({"SUCCEED", "FAILED"}, timeout=180)
+    assert (st["JobState"], st["Files Total"], st["Files Done"]) == ("SUCCEED", len(files), len(files))
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()) == sorted(files)

@@ -1,9 +1,8 @@
 """The master: takes submitted jobs, scans sources into tasks, leases tasks to workers.
 
-- Scanning runs on one thread per job: the source listing is cut into tasks by count and size
-  (a file is never split); each task is written (one rename) before the checkpoint that says it
-  exists, and task names derive from (job, pass, seq), so a scan killed at any instant resumes
-  from its checkpoint without losing or duplicating a task.
+- Scanning (jobs/scanner.py) cuts the source listing into tasks by count and size, in parallel
+  key ranges, each checkpointed, so a scan killed at any instant resumes without losing or
+  duplicating a task.
 - Dispatch: a ROUTER socket; a dispatched task is leased to a worker and the lease is renewed by
   its heartbeats; a lapsed lease (worker killed, host gone) returns the task to pending. After a
   master restart every dispatched task gets a fresh lease, so live workers keep their work.
@@ -19,36 +18,19 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from ossimport.engine.listing import checked_order, merge
-from ossimport.engine.policy import Action, Policy
-from ossimport.jobs.execute import JobSpec
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
+from ossimport.jobs.scanner import JobPlan, Scanner
 from ossimport.jobs.security import CurveServer, is_loopback_endpoint
-from ossimport.jobs.store import JobDir, TaskHeader, WorkDir, read_header, task_digest, task_name
+from ossimport.jobs.store import JobDir, WorkDir, read_header, task_digest
 from ossimport.jobs.tracker import Tracker
-from ossimport.storage import open_storage
-from ossimport.storage.base import Entry
 
 log = logging.getLogger("ossimport.master")
-
-
-@dataclass
-class JobPlan:
-    """What the master needs of a job's config to scan it."""
-
-    spec: JobSpec
-    count_limit: int = 10000
-    size_limit: int = 1_000_000_000
-    import_since: int = 0
-    incremental: bool = False
-    interval: float = 86400.0
 
 
 @dataclass
@@ -199,75 +181,27 @@ class Master:
             return
         if job.dir.count("pending_tasks") or job.dir.count("dispatched"):
             return
-        cp.update({"pass": cp["pass"] + 1, "seq": 0, "last_key": "", "done": False,
-                   "not_before": time.time() + job.plan.interval})
-        job.dir.write_checkpoint(cp)
+        cp = job.dir.next_pass(time.time() + job.plan.interval)
         self.workdir.log("ossimport2.log", f"job {job.dir.name}: pass {cp['pass'] - 1} done; next scan in "
                          f"{job.plan.interval:.0f}s")
 
     # ---- scanning -----------------------------------------------------------------------------------
     def _scan(self, job: ActiveJob) -> None:
-        plan, jdir = job.plan, job.dir
+        name = job.dir.name
+
+        def queue_task(task: str) -> None:
+            with self._lock:
+                job.pending.append(task)
+
         try:
-            cp = jdir.read_checkpoint()
-            src = open_storage(plan.spec.src, plan.spec.src_options)
-            dst = open_storage(plan.spec.dst, plan.spec.dst_options)
-            try:
-                batch: list[Entry] = []
-                size = 0
-                for e in self._candidates(job, src, dst, cp):
-                    batch.append(e)
-                    size += e.size
-                    if len(batch) >= plan.count_limit or size >= plan.size_limit:
-                        self._cut(job, cp, batch, size)
-                        batch, size = [], 0
-                    if self.stop_event.is_set() or not jdir.root.exists():
-                        return
-                if batch:
-                    self._cut(job, cp, batch, size)
-                for problem in src.list_errors:
-                    self.workdir.log("ossimport2.log", f"job {jdir.name}: listing incomplete: {problem}")
-                cp["done"] = True
-                jdir.write_checkpoint(cp)
-                self.workdir.log("ossimport2.log", f"job {jdir.name}: scan of pass {cp['pass']} finished, "
-                                 f"{cp['seq']} tasks")
-            finally:
-                src.close()
-                dst.close()
+            Scanner(job.dir, job.plan, queue_task,
+                    stopped=lambda: self.stop_event.is_set() or not job.dir.root.exists(),
+                    log=lambda msg: self.workdir.log("ossimport2.log", f"job {name}: {msg}")).run()
         except Exception as exc:
             job.scan_error = str(exc)
-            log.error("scan of job %s failed: %s", jdir.name, exc)
-            self.workdir.log("ossimport2.log", f"job {jdir.name}: scan failed: {exc}; retrying")
-            time.sleep(2)  # the housekeeping loop starts a new scanner from the checkpoint
-
-    def _candidates(self, job: ActiveJob, src: Any, dst: Any, cp: dict[str, Any]) -> Iterator[Entry]:
-        plan = job.plan
-        listing = checked_order(src.list(start_after=cp["last_key"]), src.describe())
-        if plan.import_since:
-            listing = (e for e in listing if e.mtime > plan.import_since)
-        compare = cp["pass"] > 1 or plan.spec.skip_existing
-        if not compare or plan.spec.job_type == "audit":
-            yield from listing
-            return
-        policy = Policy("sync", skip_existing=plan.spec.skip_existing)
-        dst_listing = checked_order(dst.list(start_after=cp["last_key"]), dst.describe())
-        for s, d in merge(listing, dst_listing):
-            if s is not None and policy.decide(s, d) is Action.COPY:
-                yield s
-
-    def _cut(self, job: ActiveJob, cp: dict[str, Any], batch: list[Entry], size: int) -> None:
-        jdir = job.dir
-        seq = cp["seq"] + 1
-        name = task_name(jdir.name, cp["pass"], seq)
-        existing = jdir.find(task_digest(name))
-        if existing is None:  # else: written before a crash that preceded its checkpoint
-            header = TaskHeader(jdir.name, name, cp["pass"], seq, len(batch), size, batch[0].key, batch[-1].key)
-            jdir.add_task(header, batch)
-            with self._lock:
-                job.pending.append(name)
-        cp.update({"seq": seq, "last_key": batch[-1].key, "files": cp["files"] + len(batch),
-                   "bytes": cp["bytes"] + size})
-        jdir.write_checkpoint(cp)
+            log.error("scan of job %s failed: %s", name, exc)
+            self.workdir.log("ossimport2.log", f"job {name}: scan failed: {exc}; retrying")
+            time.sleep(2)  # the housekeeping loop starts a new scanner from the checkpoints
 
     # ---- dispatch -------------------------------------------------------------------------------------
     def _handle(self, sock: zmq.Socket, ident: bytes, frame: bytes) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ossimport.jobs.config import JobConfig, SysConfig, load_job
 from ossimport.jobs.execute import JobSpec
-from ossimport.jobs.master import JobPlan
+from ossimport.jobs.scanner import JobPlan
 
 
 def job_spec(cfg: JobConfig, sysconf: SysConfig) -> JobSpec:
@@ -40,6 +40,8 @@ def job_plan(cfg: JobConfig, sysconf: SysConfig) -> JobPlan:
         import_since=cfg.importSince,
         incremental=cfg.isIncremental,
         interval=float(cfg.incrementalModeInterval),
+        scan_threads=cfg.scanThreadCount,
+        scan_depth=cfg.maxMultiThreadScanDepth,
     )
 
 

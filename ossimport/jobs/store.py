@@ -63,8 +63,8 @@ class TaskHeader:
     carried_bytes: int = 0
 
 
-def task_name(job: str, pass_no: int, seq: int, host: str | None = None) -> str:
-    digest = hashlib.md5(f"{job}\x00{pass_no}\x00{seq}".encode()).hexdigest()
+def task_name(job: str, pass_no: int, seq: int, host: str | None = None, unit: int = 0) -> str:
+    digest = hashlib.md5(f"{job}\x00{pass_no}\x00{unit}\x00{seq}".encode()).hexdigest()
     return f"{digest}_{int(time.time() * 1000)}@{host or socket.gethostname()}"
 
 
@@ -130,11 +130,20 @@ class JobDir:
 
     # ---- checkpoint -------------------------------------------------------------------------
     def read_checkpoint(self) -> dict:
+        """The pass: {"pass", "done", "not_before", "ranges"}; ranges have files of their own."""
         try:
             return json.loads(self.checkpoint_path.read_text())
         except FileNotFoundError:
-            return {"pass": 1, "seq": 0, "last_key": "", "done": False, "files": 0, "bytes": 0,
-                    "not_before": 0.0}
+            return {"pass": 1, "done": False, "not_before": 0.0, "ranges": None}
+
+    def next_pass(self, not_before: float) -> dict:
+        """Start a new (incremental) pass: fresh ranges, written before the old range files go."""
+        cp = self.read_checkpoint()
+        cp = {"pass": cp["pass"] + 1, "done": False, "not_before": not_before, "ranges": None}
+        self.write_checkpoint(cp)
+        for old in (self.root / "checkpoints").glob("range-*.json"):
+            old.unlink(missing_ok=True)
+        return cp
 
     def write_checkpoint(self, cp: dict) -> None:
         atomic_write(self.checkpoint_path, json.dumps(cp))

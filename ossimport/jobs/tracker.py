@@ -25,10 +25,20 @@ def job_status(job: JobDir) -> dict[str, Any]:
     for state in counts:
         for _, path in job.tasks(state):
             counts[state] += 1
+            done: dict[str, Any] | None = None
             if state in ("succeed_tasks", "failed_tasks"):
                 try:
                     done = json.loads((path / "DONE").read_text())
                 except (FileNotFoundError, ValueError):
+                    done = None
+            try:  # the totals come from the task manifests: exact whatever crashed when
+                header = read_header(path / "TASK")
+                files_total += header.count + header.carried_files
+                bytes_total += header.bytes + header.carried_bytes
+            except (FileNotFoundError, ValueError, KeyError):
+                pass
+            if state in ("succeed_tasks", "failed_tasks"):
+                if done is None:
                     continue
                 failed = int(done.get("failed", 0))
                 files_failed += failed
@@ -36,7 +46,6 @@ def job_status(job: JobDir) -> dict[str, Any]:
                 files_done += int(done.get("files", 0)) - failed
                 bytes_done += int(done.get("bytes", 0)) - int(done.get("failed_bytes", 0))
     cp = job.read_checkpoint()
-    files_total, bytes_total = int(cp.get("files", 0)), int(cp.get("bytes", 0))
     scan_done = bool(cp.get("done"))
     busy = counts["pending_tasks"] + counts["dispatched"]
     if not scan_done and cp.get("not_before", 0) > time.time() and not busy:
@@ -97,14 +106,3 @@ class Tracker:
             self.workdir.log("job_stat.log", " ".join(f"{k}={v}" for k, v in st.items() if k != "Updated"))
             out.append(st)
         return out
-
-
-def manifest_totals(job: JobDir) -> tuple[int, int]:
-    """(files, bytes) over every task's header: used to repair a checkpoint after a crash."""
-    files = size = 0
-    for state in ("pending_tasks", "dispatched", "succeed_tasks", "failed_tasks"):
-        for _, path in job.tasks(state):
-            h = read_header(path / "TASK")
-            files += h.count
-            size += h.bytes
-    return files, size

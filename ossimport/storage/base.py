@@ -187,6 +187,11 @@ class Storage(ABC):
         """True when `copy(..., src_root=other)` can work (same endpoint and credentials)."""
         return False
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """The directories one level below `prefix` ("" or ending in '/'), as sorted keys ending
+        in '/': what a delimiter listing calls common prefixes. Lets a job scan in parallel."""
+        raise self._unsupported("listing one level")
+
     def remove_stale_temps(self, keys: list[str]) -> int:
         """Remove what interrupted writes of `keys` left behind (a process killed mid-copy cannot
         clean up): temporary files on file systems, unfinished multipart uploads (which cost

@@ -205,6 +205,18 @@ class LocalStorage(Storage):
         # callers that delete by comparison must check this before trusting the listing.
 
     # ---- paths ------------------------------------------------------------------------------
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        base = os.path.join(self.root, prefix)
+        try:
+            with os.scandir(base) as it:
+                names = [d.name for d in it
+                         if d.is_dir(follow_symlinks=self.options.follow_symlinks) and not is_temp_name(d.name)]
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise _os_error(e, base, "list") from None
+        return sorted((f"{prefix}{n}/" for n in names), key=lambda k: k.encode("utf-8", "surrogateescape"))
+
     def remove_stale_temps(self, keys: list[str]) -> int:
         def listdir(d: str) -> list[str]:
             try:

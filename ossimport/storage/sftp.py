@@ -549,6 +549,20 @@ class SFTPStorage(Storage):
         with contextlib.suppress(Exception):
             sftp.remove(path)
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        sftp = self._sftp()
+        path = posixpath.join(self.root, prefix)
+        with self._errors("list", path):
+            try:
+                attrs = sftp.listdir_attr(path)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return []
+                raise
+        names = [a.filename for a in attrs
+                 if a.st_mode is not None and stat.S_ISDIR(a.st_mode) and not is_temp_name(a.filename)]
+        return sorted((f"{prefix}{n}/" for n in names), key=lambda k: k.encode("utf-8", "surrogateescape"))
+
     def remove_stale_temps(self, keys: list[str]) -> int:
         sftp = self._sftp()
 
