@@ -141,3 +141,12 @@ def backend_factory(backend_servers: dict[str, Any], tmp_path_factory: pytest.Te
     yield make
     for b in made:
         b.close()
+
+
+@pytest.fixture
+def envs() -> Iterator[list[Any]]:
+    """Job systems (tests/jobenv.py JobEnv) a test started: each is stopped afterwards."""
+    made: list[Any] = []
+    yield made
+    for env in made:
+        env.stop()

@@ -9,23 +9,13 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from helpers import run_json, write_tree
 from jobenv import JobEnv
 from test_jobs import local_keys, s3_keys, small_tree
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def envs() -> Iterator[list[JobEnv]]:
-    made: list[JobEnv] = []
-    yield made
-    for env in made:
-        env.stop()
 
 
 def workload(seed: int) -> dict[str, bytes]:

@@ -7,24 +7,14 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from helpers import digests, md5s, write_tree
 from jobenv import JobEnv
 
 from ossimport.address import parse_address
 from ossimport.jobs.store import decode_manifest
-
-
-@pytest.fixture
-def envs() -> Iterator[list[JobEnv]]:
-    made: list[JobEnv] = []
-    yield made
-    for env in made:
-        env.stop()
 
 
 def small_tree(n: int, seed: int = 3, size: tuple[int, int] = (0, 2000)) -> dict[str, bytes]:

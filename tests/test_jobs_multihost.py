@@ -165,14 +165,6 @@ def ns_workers(tmp_path: Path) -> Iterator[NsWorkers]:
     workers.stop()
 
 
-@pytest.fixture
-def envs() -> Iterator[list[JobEnv]]:
-    made: list[JobEnv] = []
-    yield made
-    for env in made:
-        env.stop()
-
-
 def worker_id_prefix(pid: int) -> str:
     """Worker ids are `<hostname>-<pid>-<random>`; `ip netns exec` execs the command in place."""
     proc = psutil.Process(pid)
