@@ -95,6 +95,10 @@ class Location:
         """For a single-object address: (the parent directory's Location, the object's name)."""
         if self.backend in ("local", "sftp", "http"):
             path = self.path.rstrip("/") if self.backend != "http" else self.path
+            if self.backend == "http":
+                # the query string (a signed URL's signature) and fragment are not part of the name:
+                # kept, they became the destination's file name and showed up in every message
+                path = path.split("#", 1)[0].split("?", 1)[0]
             parent, _, name = path.rpartition("/")
             if self.backend == "http":
                 name = unquote(name)  # list() keys are decoded; so must the single object's be
@@ -144,8 +148,22 @@ def parse_address(text: str, *, https: bool | None = None) -> Location:
             raise UsageError(f"unknown storage type {name!r} in {_mask(text)!r}; use one of: {known}, or a local/SFTP path")
         return _object_store(name, rest, text, https)
     m = _SFTP_RE.match(text)
-    if m and ":" in text and not text.startswith(("/", ".", "~")):
-        return _sftp(m, text)
+    if ":" in text and not text.startswith(("/", ".", "~")):
+        if m and m["user"] is None and "@" in text:
+            head, _, tail = text.rpartition("@")
+            tm = _SFTP_RE.match(tail)
+            if ":" in head and "/" in head and tm and tm["user"] is None:
+                # 'user:pa/ss@host:/dir/' would read as host 'user', path 'pa/ss@host:/dir/'
+                raise UsageError(f"address {_mask(text)!r}: the password seems to contain '/'; escape it as %2F "
+                                 "(an '@' in the path as %40)")
+        if m:
+            return _sftp(m, text)
+        # neither a local path (those have no ':') nor a well-formed SFTP address: refuse rather
+        # than create a local directory named after a mistyped address (or a password in it)
+        raise UsageError(
+            f"address {_mask(text)!r} is not a valid SFTP address [user[:password]@]host[:port]:path "
+            "(escape '@' '/' ':' in a password as %40 %2F %3A); write ./NAME for a local name with ':'"
+        )
     return _local(text)
 
 
@@ -209,7 +227,12 @@ def _object_store(name: str, rest: str, original: str, https: bool | None) -> Lo
         is_dir = not key or key.endswith("/")
         path_style = True
     else:
-        bucket, _, endpoint = host.partition(".")
+        bucket, dot, endpoint = host.partition(".")
+        if dot and not endpoint:
+            raise UsageError(
+                f"address {_mask(original)!r} has an empty endpoint after '{bucket}.'; write "
+                f"{name}://[AK:SK@]BUCKET.ENDPOINT[/PREFIX], or drop the '.' for the provider's default endpoint"
+            )
         if not bucket:
             raise UsageError(
                 f"address {_mask(original)!r} has no bucket; write {name}://[AK:SK@]BUCKET[.ENDPOINT][/PREFIX]"
@@ -221,8 +244,8 @@ def _object_store(name: str, rest: str, original: str, https: bool | None) -> Lo
             f"address {_mask(original)!r}: {bucket!r} is not a valid bucket name "
             "(letters, digits, '-' and '_'; the endpoint follows the first '.')"
         )
-    if endpoint and (" " in endpoint or endpoint.startswith((".", ":")) or endpoint.endswith(".")):
-        raise UsageError(f"address {_mask(original)!r}: {endpoint!r} is not a valid endpoint")
+    if endpoint:
+        _check_endpoint(endpoint, original)
     prefix = unquote(key)
     if "\x00" in prefix:
         raise UsageError("address prefix contains a NUL character")
@@ -239,6 +262,19 @@ def _object_store(name: str, rest: str, original: str, https: bool | None) -> Lo
         secret_key=sk,
         token=token,
     )
+
+
+_ENDPOINT_RE = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9_\-]*[A-Za-z0-9])?"
+                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9_\-]*[A-Za-z0-9])?)*)(?::(?P<port>[0-9]{1,5}))?$")
+
+
+def _check_endpoint(endpoint: str, original: str) -> None:
+    """HOST[:PORT] with a port in 1-65535: refused here, not as a failure of every file later."""
+    m = _ENDPOINT_RE.match(endpoint)
+    if not m:
+        raise UsageError(f"address {_mask(original)!r}: {endpoint!r} is not a valid endpoint; write HOST or HOST:PORT")
+    if m["port"] is not None and not 0 < int(m["port"]) < 65536:
+        raise UsageError(f"address {_mask(original)!r}: port {int(m['port'])} is out of range 1-65535")
 
 
 def _mask_url(url: str) -> str:

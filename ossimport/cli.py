@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from ossimport import __version__
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ossimport.storage.base import Entry, Storage, StorageOptions
 
 log = logging.getLogger("ossimport")
+_STDERR_LOCK = threading.Lock()
 
 MiB = 1024 * 1024
 
@@ -184,7 +186,25 @@ def _fail_line(exc: BaseException, verbose: bool, internal: bool = False) -> Non
         print(redact("".join(traceback.format_exception(exc))), file=sys.stderr)
     prefix = "internal error: " if internal else ""
     hint = " (run with -v for details)" if internal and not verbose else ""
-    print(f"ossimport: error: {prefix}{redact(str(exc))}{hint}", file=sys.stderr)
+    print(f"ossimport: error: {prefix}{one_line(redact(str(exc)))}{hint}", file=sys.stderr)
+
+
+_CONTROL = {c: c.encode("unicode_escape").decode("ascii")
+            for c in [chr(i) for i in (*range(0x20), *range(0x7F, 0xA0))] + ["\u2028", "\u2029"]}
+
+
+def _err_line(text: str) -> None:
+    """One whole line to stderr in one write: worker threads report failures concurrently, and
+    print() writes the text and its newline separately (two lines could glue together)."""
+    line = one_line(text) + "\n"
+    with _STDERR_LOCK:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped (a key may hold a newline): one message, one line."""
+    return text.translate(str.maketrans(_CONTROL)) if any(c in _CONTROL for c in text) else text
 
 
 # ---- cp / sync -------------------------------------------------------------------------------------
@@ -215,6 +235,12 @@ def _locations(args: argparse.Namespace) -> tuple[Location, Location]:
     dst = parse_address(args.dst)
     for loc in (src, dst):
         register_secret(loc.access_key, loc.secret_key, loc.token, loc.password)
+        if loc.backend == "http" and "?" in loc.path:  # a signed URL: its query values are credentials
+            from urllib.parse import parse_qsl, quote
+
+            for _, value in parse_qsl(loc.path.split("?", 1)[1].split("#", 1)[0]):
+                if len(value) >= 8:
+                    register_secret(value, quote(value, safe=""), quote(value))
     if dst.backend == "http":
         raise UsageError("http sources are read-only: DST must be a local path, SFTP path or bucket")
     if src.backend == "local" and not src.is_dir and os.path.isdir(src.path):
@@ -323,7 +349,7 @@ def _listener(args: argparse.Namespace) -> Any:
             from ossimport.log import redact
 
             where = f" {entry.key}" if entry.key else ""
-            print(redact(f"FAILED{where}: {detail}"), file=sys.stderr, flush=True)
+            _err_line(redact(f"FAILED{where}: {detail}"))
         elif args.verbose:
             verb = "would " + event if args.dryrun else event
             log.info("%s %s", verb, entry.key)
@@ -409,8 +435,7 @@ class _KeyLists:
         if not self.quiet and (kind != "extra" or self.verbose):
             from ossimport.log import redact
 
-            print(redact(f"{kind.upper()} {entry.key}" + (f": {detail}" if kind in ("differ", "errors") else "")),
-                  file=sys.stderr, flush=True)
+            _err_line(redact(f"{kind.upper()} {entry.key}" + (f": {detail}" if kind in ("differ", "errors") else "")))
 
     def close(self) -> None:
         for f in self.files.values():
@@ -448,6 +473,9 @@ def run_verify(args: argparse.Namespace) -> int:
         src.close()
         dst.close()
     c = lists.counts
+    # a listing that failed outright (missing bucket, unreachable endpoint) is counted in stats but
+    # reaches no listener: it must not read as "identical"
+    c["errors"] += max(0, stats.failed - (c["missing"] + c["differ"] + c["errors"]))
     identical = stats.skipped
     if args.json:
         print(json.dumps({"found": stats.found, "excluded": stats.excluded, "identical": identical,
