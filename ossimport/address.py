@@ -245,7 +245,7 @@ def _object_store(name: str, rest: str, original: str, https: bool | None) -> Lo
             "(letters, digits, '-' and '_'; the endpoint follows the first '.')"
         )
     if endpoint:
-        _check_endpoint(endpoint, original)
+        check_endpoint(endpoint, original)
     prefix = unquote(key)
     if "\x00" in prefix:
         raise UsageError("address prefix contains a NUL character")
@@ -268,7 +268,7 @@ _ENDPOINT_RE = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-
                           r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9_\-]*[A-Za-z0-9])?)*)(?::(?P<port>[0-9]{1,5}))?$")
 
 
-def _check_endpoint(endpoint: str, original: str) -> None:
+def check_endpoint(endpoint: str, original: str) -> None:
     """HOST[:PORT] with a port in 1-65535: refused here, not as a failure of every file later."""
     m = _ENDPOINT_RE.match(endpoint)
     if not m:

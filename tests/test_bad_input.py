@@ -611,13 +611,9 @@ BAD_JOBS: list[Any] = [
                  id="missing-bucket-key"),
     pytest.param({"destType": "http"}, "destType='http' is not allowed", id="http-destination"),
     pytest.param({"srcPrefix": "/nonexistent/ossimport/source/"}, "/nonexistent/ossimport/source",
-                 id="missing-srcPrefix-dir",
-                 marks=pytest.mark.xfail(strict=True, reason="jobs/console.py cmd_submit queues a job whose local "
-                                         "srcPrefix does not exist; it should refuse it like 'cp' does")),
+                 id="missing-srcPrefix-dir"),
     pytest.param({"srcType": "s3", "srcBucket": "b", "srcDomain": "http://127.0.0.1:99999",
-                  "srcAccessKey": "a", "srcSecretKey": "b"}, "99999", id="port-out-of-range",
-                 marks=pytest.mark.xfail(strict=True, reason="jobs/config.py _location does not validate the "
-                                         "port of srcDomain/destDomain for object stores (SFTP's is checked)")),
+                  "srcAccessKey": "a", "srcSecretKey": "b"}, "99999", id="port-out-of-range"),
 ]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ossimport.address import SCHEMES, Location, is_ip_or_localhost
+from ossimport.address import SCHEMES, Location, check_endpoint, is_ip_or_localhost
 from ossimport.errors import UsageError
 from ossimport.storage.base import StorageOptions
 
@@ -576,6 +576,12 @@ class JobConfig:
         if flavour != "minio" and "." in host and host.split(".", 1)[0].lower() in named:
             raise ConfigError(f"{src}: {side}Domain={_mask(domain)!r} is not allowed; write the endpoint "
                               f"without the bucket: {host.split('.', 1)[1]}")
+        if host:
+            try:
+                check_endpoint(host, f"{kind}://{host}")
+            except UsageError:
+                raise ConfigError(f"{src}: {side}Domain={_mask(domain)!r} is not allowed; write "
+                                  "[http[s]://]HOST[:PORT] with a port in 1-65535") from None
         prefix = prefix.lstrip("/")
         return Location(backend=backend, flavour=flavour, bucket=bucket, endpoint=host,
                         prefix=prefix + "/" if prefix and not prefix.endswith("/") else prefix,

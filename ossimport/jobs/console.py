@@ -67,7 +67,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_job(path, allow_short_interval=sysconf.allowShortIncrementalInterval)
     for w in cfg.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    cfg.locations()  # refuse now what could never run
+    src, _ = cfg.locations()  # refuse now what could never run
+    if src.backend == "local" and not os.path.isdir(src.path):
+        raise UsageError(f"{path}: srcPrefix={src.path!r} is not an existing directory; fix srcPrefix")
     wd.create()
     if wd.exists(cfg.jobName):
         raise UsageError(f"job {cfg.jobName!r} already exists: 'console.sh clean {cfg.jobName}' first, "
