@@ -12,11 +12,12 @@ setting mtime, POSIX mode, symlinks, reported checksums.
 
 from __future__ import annotations
 
+import io
 import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from ossimport.errors import StorageError, UnsafeKey
 
@@ -99,6 +100,35 @@ class Writer(ABC):
 
     @abstractmethod
     def abort(self) -> None: ...
+
+
+class StreamReader(io.RawIOBase):
+    """Base of the backends' streaming response readers: a subclass implements `_read_some(n)`
+    (at most n bytes, b"" at the end); reads of any size, `readall` and `readinto` follow."""
+
+    chunk = 1024 * 1024  # what read(-1) asks for at a time
+
+    def _read_some(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            chunks = []
+            while chunk := self._read_some(self.chunk):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        return self._read_some(size) if size else b""
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._read_some(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 @dataclass(slots=True)

@@ -27,13 +27,12 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import urllib3
 
 from ossimport.errors import NotFound, StorageError
-from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions
+from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, StreamReader
 
 if TYPE_CHECKING:
     from ossimport.address import Location
 
 log = logging.getLogger("ossimport")
-_READ_ALL_CHUNK = 1024 * 1024
 _URL_SCHEMES = ("http://", "https://")
 
 
@@ -239,7 +238,7 @@ class HTTPListStorage(Storage):
         self._pool.clear()
 
 
-class _Reader(io.RawIOBase):
+class _Reader(StreamReader):
     """A streaming body; `skip` bytes are dropped first and at most `limit` returned (for servers
     that ignore Range). Transport errors become retryable StorageErrors."""
 
@@ -248,25 +247,6 @@ class _Reader(io.RawIOBase):
         self._r, self._where, self._skip, self._left = resp, where, skip, limit
         self._done = False
         self._eof = False  # the server's body was read to its end: the connection is clean
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            chunks = []
-            while chunk := self._read_some(_READ_ALL_CHUNK):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        return self._read_some(size) if size else b""
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._read_some(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def _raw(self, n: int) -> bytes:
         try:
@@ -281,7 +261,7 @@ class _Reader(io.RawIOBase):
         if self._done:
             return b""
         while self._skip:
-            dropped = self._raw(min(self._skip, _READ_ALL_CHUNK))
+            dropped = self._raw(min(self._skip, self.chunk))
             if not dropped:
                 break
             self._skip -= len(dropped)

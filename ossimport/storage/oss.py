@@ -25,7 +25,7 @@ from oss2.models import PartInfo
 
 from ossimport.errors import NotFound, StorageError, VerifyFailed
 from ossimport.log import register_secret
-from ossimport.storage.base import CRC64, Abilities, Entry, Part, Storage, StorageOptions
+from ossimport.storage.base import CRC64, Abilities, Entry, Part, Storage, StorageOptions, StreamReader
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -34,7 +34,6 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 DEFAULT_ENDPOINT = "oss-cn-hangzhou.aliyuncs.com"  # oss2's and ossimport's documented default region
 COPY_OBJECT_LIMIT = 1 * GiB  # CopyObject's limit on OSS; larger objects are copied part by part
 COPY_PART_SIZE = 256 * MiB
-_READ_ALL_CHUNK = 1 * MiB
 # Server error codes worth retrying even though their HTTP status is below 500.
 _RETRYABLE_CODES = frozenset({"RequestTimeout", "SlowDown", "ServiceUnavailable", "InternalError", "Throttling"})
 
@@ -408,7 +407,7 @@ class _ExactReader:
                                code="SIZE_NOT_MATCH")
 
 
-class _Reader(io.RawIOBase):
+class _Reader(StreamReader):
     """A streaming object body. A whole-object read is checked at EOF against the length and the
     server's CRC64; errors come out as StorageError."""
 
@@ -422,25 +421,6 @@ class _Reader(io.RawIOBase):
         self._expected = result.content_length
         self._got = 0
         self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            chunks = []
-            while chunk := self._read_some(_READ_ALL_CHUNK):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        return self._read_some(size) if size else b""
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._read_some(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def _read_some(self, n: int) -> bytes:
         if self._eof:
