@@ -128,6 +128,16 @@ class OSSStorage(Storage):
                 continue  # a "directory" marker made by consoles and tools, not a file
             yield Entry(obj.key[cut:], obj.size, float(obj.last_modified), _etag(obj.etag))
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        it = oss2.ObjectIteratorV2(self._bucket, prefix=self._root + prefix, delimiter="/",
+                                   max_keys=self.list_page_size)
+        cut = len(self._root)
+        try:
+            dirs = [obj.key[cut:] for obj in it if obj.is_prefix()]
+        except Exception as e:
+            raise self._error(e, "list", prefix) from e
+        return sorted(dirs, key=lambda k: k.encode())
+
     def head(self, key: str) -> Entry:
         try:
             r = self._bucket.head_object(self._full(key))
