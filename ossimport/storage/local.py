@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import itertools
 import logging
 import os
 import re
@@ -127,11 +128,27 @@ _TEMP_RE = re.compile(r"\A\..*\.ossimport\.[0-9a-f]{16}\.tmp\Z", re.DOTALL)
 _NAME_MAX = 255
 
 
+def _new_temp_series() -> None:
+    # 16 hex digits: a random per-process half and a counter (a getrandom() call per file was a
+    # syscall, and every syscall is a GIL hand-off between the copy threads). O_EXCL stays the
+    # guard against a clash with another process.
+    global _temp_prefix, _temp_counter
+    _temp_prefix = secrets.token_hex(4)
+    _temp_counter = itertools.count(secrets.randbits(32))
+
+
+_temp_prefix = ""
+_temp_counter = itertools.count()
+_new_temp_series()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_temp_series)
+
+
 def temp_name(name: str) -> str:
     """Hidden temp file name for `name` in the same directory; fits in NAME_MAX bytes."""
     raw = _b(name)[: _NAME_MAX - 32]  # 32 = len(".") + len(".ossimport.") + 16 hex + len(".tmp")
     short = raw.decode("utf-8", "surrogateescape")
-    return f".{short}.ossimport.{secrets.token_hex(8)}.tmp"
+    return f".{short}.ossimport.{_temp_prefix}{next(_temp_counter) & 0xFFFFFFFF:08x}.tmp"
 
 
 def is_temp_name(name: str) -> bool:
@@ -201,6 +218,9 @@ class LocalStorage(Storage):
         super().__init__(location, options)
         self.root = os.path.abspath(location.path)
         self._root_real = os.path.realpath(self.root)
+        # directories this storage made or found (a makedirs per file is two syscalls, each a GIL
+        # hand-off); dropped again when a write finds one gone
+        self._dirs: set[str] = set()
         # unreadable directories and files met while listing: "path: reason". The listing goes on;
         # callers that delete by comparison must check this before trusting the listing.
 
@@ -235,6 +255,23 @@ class LocalStorage(Storage):
         """The file name for `key`, refusing keys whose directory resolves outside the root."""
         check_key(key)
         path = os.path.join(self.root, key)
+        # The key has no '..' (check_key), so only a symlink among the directories below the root
+        # can lead out of it: lstat those (one call for "dir/file", where realpath() would lstat
+        # every component of the whole path) and resolve the parent fully only if one is a link.
+        parent = key.rpartition("/")[0]
+        if not parent:
+            return path
+        sub = self.root
+        for part in parent.split("/"):
+            sub = f"{sub}/{part}"
+            try:
+                if not stat.S_ISLNK(os.lstat(sub).st_mode):
+                    continue
+            except OSError:
+                return path  # missing (makedirs makes a real directory) or not a directory: no link
+            break
+        else:
+            return path
         parent_real = os.path.realpath(os.path.dirname(path))
         if parent_real != self._root_real and not parent_real.startswith(self._root_real.rstrip("/") + "/"):
             raise UnsafeKey(
@@ -244,12 +281,18 @@ class LocalStorage(Storage):
         return path
 
     def _make_parents(self, key: str, path: str) -> None:
+        directory = os.path.dirname(path)
+        if directory in self._dirs:
+            return
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.makedirs(directory, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise self._conflict(key) from None
         except OSError as e:
-            raise _os_error(e, os.path.dirname(path), "create directory") from None
+            raise _os_error(e, directory, "create directory") from None
+        if len(self._dirs) > 100_000:
+            self._dirs.clear()
+        self._dirs.add(directory)
 
     def _conflict(self, key: str) -> StorageError:
         """Name the first path component of `key` that is a file where a directory is needed."""
@@ -271,6 +314,7 @@ class LocalStorage(Storage):
             try:
                 return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             except FileNotFoundError:
+                self._dirs.discard(directory)
                 if attempt == 2:
                     raise StorageError(f"cannot create a temp file in {directory}", code="IOError") from None
             except OSError as e:
@@ -413,8 +457,7 @@ class LocalStorage(Storage):
             if src_fd is not None:
                 _copy_fd(src_fd, fd, size, key)
             else:
-                out = io.FileIO(fd, "w", closefd=False)
-                read_exact(data, size, out.write, key)
+                read_exact(data, size, _writer(fd), key)
         except BaseException as e:
             os.close(fd)
             _unlink_quietly(tmp)
@@ -444,6 +487,7 @@ class LocalStorage(Storage):
                 os.rmdir(parent)
             except OSError:
                 break
+            self._dirs.discard(parent)
             parent = os.path.dirname(parent)
 
     def open_writer(self, key: str, size: int) -> Writer:
@@ -505,35 +549,57 @@ class _RangeReader(io.RawIOBase):
 
 
 class _LocalWriter(Writer):
-    """A temp file written with pwrite from many threads; renamed into place on commit."""
+    """A temp file written with pwrite from many threads; renamed into place on commit.
+
+    commit/abort wait for writes in flight before closing the fd: a range still being written
+    when another range failed (and the engine aborted) must never pwrite to a closed fd number,
+    which another thread may meanwhile have been given for another file."""
 
     def __init__(self, storage: LocalStorage, key: str, path: str, tmp: str, fd: int, size: int) -> None:
         self._storage, self._key, self._path, self._tmp = storage, key, path, tmp
         self._fd: int | None = fd
         self._size = size
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._writing = 0  # write_at calls using the fd right now
         self._committed = False
 
     def write_at(self, offset: int, data: bytes) -> None:
-        fd = self._fd
-        if fd is None:
-            raise StorageError(f"{self._key}: write after commit or abort", code="InvalidState")
         if offset < 0 or offset + len(data) > self._size:
             raise StorageError(
                 f"{self._key}: write of {len(data)} bytes at {offset} exceeds the size {self._size}",
                 code="InvalidRange",
             )
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                raise StorageError(f"{self._key}: write after commit or abort", code="InvalidState")
+            self._writing += 1
         view = memoryview(data)
         try:
             while view:
                 n = os.pwrite(fd, view, offset)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 view, offset = view[n:], offset + n
         except OSError as e:
             raise _os_error(e, self._tmp, "write") from None
+        finally:
+            with self._lock:
+                self._writing -= 1
+                if not self._writing:
+                    self._idle.notify_all()
+
+    def _take_fd(self) -> int | None:
+        """The fd, once no write uses it; from now on writes are refused. Call with the lock."""
+        fd, self._fd = self._fd, None
+        while self._writing:
+            self._idle.wait()
+        return fd
 
     def commit(self, mtime: float | None = None, mode: int | None = None) -> None:
         with self._lock:
-            fd, self._fd = self._fd, None
+            fd = self._take_fd()
             if fd is None:
                 raise StorageError(f"{self._key}: commit after commit or abort", code="InvalidState")
             try:
@@ -545,7 +611,7 @@ class _LocalWriter(Writer):
 
     def abort(self) -> None:
         with self._lock:
-            fd, self._fd = self._fd, None
+            fd = self._take_fd()
             if fd is not None:
                 os.close(fd)
             if not self._committed:
@@ -557,6 +623,22 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _writer(fd: int) -> Callable[[bytes], None]:
+    """write(data) that writes all of `data` to `fd` or raises. A write to a nearly full disk
+    writes what fits and returns that count (the ENOSPC comes only with the next write), so a
+    single unchecked write() silently drops the rest of the chunk."""
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[n:]
+
+    return write
 
 
 def _kernel_copy_source(data: BinaryIO) -> int | None:
