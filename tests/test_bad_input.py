@@ -495,8 +495,6 @@ def test_newline_key_failure_is_one_line(tmp_path: Path, backend_factory: Any) -
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="engine/transfer.py _copy_once maps every NotFound, also one raised by the "
-                   "destination's PUT, to SOURCE_DELETED ('source was deleted after listing')")
 def test_destination_404_is_not_reported_as_source_deleted(tmp_path: Path, backend_factory: Any) -> None:
     s3 = backend_factory("s3-moto")
     src = tmp_path / "src"

@@ -310,10 +310,6 @@ def test_download_through_faults(server: str, backend_factory: Any, proxies: Any
           f"injected {dict(sorted(proxy.injected.items()))}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/transfer.py: when the answer to CreateMultipartUpload is lost, the S3 client's own retry "
-    "creates a second upload and the first stays unfinished (storage billed until aborted); "
-    "_multipart should abort the key's other unfinished uploads once CompleteMultipartUpload succeeded"))
 def test_lost_create_multipart_answer_leaves_no_orphan(backend_factory: Any, proxies: Any,
                                                        tmp_path: Path) -> None:
     b = backend_factory("s3-moto")

@@ -112,8 +112,8 @@ class Transfer:
             else:
                 result = self._stream(entry, dst_key)
         except NotFound as exc:
-            if exc.code == "NoSuchBucket":
-                raise
+            if exc.code == "NoSuchBucket" or self._source_exists(entry.key):
+                raise  # the 404 came from the destination (or a bucket): report it as it is
             raise StorageError(f"source {entry.key!r} was deleted after listing", code="SOURCE_DELETED") from exc
         self._recheck_source(entry, dst_key)
         return result
@@ -155,6 +155,8 @@ class Transfer:
                 f.cancel()
             self._abort(dst_key, upload_id)
             raise
+        # a create whose answer was lost and retried by the client left an upload nobody completes
+        self.dst.remove_stale_temps([dst_key])
         expected = multipart_etag([digest for _, digest in done])
         if not result.etag:  # some servers (Ceph) answer CompleteMultipartUpload without an ETag
             result = self.dst.head(dst_key)
@@ -286,6 +288,13 @@ class Transfer:
             raise SourceChanged(f"{entry.key!r} was modified during the copy", code="SOURCE_CHANGED")
 
     # ---- helpers --------------------------------------------------------------------------------------
+    def _source_exists(self, key: str) -> bool:
+        try:
+            self.src.head(key)
+        except NotFound:
+            return False
+        return True
+
     def _reported(self, st: Storage, e: Entry, name: str) -> str | None:
         if name in e.checksums:
             return e.checksums[name]
