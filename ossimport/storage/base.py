@@ -13,6 +13,7 @@ setting mtime, POSIX mode, symlinks, reported checksums.
 from __future__ import annotations
 
 import io
+import logging
 import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from ossimport.errors import StorageError, UnsafeKey
 
 if TYPE_CHECKING:
     from ossimport.address import Location
+
+log = logging.getLogger("ossimport")
 
 # Checksum names used across the project. Values are stored as strings:
 #   md5     lower-case hex of the whole content
@@ -243,6 +246,16 @@ class Storage(ABC):
     def describe(self) -> str:
         """A human name for messages: never contains a secret."""
         return self.location.display()
+
+    def _list_error(self, message: str) -> None:
+        """A listing had to leave something out: logged, and kept in `list_errors`."""
+        log.warning("cannot list %s", message)
+        self.list_errors.append(message)
+
+    def _skipped(self, key: str, reason: str) -> None:
+        """A symbolic link not copied: recorded for --recordName."""
+        log.info("skipped %s: %s", key, reason)
+        self.options.skipped_links.append(key)
 
     def _unsupported(self, what: str) -> StorageError:
         return StorageError(f"{self.scheme} storage does not support {what}", code="NotImplemented")

@@ -141,10 +141,6 @@ class HTTPListStorage(Storage):
                 continue
             yield entry
 
-    def _list_error(self, message: str) -> None:
-        log.warning("URL list entry skipped: %s", message)
-        self.list_errors.append(message)
-
     def head(self, key: str) -> Entry:
         return self._head_url(key, self._url(key))
 

@@ -368,7 +368,7 @@ class LocalStorage(Storage):
         except OSError as e:
             if not dir_key:
                 raise _os_error(e, path, "list") from None
-            self._list_error(path, e)
+            self._list_error(f"{path}: {e.strerror or e}")
             return
         for de in found:
             if is_temp_name(de.name):
@@ -397,7 +397,7 @@ class LocalStorage(Storage):
                     yield Node(de.name, "file", ref=de)
                 # sockets, fifos and devices are not data to copy
             except OSError as e:
-                self._list_error(de.path, e)
+                self._list_error(f"{de.path}: {e.strerror or e}")
 
     def _entry(self, key: str, node: Node) -> Entry | None:
         ref = node.ref
@@ -409,18 +409,9 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 return None
             except OSError as e:
-                self._list_error(ref.path, e)
+                self._list_error(f"{ref.path}: {e.strerror or e}")
                 return None
         return Entry(key, st.st_size, st.st_mtime, mode=stat.S_IMODE(st.st_mode))
-
-    def _list_error(self, path: str, e: OSError) -> None:
-        msg = f"{path}: {e.strerror or e}"
-        log.warning("cannot list %s", msg)
-        self.list_errors.append(msg)
-
-    def _skipped(self, key: str, reason: str) -> None:
-        log.info("skipped %s: %s", key, reason)
-        self.options.skipped_links.append(key)
 
     # ---- single objects ---------------------------------------------------------------------
     def head(self, key: str) -> Entry:

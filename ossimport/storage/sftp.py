@@ -408,7 +408,7 @@ class SFTPStorage(Storage):
                     return
                 if not dir_key or isinstance(e, _CONNECTION_ERRORS):
                     raise
-                self._list_error(path, e)
+                self._list_error(f"{self.host}:{path}: {e.strerror or e}")
                 return
         base = path.rstrip("/")
         for a in attrs:
@@ -441,15 +441,6 @@ class SFTPStorage(Storage):
 
     def _entry(self, key: str, node: Node) -> Entry:
         return _to_entry(key, node.ref)
-
-    def _list_error(self, path: str, e: OSError) -> None:
-        msg = f"{self.host}:{path}: {e.strerror or e}"
-        log.warning("cannot list %s", msg)
-        self.list_errors.append(msg)
-
-    def _skipped(self, key: str, reason: str) -> None:
-        log.info("skipped %s: %s", key, reason)
-        self.options.skipped_links.append(key)
 
     # ---- single objects ---------------------------------------------------------------------
     def head(self, key: str) -> Entry:
