@@ -200,14 +200,17 @@ class Rclone(Tool):
         return argv, env, None
 
 
+def s3_url(loc: Loc) -> str:
+    """The plain s3://bucket/prefix form awscli and s3cmd take (credentials go by env/flags)."""
+    if isinstance(loc, Local):
+        return str(loc.path).rstrip("/") + "/"
+    return f"s3://{loc.bucket}/{loc.prefix}"
+
+
 class AwsCli(Tool):
     name = "awscli"
 
-    @staticmethod
-    def addr(loc: Loc) -> str:
-        if isinstance(loc, Local):
-            return str(loc.path).rstrip("/") + "/"
-        return f"s3://{loc.bucket}/{loc.prefix}"
+    addr = staticmethod(s3_url)
 
     def command(
         self, op: str, src: Loc, dst: Loc, ctx: ToolContext
@@ -249,11 +252,7 @@ class S3cmd(Tool):
     name = "s3cmd"
     threads_note = "single-threaded"
 
-    @staticmethod
-    def addr(loc: Loc) -> str:
-        if isinstance(loc, Local):
-            return str(loc.path).rstrip("/") + "/"
-        return f"s3://{loc.bucket}/{loc.prefix}"
+    addr = staticmethod(s3_url)
 
     def command(
         self, op: str, src: Loc, dst: Loc, ctx: ToolContext
