@@ -75,13 +75,15 @@ def test_5000_files_local_to_s3_and_back(tmp_path: Path, envs: list[JobEnv], bac
 
     back = tmp_path / "back"
     down = JobEnv(tmp_path / "down", {"jobName": "download", **s3_keys("src", s3_addr), **local_keys("dest", back),
-                                      "taskObjectCountLimit": 500})
+                                      "taskObjectCountLimit": 500, "scanThreadCount": 4})
     envs.append(down)
     down.console("submit")
     down.console("start", "--workers", "4")
     st = down.wait_state({"SUCCEED", "FAILED"}, timeout=240)
     assert st["JobState"] == "SUCCEED", down.log_tail()
-    assert (st["Succeed Task Count"], st["Files Done"], st["Files Failed"]) == (10, 5000, 0)
+    ranges = json.loads((down.job_dir / "checkpoints" / "scan.json").read_text())["ranges"]
+    assert len(ranges) == 38, "the bucket was scanned in parallel ranges, one per directory and one before"
+    assert (st["Files Done"], st["Files Failed"], st["Failed Task Count"]) == (5000, 0, 0)
     got = {str(p.relative_to(back)): p.read_bytes() for p in back.rglob("*") if p.is_file()}
     assert got == files
     assert_counted_once(down, 5000)

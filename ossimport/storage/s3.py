@@ -733,6 +733,16 @@ class S3Storage(Storage):
                         continue  # directory markers made by consoles and other tools
                     yield Entry(key[cut:], size, mtime, etag)
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        # only when a job plans its scan ranges: boto3's paginator is plenty for a few requests
+        full = self.root + prefix
+        cut = len(self.root)
+        with self._errors("list", prefix):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/")
+            dirs = [p["Prefix"][cut:] for page in pages for p in page.get("CommonPrefixes", ())]
+        return sorted(dirs, key=lambda k: k.encode())
+
     def _boto_pages(self, prefix: str, after: str) -> Iterator[list[tuple[str, int, float, str | None]]]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if after:
