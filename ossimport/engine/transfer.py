@@ -137,8 +137,6 @@ class Transfer:
 
     def _multipart(self, entry: Entry, dst_key: str) -> Entry:
         psize = self._part_size(entry.size)
-        # an earlier run killed mid-upload left its parts behind: they would cost storage forever
-        self.dst.remove_stale_temps([dst_key])
         upload_id = self.dst.create_multipart(dst_key, mtime=entry.mtime, mode=self._mode(entry))
         futures: list[Future[tuple[Part, bytes]]] = []
         try:
@@ -155,7 +153,8 @@ class Transfer:
                 f.cancel()
             self._abort(dst_key, upload_id)
             raise
-        # a create whose answer was lost and retried by the client left an upload nobody completes
+        # abort every other unfinished upload of this key: parts of an earlier run killed mid-upload,
+        # and a create whose answer was lost and retried by the client (one LIST per large file)
         self.dst.remove_stale_temps([dst_key])
         expected = multipart_etag([digest for _, digest in done])
         if not result.etag:  # some servers (Ceph) answer CompleteMultipartUpload without an ETag
