@@ -5,9 +5,8 @@ class serves them all. The root is `bucket` + `prefix`; every key in and out is 
 
 Two clients sit behind the one contract:
   lean    the data path: PUT, GET, HEAD, LIST, DELETE, CopyObject and multipart uploads
-          (create, UploadPart, complete, abort, list), SigV4 signed here and sent over keep-alive
-          HTTP/1.1 connections. botocore spends ~2 ms of CPU building and signing each request;
-          this path ~0.2 ms, which is what decides small-file throughput on a few cores.
+          (create, UploadPart, complete, abort, list), sent by `s3wire.WireClient` (SigV4 signed
+          by hand over keep-alive HTTP/1.1 connections; its docstring says why it exists).
   boto3   everything else (UploadPartCopy and the metadata of copies above 5 GiB), every
           request where the lean path does not apply: no endpoint in the address (AWS's default
           endpoint), credentials that only boto3 can find (profiles, instance roles), a proxy
@@ -20,31 +19,36 @@ which client sent a request.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
-import hashlib
-import hmac
 import io
 import math
 import os
-import random
 import re
-import socket
-import struct
 import sys
 import threading
-import time
-import xml.etree.ElementTree as ET
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote, unquote_plus
 
 from ossimport.errors import NotFound, SourceChanged, StorageError
 from ossimport.storage.base import Abilities, Entry, Part, Storage, StorageOptions, StreamReader
+from ossimport.storage.s3wire import (
+    RETRYABLE,
+    S3_NS,
+    ServerError,
+    WireClient,
+    answer_fields,
+    date_seconds,
+    is_tls_error,
+    iso_seconds,
+    local_name,
+    md5_b64,
+    whole_seconds,
+    xml_escape,
+    xml_root,
+)
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -97,11 +101,6 @@ def resolve_endpoint(location: Location) -> tuple[str, str | None]:
 
 
 # ---- errors -----------------------------------------------------------------------------------
-_RETRYABLE = {
-    "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
-    "ThrottlingException", "RequestLimitExceeded", "TooManyRequests", "RequestTimeoutException",
-    "500", "502", "503", "504", "429",
-}
 _HINTS = {
     "AccessDenied": "check the access and secret keys, the bucket's permissions and the endpoint",
     "SignatureDoesNotMatch": "check the secret key (escape '/' '@' ':' in it as %2F %40 %3A)",
@@ -110,30 +109,8 @@ _HINTS = {
     "PermanentRedirect": "the bucket is in another region: use that region's endpoint",
     "AuthorizationHeaderMalformed": "the bucket is in another region: use that region's endpoint",
 }
-# Throttling asks for patience: the lean client backs off from 1 s for these, from 50 ms otherwise.
-_THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-               "TooManyRequestsException", "RequestThrottled", "ServiceUnavailable", "429", "503"}
 # Status-only answers (HEAD has no body) carry the HTTP status as the code.
 _STATUS_CODES = {"403": "AccessDenied", "301": "PermanentRedirect", "400": "BadRequest", "416": "InvalidRange"}
-
-
-
-
-class _BadAnswer(ConnectionError):
-    """The server's answer broke off or is not HTTP: a transport failure, retried like one."""
-
-
-class _Disconnected(_BadAnswer):
-    """The connection was closed before any answer (a pooled connection the server dropped)."""
-
-
-class _ServerError(Exception):
-    """An error answer on the lean path: what botocore's ClientError carries (status, S3 code,
-    message). Status-only answers (HEAD) carry the status as the code, as botocore does."""
-
-    def __init__(self, status: int, code: str, message: str = "") -> None:
-        super().__init__(f"HTTP {status} {code}")
-        self.status, self.code, self.message = status, code, message
 
 
 class _Body(StreamReader):
@@ -154,432 +131,12 @@ class _Body(StreamReader):
         super().close()
 
 
-class _Conn:
-    """One keep-alive HTTP/1.1 connection (plain or TLS) with a buffered reader over it.
-
-    A plain connection is a blocking socket whose read and write timeouts are the kernel's
-    (SO_RCVTIMEO/SO_SNDTIMEO): a Python socket timeout polls before every recv and send, two
-    more system calls per request, and each releases the GIL the copy threads contend for. A
-    kernel timeout ends a read early without an error, so a short read that took the whole
-    timeout is reported as the timeout it is (`kernel_timeout`); TLS keeps Python's timeouts."""
-
-    __slots__ = ("sock", "fp", "kernel_timeout")
-
-    def __init__(self, sock: socket.socket, kernel_timeout: float | None = None) -> None:
-        self.sock = sock
-        self.fp = sock.makefile("rb", 65536)
-        self.kernel_timeout = kernel_timeout
-
-    def readline(self) -> bytes:
-        started = time.monotonic()
-        line = self.fp.readline(65537)
-        if not line.endswith(b"\n"):
-            self._check_timeout(started)
-        return line
-
-    def read(self, size: int) -> bytes:
-        started = time.monotonic()
-        data = self.fp.read(size)
-        if len(data) < size:
-            self._check_timeout(started)
-        return data
-
-    def _check_timeout(self, started: float) -> None:
-        if self.kernel_timeout and time.monotonic() - started >= self.kernel_timeout * 0.9:
-            raise TimeoutError("timed out")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.fp.close()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-class _Response:
-    """An answer: status, headers (lower-case names) and the body, read with its framing
-    (Content-Length, chunked, or up to the close). A body that ends early raises _BadAnswer,
-    never returns short. Once the body is read whole the connection goes back to the pool."""
-
-    __slots__ = ("status", "headers", "_lean", "_conn", "_left", "_chunked", "_close", "_done")
-
-    def __init__(self, lean: _Lean, conn: _Conn, method: str) -> None:
-        self._lean, self._conn = lean, conn
-        while True:
-            line = conn.readline()
-            if not line:
-                raise _Disconnected("the server closed the connection without an answer")
-            version, _, rest = line.partition(b" ")
-            try:
-                status = int(rest[:3])
-            except ValueError:
-                raise _BadAnswer(f"not an HTTP status line: {line[:100]!r}") from None
-            if not version.startswith(b"HTTP/"):
-                raise _BadAnswer(f"not an HTTP status line: {line[:100]!r}")
-            headers: dict[str, str] = {}
-            for _ in range(200):
-                h = conn.readline()
-                if h in (b"\r\n", b"\n"):
-                    break
-                if not h:
-                    raise _BadAnswer("the answer ended early")
-                name, sep, value = h.partition(b":")
-                if sep:
-                    headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-            else:
-                raise _BadAnswer("too many headers")
-            if not 100 <= status < 200:  # skip interim answers (100 Continue)
-                break
-        self.status, self.headers = status, headers
-        connection = headers.get("connection", "").lower()
-        self._close = "close" in connection or (version == b"HTTP/1.0" and "keep-alive" not in connection)
-        self._chunked = False
-        self._left: int | None
-        if method == "HEAD" or status in (204, 304):
-            self._left = 0
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._left, self._chunked = 0, True
-        elif "content-length" in headers:
-            try:
-                self._left = int(headers["content-length"])
-            except ValueError:
-                raise _BadAnswer("invalid Content-Length") from None
-        else:
-            self._left, self._close = None, True  # the body ends when the server closes
-        self._done = False
-        if self._left == 0 and not self._chunked:
-            self._finish()
-
-    def read(self, size: int | None = None) -> bytes:
-        """Up to `size` bytes (all that is left when None); b"" at the end of the body."""
-        if self._done:
-            return b""
-        try:
-            if self._chunked:
-                return self._read_chunked(size)
-            conn, left = self._conn, self._left
-            if left is None:  # delimited by the close
-                if size is None or size < 0:
-                    chunks = []
-                    while chunk := conn.read(65536):
-                        chunks.append(chunk)
-                    self._finish()
-                    return b"".join(chunks)
-                data = conn.read(size)
-                if not data:
-                    self._finish()
-                return data
-            want = left if size is None or size < 0 else min(size, left)
-            data = conn.read(want)
-            if len(data) < want:
-                raise _BadAnswer(f"the body ended {left - len(data)} bytes short")
-            self._left = left - len(data)
-            if not self._left:
-                self._finish()
-            return data
-        except BaseException:
-            self.close()
-            raise
-
-    def _read_chunked(self, size: int | None) -> bytes:
-        conn, out = self._conn, []
-        while size is None or size < 0 or not out:
-            if not self._left:
-                line = conn.readline()
-                try:
-                    n = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    raise _BadAnswer("invalid chunk size") from None
-                if n == 0:
-                    while (t := conn.readline()) not in (b"\r\n", b"\n"):
-                        if not t:
-                            raise _BadAnswer("the answer ended early")
-                    self._finish()
-                    break
-                self._left = n
-            want = self._left if size is None or size < 0 else min(size, self._left)
-            data = conn.read(want)
-            if len(data) < want:
-                raise _BadAnswer("the body ended early")
-            self._left -= len(data)
-            if not self._left:
-                conn.read(2)  # the CRLF after the chunk
-            out.append(data)
-        return b"".join(out)
-
-    def _finish(self) -> None:
-        self._done = True
-        if self._close:
-            self._conn.close()
-        else:
-            self._lean._release(self._conn)
-
-    def close(self) -> None:
-        if not self._done:
-            # an unread body would be taken for the next answer: the connection cannot be reused
-            self._done = True
-            self._conn.close()
-
-
-class _Lean:
-    """SigV4-signed S3 requests over keep-alive HTTP/1.1 connections (sockets used directly:
-    http.client's header parsing alone costs more than the signing).
-
-    Idle connections wait in a LIFO deque: its append/pop are atomic, so a request takes no lock.
-    Retries follow our botocore configuration (standard mode, max_attempts 3 = 4 tries in all)
-    for the same errors: throttling, 5xx, broken connections. The jittered exponential back-off
-    starts at 1 s for throttling and at 50 ms for the rest (botocore's newer standard-mode
-    scales): a server's transient 500 costs a small pause, not up to a second per file. A pooled
-    connection the server closed while idle is replaced at once without counting as an attempt."""
-
-    ATTEMPTS = 4
-    SMALL_BODY = 256 * 1024  # sent in one write together with the headers
-
-    def __init__(self, *, secure: bool, netloc: str, bucket: str, path_style: bool, region: str,
-                 access_key: str, secret_key: str, token: str, connect_timeout: float,
-                 read_timeout: float, max_idle: int) -> None:
-        default = 443 if secure else 80
-        if netloc.endswith(f":{default}"):  # the Host header and the signature omit a default port
-            netloc = netloc.rsplit(":", 1)[0]
-        if path_style:
-            self.host, self.base = netloc, "/" + quote(bucket, safe="")
-        else:
-            self.host, self.base = f"{bucket}.{netloc}", ""
-        self._addr = _split_host_port(self.host, default)
-        self.secure = secure
-        self.region = region
-        self._ak, self._sk, self._token = access_key, secret_key, token
-        self._timeouts = (connect_timeout, read_timeout)
-        self._max_idle = max(1, max_idle)
-        self._idle: deque[_Conn] = deque()
-        self._signing: tuple[str, bytes] = ("", b"")
-        self._ssl: Any = None
-        if secure:
-            import ssl  # ~4 ms to import: only for https
-
-            self._ssl = ssl.create_default_context(cafile=_ca_bundle())
-
-    # ---- connections -------------------------------------------------------------------------
-    def _connect(self) -> _Conn:
-        connect_timeout, read_timeout = self._timeouts
-        sock = socket.create_connection(self._addr, connect_timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._ssl is not None:
-                sock = self._ssl.wrap_socket(sock, server_hostname=self._addr[0])
-                sock.settimeout(read_timeout)
-                return _Conn(sock)
-            sock.settimeout(None)  # blocking; the kernel keeps the time (see _Conn)
-            if read_timeout and read_timeout > 0:
-                whole = int(read_timeout)
-                tv = struct.pack("ll", whole, int((read_timeout - whole) * 1_000_000))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            return _Conn(sock, read_timeout)
-        except BaseException:
-            sock.close()
-            raise
-
-    def _release(self, conn: _Conn) -> None:
-        if len(self._idle) >= self._max_idle:
-            conn.close()
-        else:
-            self._idle.append(conn)
-
-    def close(self) -> None:
-        while self._idle:
-            with contextlib.suppress(IndexError):
-                self._idle.pop().close()
-
-    # ---- signing -----------------------------------------------------------------------------
-    def _sign(self, method: str, path: str, query: str, headers: dict[str, str], payload: str) -> None:
-        """Add x-amz-date, x-amz-content-sha256 and Authorization (SigV4) to `headers`, whose
-        names are lower case; every header present is signed."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        headers["x-amz-date"] = stamp
-        headers["x-amz-content-sha256"] = payload
-        if self._token:
-            headers["x-amz-security-token"] = self._token
-        names = sorted(headers)
-        signed = ";".join(names)
-        canonical = "\n".join((
-            method, path, query, "".join(f"{n}:{headers[n]}\n" for n in names), signed, payload,
-        ))
-        day = stamp[:8]
-        scope = f"{day}/{self.region}/s3/aws4_request"
-        to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        signing_day, key = self._signing
-        if signing_day != day:
-            key = ("AWS4" + self._sk).encode()
-            for part in (day, self.region, "s3", "aws4_request"):
-                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-            self._signing = (day, key)
-        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-        headers["authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={self._ak}/{scope}, SignedHeaders={signed}, Signature={signature}"
-        )
-
-    # ---- requests ----------------------------------------------------------------------------
-    def request(
-        self,
-        method: str,
-        key: str | None,
-        *,
-        query: dict[str, str | None] | None = None,
-        headers: dict[str, str] | None = None,
-        body: bytes = b"",
-        stream: bool = False,
-    ) -> tuple[_Response, bytes]:
-        """Send one request (key None: the bucket) and return (response, body). With `stream`
-        the body is b"" and is read from the response, which the caller must read or close.
-        Error answers raise _ServerError, transport failures OSError / HTTPException, after the
-        retries."""
-        path = self.base + "/" + quote(key, safe="/~") if key is not None else (self.base or "/")
-        qs = target = ""
-        if query:  # a None value: a bare flag ("?uploads"), signed as "uploads="
-            pairs = sorted((quote(k, safe="-_.~"), None if v is None else quote(v, safe="-_.~"))
-                           for k, v in query.items())
-            qs = "&".join(f"{k}={v or ''}" for k, v in pairs)
-            target = "?" + "&".join(k if v is None else f"{k}={v}" for k, v in pairs)
-        target = path + target
-        attempt = 0
-        while True:
-            hdrs = {"host": self.host}
-            if headers:
-                hdrs.update(headers)
-            if self._sk or self._ak:
-                self._sign(method, path, qs, hdrs, _EMPTY_SHA256 if not body else "UNSIGNED-PAYLOAD")
-            lines = [f"{method} {target} HTTP/1.1", *(f"{n}: {v}" for n, v in hdrs.items()), _USER_AGENT]
-            if body or method in ("PUT", "POST"):
-                lines.append(f"content-length: {len(body)}")
-            lines.append("\r\n")
-            head = "\r\n".join(lines).encode("latin-1")
-            try:
-                return self._exchange(method, head, body, stream)
-            except _ServerError as exc:
-                retry = exc.code in _RETRYABLE or exc.status >= 500
-                if not retry or attempt + 1 >= self.ATTEMPTS:
-                    raise
-                scale = 1.0 if exc.code in _THROTTLING else 0.05
-            except OSError as exc:
-                if attempt + 1 >= self.ATTEMPTS or _is_tls_error(exc):
-                    raise
-                scale = 0.05
-            attempt += 1
-            time.sleep(random.random() * min(20.0, scale * 2.0 ** (attempt - 1)))
-
-    def _exchange(self, method: str, head: bytes, body: bytes, stream: bool) -> tuple[_Response, bytes]:
-        try:
-            conn, reused = self._idle.pop(), True
-        except IndexError:
-            conn, reused = self._connect(), False
-        while True:
-            try:
-                if len(body) <= self.SMALL_BODY:
-                    conn.sock.sendall(head + body if body else head)
-                else:
-                    conn.sock.sendall(head)
-                    conn.sock.sendall(memoryview(body))
-                resp = _Response(self, conn, method)
-                break
-            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, _Disconnected):
-                conn.close()
-                if not reused:
-                    raise
-                # the server closed this idle connection: try again at once on a new one
-                conn, reused = self._connect(), False
-            except BaseException:
-                conn.close()
-                raise
-        if 200 <= resp.status < 300:
-            return resp, b"" if stream else resp.read()
-        raise _error_from_answer(resp.status, resp.read())
-
-
-def _split_host_port(netloc: str, default: int) -> tuple[str, int]:
-    if netloc.startswith("["):  # [IPv6]:port
-        host, _, rest = netloc[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default
-    host, sep, port = netloc.rpartition(":")
-    return (host, int(port)) if sep else (netloc, default)
-
-
-def _ca_bundle() -> str | None:
-    """The CA file botocore would use: AWS_CA_BUNDLE, else certifi's, else its own."""
-    bundle = os.environ.get("AWS_CA_BUNDLE")
-    if bundle:
-        return bundle
-    try:
-        import certifi
-
-        return str(certifi.where())
-    except ImportError:
-        import importlib.util
-
-        spec = importlib.util.find_spec("botocore")
-        if spec and spec.origin:
-            path = os.path.join(os.path.dirname(spec.origin), "cacert.pem")
-            if os.path.exists(path):
-                return path
-    return None
-
-
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
-                                       "Dec"), start=1)}
-_USER_AGENT = "user-agent: ossimport"
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]*$")
 _DNS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
 
-def _xml_root(data: bytes) -> ET.Element | None:
-    try:
-        return ET.fromstring(data) if data else None
-    except ET.ParseError:
-        return None
-
-
-def _local(tag: str) -> str:
-    return tag.rpartition("}")[2]
-
-
-def _child_texts(element: ET.Element) -> dict[str, str]:
-    return {_local(c.tag): c.text or "" for c in element}
-
-
-_S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
-
-
-def _xml_text(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _answer_fields(resp: _Response, data: bytes) -> dict[str, str]:
-    """The child elements of a 200 answer's XML document (by name, whatever the root is called,
-    as botocore reads them). S3 answers some calls (copy, complete) with 200 before the work is
-    done and reports a failure in the body: that raises."""
-    root = _xml_root(data.strip())  # AWS may send whitespace to keep a slow answer alive
-    if root is not None and _local(root.tag) == "Error":
-        raise _error_from_answer(resp.status, data.strip())
-    return _child_texts(root) if root is not None else {}
-
-
-def _error_from_answer(status: int, data: bytes) -> _ServerError:
-    root = _xml_root(data)
-    if root is not None and _local(root.tag) == "Error":
-        fields = _child_texts(root)
-        return _ServerError(status, fields.get("Code") or str(status), fields.get("Message", ""))
-    # no S3 error document (HEAD has no body): the status and its phrase, as botocore reports them
-    from http import HTTPStatus
-
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    return _ServerError(status, str(status), phrase)
-
-
 def _lean_for(location: Location, options: StorageOptions, endpoint_url: str | None, region: str,
-              path_style: bool) -> _Lean | None:
+              path_style: bool) -> WireClient | None:
     """The lean client for this address, or None where boto3 must do the work."""
     if os.environ.get("OSSIMPORT_S3_CLIENT", "").lower() == "boto3" or not endpoint_url:
         return None
@@ -604,7 +161,7 @@ def _lean_for(location: Location, options: StorageOptions, endpoint_url: str | N
             return None  # botocore honours HTTP(S)_PROXY; these sockets do not
     if not path_style and not _DNS_BUCKET.match(location.bucket):
         path_style = True  # as botocore does for a bucket that cannot be a host name
-    return _Lean(
+    return WireClient(
         secure=scheme == "https", netloc=netloc, bucket=location.bucket, path_style=path_style,
         region=region, access_key=ak, secret_key=sk, token=token,
         connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
@@ -626,7 +183,7 @@ def _boto3_on_redirect(method: F) -> F:
         try:
             return method(self, *args, **kwargs)
         except StorageError as exc:
-            if not (isinstance(exc.__cause__, _ServerError) and self._handed_to_boto3(exc.__cause__)):
+            if not (isinstance(exc.__cause__, ServerError) and self._handed_to_boto3(exc.__cause__)):
                 raise
         return method(self, *args, **kwargs)
 
@@ -664,7 +221,7 @@ class S3Storage(Storage):
             self._client  # noqa: B018 - created now: a bad configuration fails at once
         self._closed = False
 
-    def _handed_to_boto3(self, exc: _ServerError) -> bool:
+    def _handed_to_boto3(self, exc: ServerError) -> bool:
         """True when `exc` is a wrong-region answer to a lean request: from now on boto3 serves
         this storage. (A bodiless 400 is what S3 answers a HEAD signed for the wrong region.)"""
         if self._lean is None or exc.code not in _REDIRECTS or (exc.code == "400" and exc.message != "Bad Request"):
@@ -748,7 +305,7 @@ class S3Storage(Storage):
         if after:
             args["StartAfter"] = after
         for page in self._client.get_paginator("list_objects_v2").paginate(**args):
-            yield [(o["Key"], o["Size"], _seconds(o["LastModified"]), _etag(o.get("ETag")))
+            yield [(o["Key"], o["Size"], whole_seconds(o["LastModified"]), _etag(o.get("ETag")))
                    for o in page.get("Contents", ())]
 
     def _lean_pages(self, prefix: str, after: str) -> Iterator[list[tuple[str, int, float, str | None]]]:
@@ -760,15 +317,15 @@ class S3Storage(Storage):
         seen: set[str] = set()
         try:
             _, data = lean.request("GET", None, query=query)
-        except _ServerError as exc:
+        except ServerError as exc:
             if not self._handed_to_boto3(exc):
                 raise
             yield from self._boto_pages(prefix, after)
             return
         while True:
-            root = _xml_root(data)  # type: ignore[arg-type]
-            if root is None or _local(root.tag) != "ListBucketResult":
-                raise _ServerError(200, "InvalidResponse", "the listing is not a ListBucketResult")
+            root = xml_root(data)  # type: ignore[arg-type]
+            if root is None or local_name(root.tag) != "ListBucketResult":
+                raise ServerError(200, "InvalidResponse", "the listing is not a ListBucketResult")
             ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
             decode = root.findtext(ns + "EncodingType") == "url"
             page = []
@@ -777,7 +334,7 @@ class S3Storage(Storage):
                 page.append((
                     unquote_plus(key) if decode else key,
                     int(obj.findtext(ns + "Size") or 0),
-                    _iso_seconds(obj.findtext(ns + "LastModified") or ""),
+                    iso_seconds(obj.findtext(ns + "LastModified") or ""),
                     _etag(obj.findtext(ns + "ETag")),
                 ))
             yield page
@@ -785,7 +342,7 @@ class S3Storage(Storage):
             if (root.findtext(ns + "IsTruncated") or "").lower() != "true" or not token:
                 return
             if token in seen:  # botocore's paginator refuses a repeated token too
-                raise _ServerError(200, "InvalidResponse", "the listing repeats a continuation token")
+                raise ServerError(200, "InvalidResponse", "the listing repeats a continuation token")
             seen.add(token)
             query["continuation-token"] = token
             _, data = lean.request("GET", None, query=query)
@@ -796,9 +353,9 @@ class S3Storage(Storage):
             if (lean := self._lean) is not None:
                 resp, _ = lean.request("HEAD", self.root + key)
                 return Entry(key, int(resp.headers.get("content-length") or 0),
-                             _date_seconds(resp.headers.get("last-modified")), _etag(resp.headers.get("etag")))
+                             date_seconds(resp.headers.get("last-modified")), _etag(resp.headers.get("etag")))
             r = self._client.head_object(Bucket=self.bucket, Key=self.root + key)
-        return Entry(key, r["ContentLength"], _seconds(r["LastModified"]), _etag(r.get("ETag")))
+        return Entry(key, r["ContentLength"], whole_seconds(r["LastModified"]), _etag(r.get("ETag")))
 
     @_boto3_on_redirect
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
@@ -852,14 +409,14 @@ class S3Storage(Storage):
         size = len(body)
         with self._errors("put", key):
             if (lean := self._lean) is not None:
-                headers = {"content-md5": _md5_b64(body)}
+                headers = {"content-md5": md5_b64(body)}
                 if mtime is not None:
                     headers["x-amz-meta-mtime"] = repr(float(mtime))
                 resp, _ = lean.request("PUT", self.root + key, headers=headers, body=body)
-                return Entry(key, size, _date_seconds(resp.headers.get("date"), now=True),
+                return Entry(key, size, date_seconds(resp.headers.get("date"), now=True),
                              _etag(resp.headers.get("etag")))
             r = self._client.put_object(
-                Body=body, ContentLength=size, ContentMD5=_md5_b64(body), **self._write_args(key, mtime)
+                Body=body, ContentLength=size, ContentMD5=md5_b64(body), **self._write_args(key, mtime)
             )
         return Entry(key, size, _server_time(r), _etag(r.get("ETag")))
 
@@ -878,9 +435,9 @@ class S3Storage(Storage):
             if (lean := self._lean) is not None:
                 headers = {"x-amz-meta-mtime": repr(float(mtime))} if mtime is not None else None
                 resp, data = lean.request("POST", self.root + key, query={"uploads": None}, headers=headers)
-                upload_id = _answer_fields(resp, data).get("UploadId")
+                upload_id = answer_fields(resp, data).get("UploadId")
                 if not upload_id:
-                    raise _ServerError(resp.status, "InvalidResponse", "the answer names no UploadId")
+                    raise ServerError(resp.status, "InvalidResponse", "the answer names no UploadId")
                 return upload_id
             return str(self._client.create_multipart_upload(**self._write_args(key, mtime))["UploadId"])
 
@@ -898,7 +455,7 @@ class S3Storage(Storage):
             else:
                 etag = self._client.upload_part(
                     Bucket=self.bucket, Key=self.root + key, UploadId=upload_id, PartNumber=number,
-                    Body=data, ContentLength=len(data), ContentMD5=_md5_b64(data),
+                    Body=data, ContentLength=len(data), ContentMD5=md5_b64(data),
                 )["ETag"]
         return Part(number, _etag(etag) or "", len(data))
 
@@ -907,14 +464,14 @@ class S3Storage(Storage):
         ordered = sorted(parts, key=lambda p: p.number)
         with self._errors("complete multipart upload", key):
             if (lean := self._lean) is not None:
-                body = "".join(f"<Part><ETag>&quot;{_xml_text(p.etag)}&quot;</ETag><PartNumber>{p.number}</PartNumber>"
+                body = "".join(f"<Part><ETag>&quot;{xml_escape(p.etag)}&quot;</ETag><PartNumber>{p.number}</PartNumber>"
                                "</Part>" for p in ordered)
-                document = f'<CompleteMultipartUpload xmlns="{_S3_NS}">{body}</CompleteMultipartUpload>'.encode()
+                document = f'<CompleteMultipartUpload xmlns="{S3_NS}">{body}</CompleteMultipartUpload>'.encode()
                 resp, data = lean.request("POST", self.root + key, query={"uploadId": upload_id},
                                                 body=document)
                 # S3 may fail the completion after answering 200: the error is in the body
-                etag = _answer_fields(resp, data).get("ETag")
-                mtime = _date_seconds(resp.headers.get("date"), now=True)
+                etag = answer_fields(resp, data).get("ETag")
+                mtime = date_seconds(resp.headers.get("date"), now=True)
             else:
                 r = self._client.complete_multipart_upload(
                     Bucket=self.bucket, Key=self.root + key, UploadId=upload_id,
@@ -964,14 +521,14 @@ class S3Storage(Storage):
         while True:
             try:
                 resp, data = lean.request("GET", None, query=query)
-            except _ServerError as exc:
+            except ServerError as exc:
                 if "key-marker" in query or not self._handed_to_boto3(exc):
                     raise
                 yield from self._boto_upload_pages(prefix)
                 return
-            root = _xml_root(data)
-            if root is None or _local(root.tag) != "ListMultipartUploadsResult":
-                raise _ServerError(resp.status, "InvalidResponse", "the answer is not a ListMultipartUploadsResult")
+            root = xml_root(data)
+            if root is None or local_name(root.tag) != "ListMultipartUploadsResult":
+                raise ServerError(resp.status, "InvalidResponse", "the answer is not a ListMultipartUploadsResult")
             ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
             yield [(up.findtext(ns + "Key") or "", up.findtext(ns + "UploadId") or "")
                    for up in root.iter(ns + "Upload")]
@@ -980,7 +537,7 @@ class S3Storage(Storage):
                 return
             if (key_marker, root.findtext(ns + "NextUploadIdMarker")) == (query.get("key-marker"),
                                                                             query.get("upload-id-marker")):
-                raise _ServerError(resp.status, "InvalidResponse", "the listing repeats its markers")
+                raise ServerError(resp.status, "InvalidResponse", "the listing repeats its markers")
             query["key-marker"] = key_marker
             query["upload-id-marker"] = root.findtext(ns + "NextUploadIdMarker") or ""
 
@@ -1005,13 +562,13 @@ class S3Storage(Storage):
                 copy_source = quote(f"{src.bucket}/{src.root}{src_key}", safe="/~")
                 resp, data = lean.request("PUT", self.root + dst_key,
                                                 headers={"x-amz-copy-source": copy_source})
-                res = _answer_fields(resp, data)  # S3 may fail a copy after a 200
-                mtime = (_iso_seconds(res["LastModified"]) if res.get("LastModified")
-                         else _date_seconds(resp.headers.get("date"), now=True))
+                res = answer_fields(resp, data)  # S3 may fail a copy after a 200
+                mtime = (iso_seconds(res["LastModified"]) if res.get("LastModified")
+                         else date_seconds(resp.headers.get("date"), now=True))
                 return Entry(dst_key, size, mtime, _etag(res.get("ETag")))
             r = self._client.copy_object(Bucket=self.bucket, Key=self.root + dst_key, CopySource=source)
         res = r.get("CopyObjectResult", {})
-        mtime = _seconds(res["LastModified"]) if "LastModified" in res else _server_time(r)
+        mtime = whole_seconds(res["LastModified"]) if "LastModified" in res else _server_time(r)
         return Entry(dst_key, size, mtime, _etag(res.get("ETag")))
 
     def _copy_multipart(self, source: dict[str, str], info: dict[str, Any], size: int, dst_key: str) -> Entry:
@@ -1090,7 +647,7 @@ class S3Storage(Storage):
         botocore_exc: Any = sys.modules.get("botocore.exceptions")  # loaded if boto3 was used
         err: StorageError
         answer: tuple[str, int | None, str] | None = None
-        if isinstance(exc, _ServerError):
+        if isinstance(exc, ServerError):
             answer = (exc.code, exc.status, exc.message)
         elif botocore_exc is not None and isinstance(exc, botocore_exc.ClientError):
             error = exc.response.get("Error", {})
@@ -1109,7 +666,7 @@ class S3Storage(Storage):
             else:
                 hint = _HINTS.get(code)
                 text = f"{op} {where}: {code}{': ' + detail if detail else ''}{'; ' + hint if hint else ''}"
-                retry = code in _RETRYABLE or (isinstance(status, int) and status >= 500)
+                retry = code in RETRYABLE or (isinstance(status, int) and status >= 500)
                 err = StorageError(text, code=code, retryable=retry)
         elif botocore_exc is not None and isinstance(
             exc, (botocore_exc.NoCredentialsError, botocore_exc.PartialCredentialsError)
@@ -1119,7 +676,7 @@ class S3Storage(Storage):
                 "and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or use --anonymous for a public bucket",
                 code="NoCredentials",
             )
-        elif _is_tls_error(exc) or (botocore_exc is not None and isinstance(exc, botocore_exc.SSLError)):
+        elif is_tls_error(exc) or (botocore_exc is not None and isinstance(exc, botocore_exc.SSLError)):
             err = StorageError(f"{op} {where}: TLS failed with {endpoint}: {exc}", code="SSLError")
         elif isinstance(exc, OSError) or _is_transport_error(exc, botocore_exc):
             err = StorageError(
@@ -1143,9 +700,6 @@ class S3Storage(Storage):
 
 
 # ---- small functions --------------------------------------------------------------------------
-def _is_tls_error(exc: BaseException) -> bool:
-    ssl = sys.modules.get("ssl")  # loaded if TLS was ever used
-    return ssl is not None and isinstance(exc, ssl.SSLError)
 
 
 def _is_transport_error(exc: BaseException, botocore_exc: Any) -> bool:
@@ -1162,43 +716,9 @@ def _etag(value: str | None) -> str | None:
     return value or None
 
 
-def _seconds(dt: Any) -> float:
-    """LastModified in whole seconds: HEAD's header has second resolution and listings have
-    milliseconds; flooring both keeps list() and head() consistent for the same object."""
-    return float(math.floor(dt.timestamp()))
-
-
-def _iso_seconds(text: str) -> float:
-    """A listing's LastModified (ISO 8601, "2023-11-14T22:13:20.000Z") in whole seconds."""
-    dt = datetime.fromisoformat(text.strip())
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return _seconds(dt)
-
-
-def _date_seconds(value: str | None, now: bool = False) -> float:
-    """An HTTP date header (Last-Modified, Date) in whole seconds; with `now`, this machine's
-    clock when there is none (as `_server_time`)."""
-    if value:
-        with contextlib.suppress(KeyError, IndexError, ValueError):
-            # the IMF-fixdate every server sends ("Sat, 21 Nov 2026 17:49:09 GMT"), parsed by hand:
-            # email.utils costs ~10 ms to import and ~10 us per call
-            _, day, month, year, clock, zone = value.split()
-            if zone == "GMT":
-                h, m, s = clock.split(":")
-                return datetime(int(year), _MONTHS[month], int(day), int(h), int(m), int(s), tzinfo=UTC).timestamp()
-        from email.utils import parsedate_to_datetime
-
-        with contextlib.suppress(TypeError, ValueError):
-            return _seconds(parsedate_to_datetime(value))
-    if now:
-        return float(math.floor(time.time()))
-    raise _ServerError(200, "InvalidResponse", "the answer has no valid date")
-
-
 def _server_time(response: dict[str, Any]) -> float:
     """The server's Date header: what LastModified will say, without another request."""
-    return _date_seconds(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date"), now=True)
+    return date_seconds(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date"), now=True)
 
 
 def _expect_continue_except_put_object(model: Any, params: dict[str, Any], **kwargs: Any) -> None:
@@ -1206,10 +726,6 @@ def _expect_continue_except_put_object(model: Any, params: dict[str, Any], **kwa
 
     if model.name != "PutObject":
         botocore.handlers.add_expect_header(model, params, **kwargs)
-
-
-def _md5_b64(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
 
 
 def _read_at_most(stream: BinaryIO, limit: int) -> bytes:
