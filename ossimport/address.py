@@ -8,7 +8,8 @@ Forms (ads-cli grammar, see README "Addresses"):
   http(s)://host/path                                  one URL, read-only source
   list://PATH                                          a URL list file (read-only source)
 Percent-escapes (%2F for '/', %40 for '@', %3A for ':') are decoded in keys, prefixes and secrets.
-Secrets live only in the Location; its repr and `display()` mask them.
+Secrets live only in the Location (also a signed URL's query string, in `query` once the URL is
+split into directory and name); its repr and `display()` mask them.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class Location:
     secret_key: str = field(default="", repr=False)
     token: str = field(default="", repr=False)
     password: str = field(default="", repr=False)
+    # http: the query string of a single URL split by `split_object` (a presigned URL's signature):
+    # sent with every request for the object, never shown
+    query: str = field(default="", repr=False)
 
     def __repr__(self) -> str:
         return f"Location({self.display()!r})"
@@ -95,16 +99,18 @@ class Location:
         """For a single-object address: (the parent directory's Location, the object's name)."""
         if self.backend in ("local", "sftp", "http"):
             path = self.path.rstrip("/") if self.backend != "http" else self.path
+            query = self.query
             if self.backend == "http":
                 # the query string (a signed URL's signature) and fragment are not part of the name:
-                # kept, they became the destination's file name and showed up in every message
-                path = path.split("#", 1)[0].split("?", 1)[0]
+                # kept, they became the destination's file name and showed up in every message.
+                # The query goes to `query`, which the storage sends and nothing prints.
+                path, _, query = path.split("#", 1)[0].partition("?")
             parent, _, name = path.rpartition("/")
             if self.backend == "http":
                 name = unquote(name)  # list() keys are decoded; so must the single object's be
             if self.backend == "local" and not parent and not path.startswith("/"):
                 parent = "."
-            return replace(self, path=(parent or "/") + "/", is_dir=True), name
+            return replace(self, path=(parent or "/") + "/", is_dir=True, query=query), name
         parent, _, name = self.prefix.rpartition("/")
         return replace(self, prefix=f"{parent}/" if parent else "", is_dir=True), name
 

@@ -8,18 +8,22 @@ from S3 into a second directory. The second directory, the S3 root and an indepe
 plain `shutil.copytree` of the source into a third directory) must all hold exactly the source's
 files, byte for byte.
 
-Two things the generator avoids on purpose, each pinned down by its own test below:
-- a name that was a file becoming a directory (or back) in a later step: see
-  `test_file_replaced_by_directory_of_the_same_name`;
-- a same-size edit landing in the same wall-clock second as the previous upload of that key:
-  S3 keeps LastModified in whole seconds, so the second hop cannot see it (documented in README:
-  "compared in whole seconds"); the test waits for the next second before syncing an edit.
+A name that was a file may become a directory in a later step, and back: on the local
+destination the old file (or directory) is in the way of the new one, and `--delete-dst` removes
+it first (also pinned down by `test_file_replaced_by_directory_of_the_same_name` and
+`test_delete_dst_clears_what_blocks_a_copy`).
+
+One thing the generator avoids on purpose: a same-size edit landing in the same wall-clock second
+as the previous upload of that key: S3 keeps LastModified in whole seconds, so the second hop
+cannot see it (documented in README: "compared in whole seconds"); the test waits for the next
+second before syncing an edit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -79,14 +83,21 @@ class Tree:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files: dict[str, bytes] = {}
-        self.ever_files: set[str] = set()  # a name once a file never becomes a directory, and back
-        self.ever_dirs: set[str] = set()
 
     def allowed(self, path: str) -> bool:
+        """A free name: not a file, not a directory of one, no file on its way. A name that was a
+        file may become a directory in a later step, and back."""
         parts = path.split("/")
         dirs = {"/".join(parts[:i]) for i in range(1, len(parts))}
-        return (path not in self.files and path not in self.ever_dirs and not (dirs & self.ever_files)
+        return (path not in self.files and not (dirs & self.files.keys())
                 and not any(f.startswith(path + "/") for f in self.files))
+
+    def _prune(self, path: str) -> None:
+        """Remove the directories that `path` leaving made empty (their names are free again)."""
+        parent = (self.root / path).parent
+        while parent != self.root and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
 
     def write(self, path: str, data: bytes, mtime: float | None = None) -> None:
         p = self.root / path
@@ -95,22 +106,30 @@ class Tree:
         if mtime is not None:
             os.utime(p, (mtime, mtime))
         self.files[path] = data
-        self.ever_files.add(path)
-        parts = path.split("/")
-        self.ever_dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
 
     def delete(self, path: str) -> None:
         (self.root / path).unlink()
         del self.files[path]
+        self._prune(path)
+
+    def retype(self, victim: str, to_dir: bool, name: str, data: bytes) -> None:
+        """A file becomes a directory of the same name holding `name`, or (not `to_dir`, and
+        `victim` is in a directory) the victim's directory becomes a file."""
+        parent = victim.rpartition("/")[0]
+        if to_dir or not parent:
+            self.delete(victim)
+            self.write(f"{victim}/{name}", data)
+            return
+        for path in [f for f in self.files if f.startswith(parent + "/")]:
+            self.delete(path)
+        self.write(parent, data)
 
     def rename(self, old: str, new: str) -> None:
         target = self.root / new
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.root / old, target)
         self.files[new] = self.files.pop(old)
-        self.ever_files.add(new)
-        parts = new.split("/")
-        self.ever_dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        self._prune(old)
 
 
 def draw_path(data: st.DataObject, tree: Tree) -> str | None:
@@ -152,7 +171,7 @@ def test_sync_round_trip_equals_source_and_oracle(backend_factory: Any, scratch:
     for step in range(steps + 1):  # step 0 syncs the initial tree
         edited = False
         if step:
-            kinds = ["create"] + (["edit", "delete", "rename"] if tree.files else [])
+            kinds = ["create"] + (["edit", "delete", "rename", "retype"] if tree.files else [])
             kind = data.draw(st.sampled_from(kinds), label="operation")
             if kind == "create":
                 path = draw_path(data, tree)
@@ -168,10 +187,13 @@ def test_sync_round_trip_equals_source_and_oracle(backend_factory: Any, scratch:
                     edited = True
                 elif kind == "delete":
                     tree.delete(victim)
-                else:
+                elif kind == "rename":
                     target = draw_path(data, tree)
                     if target is not None:
                         tree.rename(victim, target)
+                else:
+                    tree.retype(victim, data.draw(st.booleans(), label="file to directory"),
+                                data.draw(SEGMENT, label="segment"), data.draw(CONTENT, label="content"))
         if edited:
             # S3 LastModified has whole seconds: an upload in the same second as the previous one
             # would look unchanged to the second hop (see the module docstring)
@@ -194,10 +216,6 @@ def test_sync_round_trip_equals_source_and_oracle(backend_factory: Any, scratch:
     shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/runner.py deletes destination extras only after copying, so on a "
-                   "file-system destination the old file 'a' blocks the copy of 'a/b' (PathConflict: 'a is a file, "
-                   "but a directory is needed there'); the failure cancels --delete-dst, so every later sync "
-                   "fails the same way")
 def test_file_replaced_by_directory_of_the_same_name(tmp_path: Path, backend_factory: Any) -> None:
     s3 = backend_factory("s3-moto")
     s3_addr = s3.address(s3.new_root())
@@ -212,3 +230,87 @@ def test_file_replaced_by_directory_of_the_same_name(tmp_path: Path, backend_fac
     sync(f"{src}/", s3_addr)
     sync(s3_addr, f"{back}/")
     assert files_of(back) == {"a/b": b"now a directory"}
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """cli.main(args) in-process: (exit code, stdout, stderr)."""
+    err = io.StringIO()
+    with quiet_cli() as out, contextlib.redirect_stderr(err):
+        code = cli.main(["--threads", "4", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def write_files(top: Path, files: dict[str, bytes]) -> None:
+    for key, data in files.items():
+        (top / key).parent.mkdir(parents=True, exist_ok=True)
+        (top / key).write_bytes(data)
+
+
+@pytest.mark.parametrize("dst_name", ["local", "sftp"])
+def test_delete_dst_clears_what_blocks_a_copy(tmp_path: Path, backend_factory: Any, monkeypatch: pytest.MonkeyPatch,
+                                              dst_name: str) -> None:
+    """On a file-system destination a file where the source now has a directory (`a` -> `a/b`),
+    and a directory where the source now has a file (`c/...` -> `c`), block the copies. With
+    --delete-dst they are deleted first; without it each blocked copy fails with one line and
+    nothing is deleted."""
+    dst = backend_factory(dst_name)
+    for k, v in dst.env().items():
+        monkeypatch.setenv(k, v)
+    dst_addr = dst.address(dst.new_root())
+    dst_dir = Path(dst_addr.rpartition(":")[2])  # SFTP: the server is this machine
+    before, src = tmp_path / "before", tmp_path / "src"
+    write_files(before, {"a": b"file a", "c/d": b"in c", "c/e/f": b"deeper in c", "keep": b"same",
+                         "old": b"gone from the source", "z/y": b"z"})
+    write_files(src, {"a/b": b"a is a directory now", "c": b"c is a file now", "c-1": b"sorts between c and c/",
+                      "c.txt": b"so does this", "keep": b"same", "z/y": b"z"})
+    assert run_cli("-q", "sync", f"{before}/", dst_addr)[0] == 0
+    assert files_of(dst_dir) == files_of(before)
+
+    code, _, err = run_cli("-q", "sync", f"{src}/", dst_addr)
+    assert code == 1, err
+    failed = [line for line in err.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2 and all("PathConflict" in line for line in failed), err
+    assert any(line.startswith("FAILED a/b: ") for line in failed), err
+    assert any(line.startswith("FAILED c: ") for line in failed), err
+    assert files_of(dst_dir) == {**files_of(before), "c-1": b"sorts between c and c/", "c.txt": b"so does this"}
+
+    code, out, err = run_cli("--json", "--delete-dst", "sync", f"{src}/", dst_addr)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    # a, c/d, c/e/f and old are extras; all four deleted (three of them before the copies)
+    assert (summary["copied"], summary["extra"], summary["deleted"], summary["failed"]) == (2, 4, 4, 0), summary
+    assert files_of(dst_dir) == files_of(src)
+    assert not (dst_dir / "c").is_dir() and (dst_dir / "a").is_dir()
+
+    code, out, err = run_cli("--json", "--delete-dst", "sync", f"{src}/", dst_addr)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and (summary["copied"], summary["extra"], summary["deleted"]) == (0, 0, 0), (summary, err)
+
+
+def test_delete_dst_clears_nothing_in_a_dry_run(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_files(dst, {"a": b"file a", "c/d": b"in c"})
+    write_files(src, {"a/b": b"a is a directory now", "c": b"c is a file now"})
+    code, out, err = run_cli("--json", "--dryrun", "--delete-dst", "sync", f"{src}/", f"{dst}/")
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and (summary["copied"], summary["deleted"]) == (2, 2), (summary, err)
+    assert files_of(dst) == {"a": b"file a", "c/d": b"in c"}
+
+
+def test_delete_dst_clears_nothing_when_the_source_listing_is_incomplete(tmp_path: Path) -> None:
+    """What the source listing left out might be the very file in the way: then the copy fails."""
+    from ossimport.address import parse_address
+    from ossimport.engine.runner import Runner, RunOptions
+    from ossimport.storage import open_storage
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_files(dst, {"a": b"file a", "c/d": b"in c"})
+    write_files(src, {"a/b": b"a is a directory now", "c": b"c is a file now"})
+    with open_storage(parse_address(f"{src}/")) as s, open_storage(parse_address(f"{dst}/")) as d:
+        s.list_errors.append("x: permission denied")  # as an unreadable directory would leave it
+        events: list[tuple[str, str]] = []
+        stats = Runner(s, d, RunOptions(delete_dst=True, threads=2),
+                       listener=lambda ev, e, detail: events.append((ev, detail))).run()
+    assert (stats.copied, stats.deleted) == (0, 0), events
+    assert {detail.split(":")[0] for ev, detail in events if ev == "failed"} >= {"PathConflict"}, events
+    assert files_of(dst) == {"a": b"file a", "c/d": b"in c"}

@@ -4,6 +4,13 @@ lister thread -> bounded queue -> `threads` workers, so copying starts while lis
 and memory stays flat however many objects there are. Destination-only keys ("extras") are
 spooled to a temporary file and deleted only after the copy phase, and only when nothing failed
 (as rclone does: an incomplete listing must never turn into deletions).
+
+One exception, on file-system destinations (local, SFTP) with --delete-dst: an extra that stands
+in the way of a copy is deleted before that copy. A destination file `a` where the source now
+has a directory (`a/b` is copied), or destination files under `a/` where the source now has a
+file `a`: the listing proves the source does not have them as they are, so --delete-dst would
+delete them afterwards anyway, and until then the copy fails (PathConflict). Without --delete-dst
+that copy fails, one line per file.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ _DONE = object()
 # directory; 16 threads creating 2,000 files spread over 20 directories take half the CPU and
 # time they take in directory order here.
 WINDOW = 1024
+# destinations where a file `a` and a file `a/b` cannot both exist
+_FILE_SYSTEMS = frozenset({"local", "sftp"})
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Runner:
         self.transfer = Transfer(src, dst, opts.transfer, self.stats)
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
+        self._spooled = 0  # extras written to the spool, to be deleted after the copy phase
 
     # ---- entry points ---------------------------------------------------------------------------
     def run(self) -> Stats:
@@ -125,15 +135,93 @@ class Runner:
             pairs = merge(src, self._listing(self.dst, count=False))
         else:
             pairs = ((s, None) for s in src)
+        if self.opts.delete_dst and not self.opts.verify_only and self.dst.scheme in _FILE_SYSTEMS:
+            yield from self._clearing_the_way(pairs, extras)
+            return
         for s, d in pairs:
             if s is None:
                 assert d is not None
-                self.stats.add(extra=1)
-                self._emit("extra", d, d.key)
+                self._extra(d)
                 if self.opts.delete_dst:
-                    extras.write(json.dumps(d.key) + "\n")
+                    self._spool(extras, d.key)
                 continue
             yield s, d, s.key
+
+    def _extra(self, d: Entry) -> None:
+        self.stats.add(extra=1)
+        self._emit("extra", d, d.key)
+
+    def _spool(self, extras: IO[str], key: str) -> None:
+        extras.write(json.dumps(key) + "\n")
+        self._spooled += 1
+
+    def _clearing_the_way(self, pairs: Iterable[Pair], extras: IO[str]) -> Iterator[Item]:
+        """The items of a merged listing (with --delete-dst onto a file system), deleting first
+        the extras that would block a copy: a destination file that is a directory of a copied
+        key, or the destination files under a copied file's name.
+
+        Keys that may still turn out to be such a directory are kept on a stack until the merge
+        has passed every key under them: a source file missing at the destination is handed out
+        only then (after the extras under its name are gone), a destination extra spooled only
+        then (unless it was deleted already). The stack holds only keys that are prefixes of the
+        current one (`a`, `a.old`, `a.old/x`), so memory stays flat."""
+        stack: list[_Pending] = []
+
+        def close(key: str | None) -> Iterator[Item]:
+            # every key under stack[-1].key/ sorts in [key + "/", key + "0"): past it, none follows
+            while stack and (key is None or key >= stack[-1].end):
+                done = stack.pop()
+                if done.item is not None:
+                    yield done.item
+                elif not done.cleared:
+                    self._spool(extras, done.key)
+
+        try:
+            for s, d in pairs:
+                key = s.key if s is not None else d.key if d is not None else ""
+                yield from close(key)
+                if d is not None and s is None:
+                    self._extra(d)
+                cleared = False
+                for p in stack:
+                    if not key.startswith(p.key + "/"):
+                        continue
+                    if p.item is None and s is not None and not p.cleared:
+                        # the destination file p.key is where the source now has a directory
+                        p.cleared = self._clear(p.key, key)
+                    elif p.item is not None and s is None and not cleared:
+                        # a destination file under p.key/, where the source now has a file p.key
+                        cleared = self._clear(key, p.key)
+                if s is None:
+                    if not cleared:
+                        stack.append(_Pending(key, key + "0"))
+                elif d is None:
+                    stack.append(_Pending(key, key + "0", item=(s, None, key)))
+                else:
+                    yield s, d, key
+        except OssimportError:
+            yield from close(None)  # what was listed before a failure is still copied
+            raise
+        yield from close(None)
+
+    def _clear(self, extra: str, blocked: str) -> bool:
+        """Delete the destination extra `extra` now, before the copy of `blocked` it stands in the
+        way of. Not while the source listing has left anything out (then it is not known that
+        the source has no `extra`): the copy fails instead. True when it was deleted or tried."""
+        if self.src.list_errors or self._stop.is_set():
+            return False
+        log.debug("deleting %s first: it is in the way of %s", extra, blocked)
+        try:
+            if not self.opts.dryrun:
+                self.dst.delete(extra)
+        except StorageError as exc:
+            self.stats.fail(extra, exc.code, f"delete failed: {exc}")
+            self._emit("failed", Entry(extra, 0, 0.0), f"{exc.code}: delete failed (it is in the way of "
+                                                       f"{blocked}): {exc}")
+            return True  # not again for the next key; the failure also cancels the other deletions
+        self.stats.add(deleted=1)
+        self._emit("deleted", Entry(extra, 0, 0.0), extra)
+        return True
 
     # ---- the pipeline -----------------------------------------------------------------------------
     def _execute(self, items: Iterator[Item]) -> None:
@@ -232,10 +320,10 @@ class Runner:
         self._emit("verified", src, src.key)
 
     def _delete_extras(self, extras: IO[str]) -> None:
-        if not self.opts.delete_dst or not self.stats.extra:
+        if not self.opts.delete_dst or not self._spooled:
             return
         if self.stats.failed or self._errors or self._stop.is_set():
-            log.error("not deleting %d extra destination files because there were errors", self.stats.extra)
+            log.error("not deleting %d extra destination files because there were errors", self._spooled)
             return
         extras.seek(0)
         self._delete_keys(json.loads(line) for line in extras)
@@ -263,6 +351,18 @@ class Runner:
     def _emit(self, event: str, entry: Entry, detail: str) -> None:
         if self.listener is not None:
             self.listener(event, entry, detail)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A key the merge may still find to be a directory on the other side (see
+    `Runner._clearing_the_way`): a source file waiting to be handed out (`item`), or a destination
+    extra waiting to be spooled (`cleared`: already deleted, or tried)."""
+
+    key: str
+    end: str  # key + "0": the first key after every key under key/
+    item: Item | None = None
+    cleared: bool = False
 
 
 def _interleaved(batch: list[Item]) -> list[Item]:

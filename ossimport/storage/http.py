@@ -9,7 +9,9 @@
   whitespace; in the latter case a key column that comes after the prefix column takes the rest
   of the line, so keys may contain spaces ("http://host/dir/ my file.txt").
 - a URL ending in '/' (what `Location.split_object` makes of a single URL): a base URL that keys
-  are appended to; it cannot be listed.
+  are appended to; it cannot be listed. The single URL's query string (a presigned URL's
+  signature) is in `Location.query` and appended to every URL requested: it is sent, never shown
+  (messages name URLs through `_safe_url`, and its values are registered as log secrets).
 
 Sizes and mtimes come from HEAD (Content-Length, Last-Modified) over one pooled keep-alive client.
 """
@@ -22,11 +24,12 @@ import threading
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 import urllib3
 
 from ossimport.errors import NotFound, StorageError
+from ossimport.log import register_secret
 from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, StreamReader
 
 if TYPE_CHECKING:
@@ -56,8 +59,11 @@ class HTTPListStorage(Storage):
         path = location.path
         if path.startswith(_URL_SCHEMES):
             self._mode = "dir" if path.endswith("/") else "url"
+            _register_query_secrets(urlsplit(path).query)
         else:
             self._mode = "list"
+        self._query = f"?{location.query}" if location.query and self._mode == "dir" else ""
+        _register_query_secrets(location.query)
 
     # ---- the list ----------------------------------------------------------------------------
     def _pairs(self, record: bool = False) -> Iterator[tuple[str, str]]:
@@ -108,7 +114,7 @@ class HTTPListStorage(Storage):
 
     def _url(self, key: str) -> str:
         if self._mode == "dir":
-            return self.location.path + quote(key, safe="/")
+            return self.location.path + quote(key, safe="/") + self._query
         with self._lock:
             if self._index is None:
                 # head()/open() look keys up in a dict of the whole list (held in memory)
@@ -301,6 +307,14 @@ def _connection_error(where: str, exc: BaseException) -> StorageError:
     reason = getattr(exc, "reason", None) or exc  # MaxRetryError wraps the real cause
     text = f"{type(reason).__name__}: {reason}"[:300]
     return StorageError(f"{where}: connection failed: {text}", code="RequestError", retryable=True)
+
+
+def _register_query_secrets(query: str) -> None:
+    """A signed URL's query values are credentials: keep them out of every log line, raw and
+    percent-encoded (short values such as an expiry are left alone)."""
+    for _, value in parse_qsl(query):
+        if len(value) >= 8:
+            register_secret(value, quote(value, safe=""), quote(value))
 
 
 def _safe_url(url: str) -> str:
