@@ -367,6 +367,12 @@ def _report(args: argparse.Namespace, stats: Stats, src_opts: StorageOptions) ->
     elif src_opts.skipped_links and not args.quiet:
         print(f"skipped {len(src_opts.skipped_links)} symbolic links (use -L to follow them, "
               "--recordName FILE to list them)", file=sys.stderr)
+    if stats.not_tried:
+        # not quiet-able: it explains an exit code and failures no FAILED line named
+        first = next((f for f in stats.failures if not f.message.startswith("not tried")), None)
+        code = first.code if first else "the error above"
+        print(f"ossimport: {stats.not_tried} more files were not tried: every request would fail with {code} "
+              "like the one above; fix that and run the command again", file=sys.stderr)
     summary = stats.summary()
     if args.json:
         summary["dryrun"] = bool(args.dryrun)
@@ -423,7 +429,7 @@ class _KeyLists:
     def on(self, event: str, entry: Entry, detail: str) -> None:
         if event == "extra":
             kind = "extra"
-        elif event == "failed":
+        elif event in ("failed", "not-tried"):
             code = detail.split(":", 1)[0]
             kind = self.CODES.get(code, "errors")
         else:
@@ -432,7 +438,7 @@ class _KeyLists:
             self.counts[kind] += 1
             if kind in self.files:
                 self.files[kind].write(entry.key + "\n")
-        if not self.quiet and (kind != "extra" or self.verbose):
+        if not self.quiet and event != "not-tried" and (kind != "extra" or self.verbose):
             from ossimport.log import redact
 
             _err_line(redact(f"{kind.upper()} {entry.key}" + (f": {detail}" if kind in ("differ", "errors") else "")))

@@ -20,6 +20,16 @@ class OssimportError(Exception):
             self.code = code
 
 
+# Codes after which every other request to the same store fails the same way (wrong keys, no such
+# bucket, an untrusted server): once one file fails with one of them, the rest of the run is
+# failed without a request each, so a wrong secret gives one line instead of one per file.
+# Transient trouble (connection refused, 5xx, timeouts) is not here: a days-long job rides it out.
+FATAL_CODES = frozenset({
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName",
+    "NoCredentials", "MissingCredentials", "AuthenticationFailed", "HostKeyMismatch", "SSLError",
+})
+
+
 class UsageError(OssimportError):
     """The user's input is wrong (address, option, config): fix it and run again."""
 

@@ -89,6 +89,14 @@ def failed_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
     return [ln for ln in proc.stderr.splitlines() if ln.startswith(("FAILED ", "FAILED:"))]
 
 
+def not_tried(proc: subprocess.CompletedProcess[str]) -> int:
+    """The count of the CLI's "N more files were not tried" line (0 without one)."""
+    for ln in proc.stderr.splitlines():
+        if ln.startswith("ossimport: ") and "more files were not tried" in ln:
+            return int(ln.split()[1])
+    return 0
+
+
 def files_under(top: Path) -> dict[str, bytes]:
     return {os.path.relpath(os.path.join(d, f), top): Path(d, f).read_bytes()
             for d, _, fs in os.walk(top) for f in fs}
@@ -240,7 +248,9 @@ def test_wrong_secret_on_ceph(work: Path, backend_factory: Any) -> None:
     assert elapsed < 60, f"credentials errors are not retried: {elapsed:.1f}s"
     assert up.returncode == 1 and "Traceback" not in up.stderr
     fails = failed_lines(up)
-    assert sorted(ln.split(":", 1)[0] for ln in fails) == ["FAILED a.txt", "FAILED sub/b.txt"], up.stderr
+    # files in flight when the first failed are named; the rest are counted as not tried
+    assert len(fails) + not_tried(up) == 2 and fails, up.stderr
+    assert {ln.split(":", 1)[0] for ln in fails} <= {"FAILED a.txt", "FAILED sub/b.txt"}, up.stderr
     assert all(("SignatureDoesNotMatch" in ln or "AccessDenied" in ln) for ln in fails), up.stderr
     assert down.returncode == 1 and "Traceback" not in down.stderr
     assert "SignatureDoesNotMatch" in down.stderr or "AccessDenied" in down.stderr, down.stderr
@@ -267,10 +277,30 @@ def test_wrong_key_on_oss(work: Path, backend_factory: Any, ak: str, sk: str, co
     assert time.monotonic() - t0 < 60
     assert up.returncode == 1 and "Traceback" not in up.stderr
     fails = failed_lines(up)
-    assert len(fails) == 2 and all(code in ln for ln in fails), up.stderr
+    assert fails and len(fails) + not_tried(up) == 2 and all(code in ln for ln in fails), up.stderr
     assert down.returncode == 1 and code in down.stderr and "Traceback" not in down.stderr
     assert created_outside(before, snapshot(work), "dst") == []
     assert sk not in up.stderr + down.stderr
+
+
+def test_wrong_secret_gives_one_line_not_one_per_file(work: Path, backend_factory: Any) -> None:
+    ceph = backend_factory("s3-ceph")
+    root = ceph.new_root()
+    loc = parse_address(ceph.address(root))
+    wrong = f"s3://{loc.access_key}:WrongSecret%2F0000@{loc.bucket}.{loc.endpoint}/{root}/"
+    many = work / "many"
+    write_tree(many, {f"d{i % 7}/f{i:03d}.txt": b"x" * i for i in range(300)})
+    t0 = time.monotonic()
+    up = run(work, "--threads", "4", "--json", "cp", "many/", wrong)
+    assert time.monotonic() - t0 < 60
+    assert up.returncode == 1 and "Traceback" not in up.stderr
+    fails = failed_lines(up)
+    # only the files already in flight on the 4 threads when the first answer came back
+    assert 1 <= len(fails) <= 4 and all("SignatureDoesNotMatch" in ln for ln in fails), up.stderr
+    assert not_tried(up) == 300 - len(fails), up.stderr
+    summary = json.loads(up.stdout)
+    assert summary["failed"] == 300 and summary["not_tried"] == 300 - len(fails) and summary["copied"] == 0
+    assert "WrongSecret" not in up.stdout + up.stderr
 
 
 def test_unreachable_endpoint_fails_within_a_bound(work: Path) -> None:

@@ -30,7 +30,7 @@ from ossimport.engine.listing import Filter, KeyRange, Pair, checked_order, merg
 from ossimport.engine.policy import Action, Policy
 from ossimport.engine.stats import Stats
 from ossimport.engine.transfer import Transfer, TransferOptions
-from ossimport.errors import OssimportError, StorageError
+from ossimport.errors import FATAL_CODES, OssimportError, StorageError
 from ossimport.storage.base import Entry, Storage
 
 log = logging.getLogger("ossimport")
@@ -77,6 +77,7 @@ class Runner:
         self.transfer = Transfer(src, dst, opts.transfer, self.stats)
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
+        self._fatal: StorageError | None = None  # a failure every further request would repeat
         self._spooled = 0  # extras written to the spool, to be deleted after the copy phase
 
     # ---- entry points ---------------------------------------------------------------------------
@@ -276,9 +277,19 @@ class Runner:
             if self._stop.is_set():
                 continue
             src, dst, dst_key = item  # type: ignore[misc]
+            fatal = self._fatal
+            if fatal is not None:
+                # failed without a request: listeners that keep per-file records (jobs) get it
+                # as a failure to retry; the CLI counts these instead of printing each
+                self.stats.fail(src.key, fatal.code, f"not tried after {fatal.code}", src.size)
+                self.stats.add(not_tried=1)
+                self._emit("not-tried", src, f"{fatal.code}: not tried after an earlier file failed with it")
+                continue
             try:
                 self._one(src, dst, dst_key)
             except StorageError as exc:
+                if exc.code in FATAL_CODES and self._fatal is None:
+                    self._fatal = exc
                 self.stats.fail(src.key, exc.code, str(exc), src.size)
                 self._emit("failed", src, f"{exc.code}: {exc}")
             except Exception as exc:  # a bug or an unmapped library error: fail the file, not the run

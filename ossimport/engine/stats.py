@@ -31,6 +31,7 @@ class Stats:
     deleted: int = 0  # extras deleted (--delete-dst) plus sources deleted (--delete-src)
     failed: int = 0
     failed_bytes: int = 0
+    not_tried: int = 0  # failed without a request, after a failure that every request would repeat
     bytes_moved: int = 0  # bytes through the pipe so far, including unfinished files (progress)
     listing_done: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -83,5 +84,6 @@ class Stats:
             "extra": self.extra,
             "deleted": self.deleted,
             "failed": self.failed,
+            "not_tried": self.not_tried,
             "seconds": round(self.elapsed, 3),
         }

@@ -90,7 +90,7 @@ class TaskRunner:
 
         def listener(event: str, entry: Entry, detail: str) -> None:
             with lock:
-                if event == "failed":
+                if event in ("failed", "not-tried"):
                     audit.append(f"FAILED\t{entry.key}\t{detail}")
                     if entry.key:
                         errors.append(entry.key)
