@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -28,13 +29,22 @@ from urllib.parse import quote
 if __package__ in (None, ""):  # run as a script: make `bench` and `ossimport` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.servers import Endpoint, Server, create_bucket, iter_objects, make_server  # noqa: E402
+from bench.servers import (  # noqa: E402
+    Endpoint,
+    Server,
+    SshServer,
+    create_bucket,
+    iter_objects,
+    make_server,
+)
 from bench.tools import (  # noqa: E402
     S3,
     Loc,
     Local,
+    Ours,
     Rclone,
     RunResult,
+    Sftp,
     Tool,
     ToolContext,
     ensure_peers,
@@ -48,34 +58,68 @@ OPS = ("upload", "download", "s3copy", "sync")
 DEFAULT_WORKLOADS = ("small2k", "small20k", "big256", "big1g", "mixed")
 QUICK_WORKLOADS = ("small2k", "big256")
 COPY_OPS = ("upload", "download", "s3copy")
+SFTP_WORKLOADS = ("small2k", "big256")  # local -> SFTP (`sftp` alone names these)
+JOB_WORKERS = (1, 2, 4)  # job<N>-<workload>: the job system with N local workers
+JOB_WORKLOAD = "small20k"
+CEILING_OPS, CEILING_WORKLOADS = ("upload", "download"), ("big256", "big1g")
+# peers that cannot take part in a scenario: shown as n/a (rather than left out) with this reason
+NOT_APPLICABLE = {"sftp": ("awscli", "s3cmd")}
 SEED_BUCKET, PREFIX = "seed", "data/"
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    op: str  # upload | download | s3copy | sync | mem1m
+    op: str  # upload | download | s3copy | sync | mem1m | sftp | job
     workload: str
+    workers: int = 0  # job: local worker processes
+
+
+def job_scenario(workers: int, workload: str) -> Scenario:
+    return Scenario(f"job{workers}-{workload}", "job", workload, workers)
 
 
 def all_scenarios() -> dict[str, Scenario]:
     out = {f"{op}-{w}": Scenario(f"{op}-{w}", op, w) for op in OPS for w in WORKLOADS if w != "mem1m"}
     out["mem1m"] = Scenario("mem1m", "mem1m", "mem1m")
+    out.update({f"sftp-{w}": Scenario(f"sftp-{w}", "sftp", w) for w in WORKLOADS if w != "mem1m"})
+    for n in JOB_WORKERS:
+        out.update({f"job{n}-{w}": job_scenario(n, w) for w in WORKLOADS if w != "mem1m"})
     return out
+
+
+def default_names(quick: bool) -> list[str]:
+    wls = QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS
+    names = [f"{op}-{w}" for w in wls for op in COPY_OPS]
+    if quick:
+        return [*names, "sftp-small2k"]
+    return [
+        *names,
+        "sync-insync100k",
+        *(f"sftp-{w}" for w in SFTP_WORKLOADS),
+        *(f"job{n}-{JOB_WORKLOAD}" for n in JOB_WORKERS),
+    ]
 
 
 def pick_scenarios(spec: str | None, quick: bool) -> list[Scenario]:
     known = all_scenarios()
     if not spec:
-        wls = QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS
-        names = [f"{op}-{w}" for w in wls for op in COPY_OPS] + ([] if quick else ["sync-insync100k"])
-        return [known[n] for n in names]
+        return [known[n] for n in default_names(quick)]
     picked: list[Scenario] = []
     for tok in (t.strip() for t in spec.split(",")):
         if not tok:
             continue
+        m = re.fullmatch(r"job(\d+)(?:-(\w+))?", tok)
         if tok in known:
             names = [tok]
+        elif m and 1 <= int(m[1]) <= 64 and (m[2] or JOB_WORKLOAD) in WORKLOADS and m[2] != "mem1m":
+            sc = job_scenario(int(m[1]), m[2] or JOB_WORKLOAD)  # any worker count: job3-small2k
+            known[sc.name] = sc
+            names = [sc.name]
+        elif tok == "job":
+            names = [f"job{n}-{JOB_WORKLOAD}" for n in JOB_WORKERS]
+        elif tok == "sftp":
+            names = [f"sftp-{w}" for w in SFTP_WORKLOADS]
         elif tok == "insync100k":
             names = ["sync-insync100k"]
         elif tok in WORKLOADS:
@@ -85,8 +129,11 @@ def pick_scenarios(spec: str | None, quick: bool) -> list[Scenario]:
         elif tok in OPS:
             names = [f"{tok}-{w}" for w in (QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS)]
         else:
+            ops = " ".join([*OPS, "sftp"])
             raise SystemExit(
-                f"unknown scenario {tok!r}; known: {', '.join(known)} (or a workload / operation name)"
+                f"unknown scenario {tok!r}; write OP-WORKLOAD (OP: {ops}; WORKLOAD: "
+                f"{' '.join(w for w in WORKLOADS if w != 'mem1m')}), jobN-WORKLOAD, mem1m, "
+                "a workload, an operation, sftp or job"
             )
         picked += [known[n] for n in names if known[n] not in picked]
     return picked
@@ -117,7 +164,7 @@ def verify(
 ) -> tuple[str, int]:
     """'' if dst holds exactly the expected files, else why not; also how many objects are newer than `since`."""
     newer = 0
-    if isinstance(dst, Local):
+    if isinstance(dst, Local | Sftp):  # the sshd's folder is local disk too
         got_count, got_total, got_keys = scan_local(dst.path)
     else:
         assert ep is not None
@@ -137,10 +184,32 @@ def verify(
     return "", newer
 
 
+def plan_tools(sc: Scenario, tools: list[Tool]) -> tuple[list[Tool], dict[str, str]]:
+    """The tools that run in `sc`, and those shown as n/a (name -> reason). Others are left out."""
+    run: list[Tool] = []
+    na: dict[str, str] = {}
+    for t in tools:
+        if sc.op == "mem1m":
+            keep = t.local_to_local
+        elif t.name == "ceiling":
+            keep = sc.op in CEILING_OPS and sc.workload in CEILING_WORKLOADS
+        elif sc.op == "job":
+            keep = t.name in ("ours", "rclone")  # rclone: its plain upload of the same tree
+        elif sc.op == "sftp":
+            keep = t.sftp
+            if not keep and t.name in NOT_APPLICABLE["sftp"]:
+                na[t.name] = "n/a: no SFTP support"
+        else:
+            keep = True
+        if keep:
+            run.append(t)
+    return run, na
+
+
 def run_scenario(
     sc: Scenario,
     tools: list[Tool],
-    server: Server,
+    servers: dict[str, Server],
     args: argparse.Namespace,
     work: Path,
     entry: dict[str, Any],
@@ -148,10 +217,14 @@ def run_scenario(
     """Run one scenario, filling `entry` as it goes (so an interrupted scenario keeps its runs)."""
     wl = WORKLOADS[sc.workload]
     count, total = wl.totals()
-    tools = [t for t in tools if sc.op != "mem1m" or t.local_to_local]
+    tools, na = plan_tools(sc, tools)
+    server = servers["sftp"] if sc.op == "sftp" else servers["s3"]
     runs: list[dict[str, Any]] = entry["runs"]
     entry["workload"] = {"name": wl.name, "description": wl.description, "files": count, "bytes": total}
-    entry["summary_fn"] = lambda: summarize(runs, tools, count, total)
+    entry["server"] = server.name if sc.op != "mem1m" else None
+    if sc.op == "job":
+        entry["workers"] = sc.workers
+    entry["summary_fn"] = lambda: summarize(runs, tools, count, total, na)
     free = shutil.disk_usage(work).free
     if free < 3 * total + GiB:
         raise RuntimeError(
@@ -192,7 +265,7 @@ def one_run(sc: Scenario, tool: Tool, rnd: int, ep: Endpoint | None, server: Ser
     op = "sync" if sc.op in ("sync", "mem1m") else "copy"
     src: Loc
     dst: Loc
-    if sc.op == "upload":
+    if sc.op in ("upload", "job"):
         src, dst = Local(src_root), S3(bucket, PREFIX)
     elif sc.op == "download":
         src, dst = S3(SEED_BUCKET, PREFIX), Local(scratch / "out" / tag)
@@ -200,9 +273,12 @@ def one_run(sc: Scenario, tool: Tool, rnd: int, ep: Endpoint | None, server: Ser
         src, dst = S3(SEED_BUCKET, PREFIX), S3(bucket, PREFIX)
     elif sc.op == "sync":
         src, dst = Local(src_root), S3(SEED_BUCKET, PREFIX)  # already in sync: a no-op
+    elif sc.op == "sftp":
+        assert ep is not None
+        src, dst = Local(src_root), Sftp(Path(ep.extra["root"]) / tag)
     else:
         src, dst = Local(src_root), Local(scratch / "out" / tag)
-    if isinstance(dst, Local):
+    if isinstance(dst, Local | Sftp):
         dst.path.mkdir(parents=True, exist_ok=True)
     elif dst.bucket != SEED_BUCKET:
         assert ep is not None
@@ -210,15 +286,29 @@ def one_run(sc: Scenario, tool: Tool, rnd: int, ep: Endpoint | None, server: Ser
     os.sync()  # no dirty pages from the previous run are flushed during this one
     confdir = scratch / "conf" / tag
     confdir.mkdir(parents=True, exist_ok=True)
-    argv, env, cwd = tool.command(op, src, dst, ToolContext(ep, confdir, args.threads))
+    ctx = ToolContext(ep, confdir, args.threads)
+    job = sc.op == "job" and isinstance(tool, Ours)
+    if job:
+        assert isinstance(src, Local) and isinstance(dst, S3)
+        argv, env, cwd = tool.job_command(src, dst, ctx, sc.workers)
+    else:
+        argv, env, cwd = tool.command(op, src, dst, ctx)
     load_before = round(os.getloadavg()[0], 2)
     started = time.time()
-    res = run_measured(argv, env, cwd, args.timeout, scratch / "logs" / tag)
+    job_log = ""
+    try:
+        res = run_measured(argv, env, cwd, args.timeout, scratch / "logs" / tag)
+    finally:
+        if job:  # the master and workers run in sessions of their own: stop them by their pid files
+            assert isinstance(tool, Ours)
+            job_log = tool.job_stop(confdir)
     problem, newer = verify(dst, ep, count, total, keys, started)
     if res.timed_out:
         problem = f"timed out after {args.timeout:.0f}s"
     elif res.rc != 0:
         problem = f"exit code {res.rc}" + (f"; {problem}" if problem else "")
+    if problem and job_log:
+        res.stderr_tail += "\n--- ossimport2.log ---\n" + job_log
     rec: dict[str, Any] = {
         "round": rnd,
         "tool": tool.name,
@@ -239,7 +329,7 @@ def one_run(sc: Scenario, tool: Tool, rnd: int, ep: Endpoint | None, server: Ser
     if problem and res.stderr_tail.strip():
         log("    " + res.stderr_tail.strip()[-600:].replace("\n", "\n    "))
     # Clean up, so disk use stays bounded.
-    if isinstance(dst, Local):
+    if isinstance(dst, Local | Sftp):
         shutil.rmtree(dst.path, ignore_errors=True)
     elif dst.bucket != SEED_BUCKET:
         assert ep is not None
@@ -250,12 +340,14 @@ def one_run(sc: Scenario, tool: Tool, rnd: int, ep: Endpoint | None, server: Ser
 
 
 def mask(arg: str, ep: Endpoint | None) -> str:
-    if ep is None:
+    if ep is None or not ep.secret_key:  # the sshd's endpoint has no secret key (its key is a file)
         return arg
     return arg.replace(ep.secret_key, "***").replace(quote(ep.secret_key, safe=""), "***")
 
 
-def summarize(runs: list[dict[str, Any]], tools: list[Tool], count: int, total: int) -> list[dict[str, Any]]:
+def summarize(
+    runs: list[dict[str, Any]], tools: list[Tool], count: int, total: int, na: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for tool in tools:
         mine = [r for r in runs if r["tool"] == tool.name]
@@ -289,6 +381,7 @@ def summarize(runs: list[dict[str, Any]], tools: list[Tool], count: int, total: 
     for row in rows:
         if ours and row["tool"] != "ours" and row.get("median_s"):
             row["ours_over_peer"] = ours["median_s"] / row["median_s"]
+    rows += [{"tool": name, "runs": 0, "ok": 0, "na": True, "note": why} for name, why in (na or {}).items()]
     return rows
 
 
@@ -297,7 +390,7 @@ def summarize(runs: list[dict[str, Any]], tools: list[Tool], count: int, total: 
 
 def startup_times(tools: list[Tool], n: int, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for tool in tools:
+    for tool in (t for t in tools if not t.pseudo):
         argv, env = tool.version_argv(), tool.base_env()
         samples: list[RunResult] = [
             run_measured(argv, env, tool.cwd, 60, work / "startup" / tool.name) for _ in range(n)
@@ -335,7 +428,7 @@ def table(results: dict[str, Any]) -> str:
             note = row.get("note", "")
             if row.get("failure"):
                 note = (note + "; " if note else "") + f"FAILED: {row['failure'][:70]}"
-            ok = f"{row['ok']}/{row['runs']}"
+            ok = "n/a" if row.get("na") else f"{row['ok']}/{row['runs']}"
             lines.append(
                 f"{sc['name']:22s} {row['tool']:8s} {ok:>5s} {fmt(row.get('median_s'), 9, 2)} "
                 f"{fmt(row.get('files_per_s'), 9, 0)} {fmt(row.get('mib_per_s'), 8, 1)} "
@@ -364,14 +457,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per scenario (default 3)")
     p.add_argument(
         "--scenarios",
-        help="comma list: scenario names (upload-small2k), workloads (small2k) or operations (upload); mem1m only when named",
+        help="comma list: scenario names (upload-small2k, sftp-big256, job4-small20k), workloads (small2k) or "
+        "operations (upload, sftp, job); mem1m only when named",
     )
-    p.add_argument("--quick", action="store_true", help="only the small2k and big256 workloads")
+    p.add_argument(
+        "--quick", action="store_true", help="only the small2k and big256 workloads (and sftp-small2k)"
+    )
     p.add_argument(
         "--out", default="bench/results.json", help="JSON results file (default bench/results.json)"
     )
     p.add_argument(
-        "--tools", default="ours,rclone,awscli,s3cmd", help="comma list of tools (default all four)"
+        "--tools",
+        default="ours,rclone,awscli,s3cmd,ceiling",
+        help="comma list of tools (default all four and the ceiling pseudo-tool)",
     )
     p.add_argument("--threads", type=int, default=16, help="concurrency given to every tool (default 16)")
     p.add_argument(
@@ -398,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         log(n)
     server = make_server(args.server, find_bin("rclone"))
+    sshd = SshServer()
+    servers: dict[str, Server] = {"s3": server, "sftp": sshd}
+    uses_sftp = any(sc.op == "sftp" for sc in scenarios)
+    if uses_sftp and sshd.available():
+        log(f"warning: the SFTP scenarios will fail: {sshd.available()}")
     work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="ossimport-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
@@ -417,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "server": args.server,
             "server_version": server.version(),
+            "sftp_server": f"{sshd.name} ({sshd.version()})" if uses_sftp else None,
             "tools": {
                 t.name: {"exe": t.exe, "version": safe_version(t), "note": t.threads_note} for t in tools
             },
@@ -439,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             entry: dict[str, Any] = {"name": sc.name, "op": sc.op, "runs": [], "summary": []}
             results["scenarios"].append(entry)
             try:
-                run_scenario(sc, tools, server, args, work, entry)
+                run_scenario(sc, tools, servers, args, work, entry)
             except Exception as e:  # one broken scenario must not stop the others
                 log(f"[{sc.name}] scenario failed: {type(e).__name__}: {e}")
                 entry["error"] = f"{type(e).__name__}: {e}"
@@ -452,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted; stopping")
         rc = 130
     finally:
-        server.stop()
+        for srv in servers.values():
+            srv.stop()
         write_json(out_path, results)
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -2,12 +2,14 @@
 
 A server is small on purpose: `start(workdir) -> Endpoint`, `stop()`, and `persistent` (does its
 data survive a restart?). `rclone serve s3` is built in; a Ceph RGW (tests/servers/ceph.py, class
-CephRGW) is loaded lazily with `--server ceph`. An sshd would add an Endpoint with `extra` fields.
+CephRGW) is loaded lazily with `--server ceph`. `SshServer` is a private OpenSSH sshd for the SFTP
+scenarios; its Endpoint's `extra` carries the user, the client key file and the data folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import http.client
 import os
 import shutil
@@ -191,6 +193,132 @@ class CephServer(Server):
         if self.rgw is not None:
             rgw, self.rgw = self.rgw, None
             rgw.stop()
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+def wait_ssh_banner(port: int, deadline_s: float, proc: subprocess.Popen[bytes]) -> None:
+    """Poll until the port sends an SSH identification line, or raise after `deadline_s` seconds."""
+    end = time.monotonic() + deadline_s
+    last = ""
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited with code {proc.returncode}")
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as s:
+                if s.recv(64).startswith(b"SSH-"):
+                    return
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.05)
+    raise TimeoutError(f"sshd on {HOST}:{port} not ready after {deadline_s:.0f}s ({last})")
+
+
+class SshServer(Server):
+    """A private OpenSSH sshd on 127.0.0.1 for the SFTP scenarios (as in tests/backends/sftp.py).
+
+    It runs as the current user with a generated ed25519 host key and accepts only a generated
+    client key (no PAM, no passwords). Its data folder is plain local disk: `Endpoint.extra` has
+    `user`, `key_file` (the client's private key) and `root` (an absolute folder to write into).
+    """
+
+    name = "openssh-sshd"
+    persistent = False
+
+    def __init__(self, sshd: str = SSHD) -> None:
+        self.sshd = sshd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: Path | None = None
+
+    def version(self) -> str:
+        ssh = shutil.which("ssh")
+        if not ssh:
+            return ""
+        out = subprocess.run([ssh, "-V"], capture_output=True, text=True, timeout=30)
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        return lines[0] if lines else ""
+
+    @staticmethod
+    def available() -> str:
+        """'' when sshd and ssh-keygen are installed, else what is missing."""
+        missing = [p for p in (SSHD, "ssh-keygen") if not shutil.which(p)]
+        return f"not installed: {', '.join(missing)} (apt-get install openssh-server)" if missing else ""
+
+    @staticmethod
+    def keygen(path: Path) -> Path:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".pub").unlink(missing_ok=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ossimport-bench", "-f", str(path)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        return path
+
+    def start(self, workdir: Path) -> Endpoint:
+        self.stop()
+        why = self.available()
+        if why:
+            raise RuntimeError(f"the SFTP scenarios need OpenSSH: {why}")
+        conf = workdir / "sshd"
+        conf.mkdir(parents=True, exist_ok=True)
+        data = workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        host_key = self.keygen(conf / "host_ed25519")
+        client_key = self.keygen(conf / "client_ed25519")
+        authorized = conf / "authorized_keys"
+        authorized.write_bytes(client_key.with_suffix(".pub").read_bytes())
+        authorized.chmod(0o600)
+        port = free_port()
+        config = conf / "sshd_config"
+        config.write_text(
+            "\n".join([
+                f"ListenAddress {HOST}",
+                f"Port {port}",
+                f"HostKey {host_key}",
+                f"AuthorizedKeysFile {authorized}",
+                f"PidFile {conf / 'sshd.pid'}",
+                "StrictModes no",
+                "UsePAM no",
+                "PermitRootLogin yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                # 16 parallel connections from one tool must not be dropped as a connection flood
+                "MaxStartups 200",
+                "MaxSessions 200",
+                "UseDNS no",
+                # bash skips ~/.bashrc with SHLVL>=1: a remote command (rclone's md5sum per file)
+                # must not pay for whatever this host's shell setup does (here: pyenv, ~0.17 s)
+                "SetEnv SHLVL=1",
+                "Subsystem sftp internal-sftp",
+                "LogLevel ERROR",
+                "",
+            ])
+        )  # fmt: skip
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
+        self.log = conf / "sshd.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=clean_env(), start_new_session=True,
+            )  # fmt: skip
+        try:
+            wait_ssh_banner(port, 30.0, self.proc)
+        except BaseException:
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            self.stop()
+            raise RuntimeError(f"sshd did not start: {tail}") from None
+        extra = {"user": getpass.getuser(), "key_file": str(client_key), "root": str(data.resolve())}
+        return Endpoint(HOST, port, "", "", extra=extra)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+            self.proc = None
+
+    def wipe_bucket(self, endpoint: Endpoint, bucket: str) -> None:
+        shutil.rmtree(Path(endpoint.extra["root"]) / bucket, ignore_errors=True)
 
 
 def endpoint_from(*objs: Any) -> Endpoint:

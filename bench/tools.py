@@ -1,8 +1,9 @@
 """The tools under comparison (ours and the peers), how to install them, and a measured run.
 
-A tool turns (operation, source, destination) into argv + environment. Locations are either a
-local folder or an S3 folder on the benchmark server. Peers are configured only through the
-environment, flags and files in the benchmark's own temp folder (never ~/.aws or ~/.config).
+A tool turns (operation, source, destination) into argv + environment. Locations are a local
+folder, an S3 folder on the benchmark server, or a folder on the benchmark's sshd (SFTP). Peers are
+configured only through the environment, flags and files in the benchmark's own temp folder (never
+~/.aws or ~/.config). `ceiling` is a pseudo-tool: bench/ceiling.py, a bare multipart client.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import quote
 
 import psutil
 
-from bench.servers import REPO, Endpoint, clean_env
+from bench.servers import REPO, Endpoint, clean_env, free_port
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,14 @@ class S3:
     prefix: str  # "" or ending in "/"
 
 
-Loc = Local | S3
+@dataclass(frozen=True)
+class Sftp:
+    """An absolute folder on the benchmark's sshd (the endpoint's `extra` has user and key)."""
+
+    path: Path
+
+
+Loc = Local | S3 | Sftp
 
 
 def find_bin(name: str) -> str | None:
@@ -97,6 +105,8 @@ class Tool:
     name = "tool"
     threads_note = ""  # shown next to the name when a tool cannot use the requested concurrency
     local_to_local = False
+    sftp = False  # can write to an SFTP server
+    pseudo = False  # not a real tool (no start-up time is measured)
 
     def __init__(self, exe: str) -> None:
         self.exe = exe
@@ -128,6 +138,7 @@ class Tool:
 class Ours(Tool):
     name = "ours"
     local_to_local = True
+    sftp = True
 
     cwd = REPO
 
@@ -147,6 +158,9 @@ class Ours(Tool):
         if isinstance(loc, Local):
             return str(loc.path).rstrip("/") + "/"
         assert ep is not None
+        if isinstance(loc, Sftp):  # [user@]host:port:/abs/path/ ; the key comes from SSH_PRIVATE_KEY_PATH
+            user = quote(ep.extra["user"], safe="")
+            return f"{user}@{ep.host}:{ep.port}:{quote(str(loc.path).rstrip('/'), safe='/')}/"
         ak, sk = quote(ep.access_key, safe=""), quote(ep.secret_key, safe="")  # a '/' becomes %2F
         return f"s3://{ak}:{sk}@{loc.bucket}.{ep.host}:{ep.port}/{loc.prefix}"
 
@@ -163,12 +177,72 @@ class Ours(Tool):
             self.addr(src, ctx.endpoint),
             self.addr(dst, ctx.endpoint),
         ]
+        env = self.base_env()
+        if ctx.endpoint is not None and "key_file" in ctx.endpoint.extra:
+            env["SSH_PRIVATE_KEY_PATH"] = ctx.endpoint.extra["key_file"]
+        return argv, env, REPO
+
+    # -- the job system (console import): a local tree into an S3 bucket, N local workers
+
+    JOB_NAME = "bench_job"
+
+    def job_command(
+        self, src: Local, dst: S3, ctx: ToolContext, workers: int, task_files: int = 1000
+    ) -> tuple[list[str], dict[str, str], Path | None]:
+        """`ossimport console import --yes --workers N` with a job conf + sys.properties in ctx.confdir.
+
+        The conf dir, the working dir (state, logs, pid files) and the master's port are new per run.
+        """
+        assert ctx.endpoint is not None
+        ep = ctx.endpoint
+        conf = ctx.confdir / "conf"
+        conf.mkdir(parents=True, exist_ok=True)
+        job = {
+            "jobName": self.JOB_NAME,
+            "jobType": "import",
+            "srcType": "local",
+            "srcPrefix": str(src.path).rstrip("/") + "/",
+            "destType": "s3",
+            "destDomain": ep.url,
+            "destAccessKey": ep.access_key,
+            "destSecretKey": ep.secret_key,
+            "destBucket": dst.bucket,
+            "destPrefix": dst.prefix,
+            "taskObjectCountLimit": task_files,
+        }
+        system = {
+            "workingDir": str(ctx.confdir / "work"),
+            "masterAddress": f"tcp://127.0.0.1:{free_port()}",
+            "workerTaskThreadNum": ctx.threads,
+            "workerCount": workers,
+        }
+        write_properties(conf / "local_job.cfg", job)
+        write_properties(conf / "sys.properties", system)
+        argv = [
+            *self.base(), "console", "--conf-dir", str(conf), "import", "--yes", "--workers", str(workers),
+        ]  # fmt: skip
         return argv, self.base_env(), REPO
+
+    def job_stop(self, confdir: Path, timeout: float = 60) -> str:
+        """Stop whatever a job run left running (`console stop` reads the pid files); its log tail."""
+        conf = confdir / "conf"
+        if (conf / "sys.properties").exists():
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(
+                    [*self.base(), "console", "--conf-dir", str(conf), "stop"],
+                    capture_output=True, timeout=timeout, cwd=REPO, env=self.base_env(),
+                )  # fmt: skip
+        log = confdir / "work" / "logs" / "ossimport2.log"
+        try:
+            return log.read_bytes()[-2000:].decode("utf-8", "replace")
+        except OSError:
+            return ""
 
 
 class Rclone(Tool):
     name = "rclone"
     local_to_local = True
+    sftp = True
 
     def version_argv(self) -> list[str]:
         return [self.exe, "version"]
@@ -177,6 +251,8 @@ class Rclone(Tool):
     def addr(loc: Loc) -> str:
         if isinstance(loc, Local):
             return str(loc.path)
+        if isinstance(loc, Sftp):
+            return f"sftpbench:{loc.path}"  # an absolute path (relative ones are from the home dir)
         return f"bench:{loc.bucket}/{loc.prefix}".rstrip("/")
 
     def command(
@@ -184,7 +260,16 @@ class Rclone(Tool):
     ) -> tuple[list[str], dict[str, str], Path | None]:
         env = clean_env()
         env["RCLONE_CONFIG"] = os.devnull
-        if ctx.endpoint is not None:
+        if ctx.endpoint is not None and "key_file" in ctx.endpoint.extra:
+            ep = ctx.endpoint
+            env.update(
+                RCLONE_CONFIG_SFTPBENCH_TYPE="sftp",
+                RCLONE_CONFIG_SFTPBENCH_HOST=ep.host,
+                RCLONE_CONFIG_SFTPBENCH_PORT=str(ep.port),
+                RCLONE_CONFIG_SFTPBENCH_USER=ep.extra["user"],
+                RCLONE_CONFIG_SFTPBENCH_KEY_FILE=ep.extra["key_file"],
+            )
+        elif ctx.endpoint is not None:
             ep = ctx.endpoint
             env.update(
                 RCLONE_CONFIG_BENCH_TYPE="s3",
@@ -204,6 +289,8 @@ def s3_url(loc: Loc) -> str:
     """The plain s3://bucket/prefix form awscli and s3cmd take (credentials go by env/flags)."""
     if isinstance(loc, Local):
         return str(loc.path).rstrip("/") + "/"
+    if isinstance(loc, Sftp):
+        raise ValueError("awscli and s3cmd do not speak SFTP")
     return f"s3://{loc.bucket}/{loc.prefix}"
 
 
@@ -278,11 +365,52 @@ class S3cmd(Tool):
         return [*base, *verb, self.addr(src), self.addr(dst)], clean_env(), None
 
 
+class Ceiling(Tool):
+    """Pseudo-tool: bench/ceiling.py, a bare multipart client (same part size and concurrency as
+    ours' defaults, no hashing, no verification): the fastest local disk <-> server goes here."""
+
+    name = "ceiling"
+    pseudo = True
+    PART_SIZE = "16m"  # ours' default --part-size
+    script = Path(__file__).resolve().parent / "ceiling.py"
+
+    def version_argv(self) -> list[str]:
+        return [self.exe, str(self.script), "--help"]
+
+    def version(self) -> str:
+        return f"bench/ceiling.py (http.client, SigV4 UNSIGNED-PAYLOAD, {self.PART_SIZE} parts)"
+
+    def command(
+        self, op: str, src: Loc, dst: Loc, ctx: ToolContext
+    ) -> tuple[list[str], dict[str, str], Path | None]:
+        assert ctx.endpoint is not None and op == "copy"
+        ep = ctx.endpoint
+        if isinstance(src, Local) and isinstance(dst, S3):
+            verb = "upload"
+        elif isinstance(src, S3) and isinstance(dst, Local):
+            verb = "download"
+        else:
+            raise ValueError("the ceiling covers local <-> S3 only")
+        env = clean_env()
+        env.update(
+            BENCH_S3_ENDPOINT=ep.url,
+            BENCH_S3_ACCESS_KEY=ep.access_key,
+            BENCH_S3_SECRET_KEY=ep.secret_key,
+            BENCH_S3_REGION=ep.region,
+        )
+        argv = [
+            self.exe, str(self.script), "--threads", str(ctx.threads), "--part-size", self.PART_SIZE,
+            verb, s3_url(src), s3_url(dst),
+        ]  # fmt: skip
+        return argv, env, None
+
+
 TOOL_CLASSES: dict[str, tuple[type[Tool], str]] = {
     "ours": (Ours, sys.executable),
     "rclone": (Rclone, "rclone"),
     "awscli": (AwsCli, "aws"),
     "s3cmd": (S3cmd, "s3cmd"),
+    "ceiling": (Ceiling, sys.executable),
 }
 
 
@@ -292,12 +420,23 @@ def make_tools(names: list[str], log: list[str]) -> list[Tool]:
         if name not in TOOL_CLASSES:
             raise ValueError(f"unknown tool {name!r} ({', '.join(TOOL_CLASSES)})")
         cls, exe = TOOL_CLASSES[name]
-        path = exe if name == "ours" else find_bin(exe)
+        path = exe if name in ("ours", "ceiling") else find_bin(exe)
         if not path:
             log.append(f"{name}: not found, skipped")
             continue
         tools.append(cls(path))
     return tools
+
+
+def write_properties(path: Path, values: dict[str, object]) -> None:
+    """A Java-properties file as the job system reads it (values escaped where they must be)."""
+
+    def esc(v: object) -> str:
+        text = str(v).lower() if isinstance(v, bool) else str(v)
+        return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+    path.write_text("".join(f"{k}={esc(v)}\n" for k, v in values.items()), encoding="utf-8")
+    path.chmod(0o600)  # it holds the destination's secret key
 
 
 # ----------------------------------------------------------------------------- measured runs
