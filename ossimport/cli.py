@@ -46,14 +46,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 64m, 1g)") from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return v
+def _whole(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
+        return v
+
+    return parse
 
 
 def _nonneg_float(text: str) -> float:
@@ -76,7 +79,9 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     a = p.add_argument
     a("--start", "-s", metavar="KEY", default=d(""), help="first key to copy (inclusive)")
     a("--end", "-e", metavar="KEY", default=d(""), help="last key to copy (inclusive)")
-    a("--threads", "-p", type=_positive_int, metavar="N", default=d(10), help="concurrent transfers (default 10)")
+    a("--threads", "-p", type=_whole(1), metavar="N", default=d(10), help="concurrent transfers (default 10)")
+    a("--processes", type=_whole(0), metavar="N", default=d(0),
+      help="processes sharing the --threads (0 = one per core up to 4, each with 4+ threads; 1 = one)")
     a("--dryrun", "--dry-run", action="store_true", default=d(False), help="list and count, copy and delete nothing")
     a("--delete-src", "--deleteSrc", dest="delete_src", action="store_true", default=d(False),
       help="delete each source file after it was copied and verified (a move)")
@@ -259,6 +264,7 @@ def _locations(args: argparse.Namespace) -> tuple[Location, Location]:
 
 
 def run_copy(args: argparse.Namespace) -> int:
+    from ossimport.engine.fanout import auto_processes
     from ossimport.engine.listing import Filter, KeyRange
     from ossimport.engine.policy import Policy
     from ossimport.engine.runner import Runner, RunOptions
@@ -282,6 +288,7 @@ def run_copy(args: argparse.Namespace) -> int:
     opts = RunOptions(
         policy=policy,
         threads=args.threads,
+        processes=args.processes or auto_processes(args.threads),
         dryrun=args.dryrun,
         delete_src=args.delete_src,
         delete_dst=args.delete_dst,
@@ -307,6 +314,8 @@ def run_copy(args: argparse.Namespace) -> int:
             return _info(src, opts)
         stats = Stats()
         runner = Runner(src, dst, opts, stats, listener=_listener(args))
+        if not single:
+            runner.start_helpers()  # forks: before the progress thread starts
         try:
             with Progress(stats, enabled=not args.quiet and not args.json):
                 if single:
@@ -449,6 +458,7 @@ class _KeyLists:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from ossimport.engine.fanout import auto_processes
     from ossimport.engine.listing import Filter, KeyRange
     from ossimport.engine.runner import Runner, RunOptions
     from ossimport.engine.stats import Stats
@@ -460,6 +470,7 @@ def run_verify(args: argparse.Namespace) -> int:
         raise UsageError("verify compares two directories: end SRC and DST with '/'")
     opts = RunOptions(
         threads=args.threads,
+        processes=args.processes or auto_processes(args.threads),
         verify_only=True,
         verify_checksum=args.checksum,
         filter=Filter(args.exclude, args.include, args.exclude_dir, args.include_dir),

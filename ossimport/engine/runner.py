@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO
 
+from ossimport.engine import fanout
 from ossimport.engine.listing import Filter, KeyRange, Pair, checked_order, merge, ranged
 from ossimport.engine.policy import Action, Policy
 from ossimport.engine.stats import Stats
@@ -50,6 +52,9 @@ _FILE_SYSTEMS = frozenset({"local", "sftp"})
 class RunOptions:
     policy: Policy = field(default_factory=Policy)
     threads: int = 10
+    # processes sharing the copies (engine/fanout.py); the threads are split among them. Only
+    # for a run that lists (run()); 1 = this process alone
+    processes: int = 1
     dryrun: bool = False
     delete_src: bool = False  # move: remove each source after its verified copy
     delete_dst: bool = False  # remove destination keys the source does not have
@@ -79,10 +84,38 @@ class Runner:
         self._errors: list[BaseException] = []
         self._fatal: StorageError | None = None  # a failure every further request would repeat
         self._spooled = 0  # extras written to the spool, to be deleted after the copy phase
+        self._helpers: list[fanout.Helper] | None = None  # forked copy processes, once started
+        self._threads = [max(1, opts.threads)]  # copy threads per process, this one first
 
     # ---- entry points ---------------------------------------------------------------------------
+    def start_helpers(self) -> None:
+        """Fork the copy processes of `opts.processes` now: before the caller starts any thread
+        of its own (a progress display). run() calls it if the caller did not."""
+        if self._helpers is not None:
+            return
+        self._helpers = []
+        o = self.opts
+        if (o.processes < 2 or o.dryrun or o.transfer.bucket is not None or not hasattr(os, "fork")
+                or not (self.src.can_reopen() and self.dst.can_reopen())):
+            return  # a bandwidth limit is one token bucket, which cannot span processes
+        if threading.active_count() > 1:
+            # a fork copies only this thread: a lock another one holds would never be released in
+            # the child (an embedding program, a test runner); copy in this process alone
+            log.debug("not forking copy processes: %d threads are running", threading.active_count())
+            return
+        self._threads = fanout.split(o.threads, o.processes)
+
+        def make_runner(src: Storage, dst: Storage, stats: Stats, threads: int, listener: Listener) -> Runner:
+            opts = replace(o, threads=threads, processes=1, delete_dst=False,
+                           transfer=replace(o.transfer, part_threads=max(2, o.transfer.part_threads // o.processes)))
+            return Runner(src, dst, opts, stats, listener)
+
+        self._helpers = fanout.start(o.processes - 1, self.src, self.dst, self._threads[1:], make_runner)
+        log.info("copying with %d processes (threads: %s)", o.processes, "+".join(map(str, self._threads)))
+
     def run(self) -> Stats:
         """Compare the two roots by listing and copy what the policy says."""
+        self.start_helpers()
         with tempfile.TemporaryFile("w+", encoding="utf-8") as extras:
             self._execute(self._items_from_listing(extras))
             for st in (self.src, self.dst):
@@ -231,8 +264,13 @@ class Runner:
         # (in short sleeps) once `limit` items are queued until half are taken: memory stays flat.
         q: queue.SimpleQueue[object] = queue.SimpleQueue()
         limit = max(64, self.opts.threads * 4)
+        helpers, self._helpers = self._helpers or [], []  # each run hands its items out once
         workers = [threading.Thread(target=self._work, args=(q,), name=f"copy-{i}", daemon=True)
-                   for i in range(max(1, self.opts.threads))]
+                   for i in range(self._threads[0] if helpers else max(1, self.opts.threads))]
+        workers += [threading.Thread(target=fanout.forward, name=f"helper-{h.pid}", daemon=True,
+                                     args=(h, q, _DONE, self.stats, self._emit, self._stop, self._handle,
+                                           lambda: self._work(q)))
+                    for h in helpers]
         for w in workers:
             w.start()
         threads = max(1, self.opts.threads)
@@ -274,28 +312,31 @@ class Runner:
             item = q.get()
             if item is _DONE:
                 return
-            if self._stop.is_set():
-                continue
-            src, dst, dst_key = item  # type: ignore[misc]
-            fatal = self._fatal
-            if fatal is not None:
-                # failed without a request: listeners that keep per-file records (jobs) get it
-                # as a failure to retry; the CLI counts these instead of printing each
-                self.stats.fail(src.key, fatal.code, f"not tried after {fatal.code}", src.size)
-                self.stats.add(not_tried=1)
-                self._emit("not-tried", src, f"{fatal.code}: not tried after an earlier file failed with it")
-                continue
-            try:
-                self._one(src, dst, dst_key)
-            except StorageError as exc:
-                if exc.code in FATAL_CODES and self._fatal is None:
-                    self._fatal = exc
-                self.stats.fail(src.key, exc.code, str(exc), src.size)
-                self._emit("failed", src, f"{exc.code}: {exc}")
-            except Exception as exc:  # a bug or an unmapped library error: fail the file, not the run
-                log.debug("unexpected error on %s", src.key, exc_info=True)
-                self.stats.fail(src.key, type(exc).__name__, str(exc), src.size)
-                self._emit("failed", src, f"{type(exc).__name__}: {exc}")
+            if not self._stop.is_set():
+                self._handle(item)  # type: ignore[arg-type]
+
+    def _handle(self, item: Item) -> None:
+        """One item, its outcome counted and reported: never raises."""
+        src, dst, dst_key = item
+        fatal = self._fatal
+        if fatal is not None:
+            # failed without a request: listeners that keep per-file records (jobs) get it
+            # as a failure to retry; the CLI counts these instead of printing each
+            self.stats.fail(src.key, fatal.code, f"not tried after {fatal.code}", src.size)
+            self.stats.add(not_tried=1)
+            self._emit("not-tried", src, f"{fatal.code}: not tried after an earlier file failed with it")
+            return
+        try:
+            self._one(src, dst, dst_key)
+        except StorageError as exc:
+            if exc.code in FATAL_CODES and self._fatal is None:
+                self._fatal = exc
+            self.stats.fail(src.key, exc.code, str(exc), src.size)
+            self._emit("failed", src, f"{exc.code}: {exc}")
+        except Exception as exc:  # a bug or an unmapped library error: fail the file, not the run
+            log.debug("unexpected error on %s", src.key, exc_info=True)
+            self.stats.fail(src.key, type(exc).__name__, str(exc), src.size)
+            self._emit("failed", src, f"{type(exc).__name__}: {exc}")
 
     def _one(self, src: Entry, dst: Entry | None, dst_key: str) -> None:
         if self.opts.verify_only:

@@ -56,6 +56,14 @@ class Stats:
             if len(self.failures) < MAX_FAILURES_KEPT:
                 self.failures.append(Failure(key, code, message))
 
+    def merge(self, delta: dict[str, int], failures: list[tuple[str, str, str]]) -> None:
+        """Add another process's counters (see engine/fanout.py) and the failures it recorded."""
+        with self._lock:
+            for name, value in delta.items():
+                setattr(self, name, getattr(self, name) + value)
+            room = MAX_FAILURES_KEPT - len(self.failures)
+            self.failures.extend(Failure(*f) for f in failures[:max(room, 0)])
+
     @property
     def elapsed(self) -> float:
         return max(time.monotonic() - self.started, 1e-9)

@@ -239,6 +239,15 @@ class Storage(ABC):
                     removed += 1
         return removed
 
+    def reopen(self) -> Storage:
+        """A new instance for the same root that shares no connection with this one (for a
+        forked copy process, see engine/fanout.py)."""
+        return type(self)(self.location, self.options)
+
+    def can_reopen(self) -> bool:
+        """Whether `reopen()` works without asking the user anything."""
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections. Safe to call twice."""
 
