@@ -25,7 +25,8 @@ from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import paramiko
-from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, int64
+from paramiko.sftp import CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_READ, CMD_STATUS, int64
+from paramiko.sftp_file import SFTPFile
 
 from ossimport.errors import NotFound, StorageError, UnsafeKey
 from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, Writer, check_key
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHANNELS_PER_CONNECTION = 8  # below OpenSSH's default MaxSessions of 10
-REQUEST = 32768  # paramiko's largest read/write request
+REQUEST = 32768  # the read/write request every SFTP server takes (paramiko's default)
 _CONNECTION_ERRORS = (socket.timeout, TimeoutError, ConnectionError, EOFError, paramiko.SSHException)
 
 
@@ -57,10 +58,36 @@ class _Conn:
         self.ssh = ssh
         self.channels = 0
         self.limit = CHANNELS_PER_CONNECTION
+        self.request_size: int | None = None  # bytes per SFTP read/write request (see _request_size)
 
     def alive(self) -> bool:
         transport = self.ssh.get_transport()
         return transport is not None and transport.is_active()
+
+
+def _transport(sock: Any, **kwargs: Any) -> paramiko.Transport:
+    """A Transport that prefers AES-GCM: it needs no separate HMAC pass over every packet, which
+    paramiko computes in Python (measured: 128 MiB uploaded with ~0.25 s of client CPU instead of
+    ~0.55 s with aes128-ctr + hmac-sha2-256)."""
+    t = paramiko.Transport(sock, **kwargs)
+    options = t.get_security_options()
+    options.ciphers = tuple(sorted(options.ciphers, key=lambda c: 0 if c.endswith("-gcm@openssh.com") else 1))
+    return t
+
+
+def _request_size(client: paramiko.SFTPClient) -> int:
+    """Bytes per read/write request: 32 KiB is what every server must take; a server that states
+    its limits (OpenSSH 8.6+: limits@openssh.com, 255 KiB) gets 128 KiB, a quarter of the
+    requests (measured: a 128 MiB upload at ~2x the rate)."""
+    try:
+        kind, msg = client._request(CMD_EXTENDED, "limits@openssh.com")
+        if kind == CMD_EXTENDED_REPLY:
+            msg.get_int64()  # max packet length
+            max_read, max_write = msg.get_int64(), msg.get_int64()
+            return max(SFTPFile.MAX_REQUEST_SIZE, min(max_read or 1 << 17, max_write or 1 << 17, 1 << 17))
+    except (OSError, EOFError, paramiko.SSHException):
+        pass  # not supported: stay with what the protocol guarantees
+    return SFTPFile.MAX_REQUEST_SIZE
 
 
 class SFTPStorage(Storage):
@@ -93,6 +120,10 @@ class SFTPStorage(Storage):
     def _where(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
 
+    def can_reopen(self) -> bool:
+        # a second login could stop at a password prompt of its own
+        return bool(self._password or self._key_path or not sys.stdin.isatty())
+
     def _ssh_client(self) -> paramiko.SSHClient:
         ssh = paramiko.SSHClient()
         for known in ("/etc/ssh/ssh_known_hosts", os.path.expanduser("~/.ssh/known_hosts")):
@@ -106,7 +137,7 @@ class SFTPStorage(Storage):
         t = self.options.connect_timeout
         common: dict[str, Any] = dict(
             hostname=self.host, port=self.port, username=self.user,
-            timeout=t, banner_timeout=t, auth_timeout=t, channel_timeout=t,
+            timeout=t, banner_timeout=t, auth_timeout=t, channel_timeout=t, transport_factory=_transport,
         )
         if self._password:
             how = "the password from the address"
@@ -232,12 +263,21 @@ class SFTPStorage(Storage):
                 raise StorageError(f"cannot open an SFTP channel to {self._where()}: {e}",
                                    code="ConnectionError", retryable=True) from None
             client.get_channel().settimeout(self.options.read_timeout)
+            if conn.request_size is None:
+                conn.request_size = _request_size(client)
             with self._lock:
                 self._clients[client] = conn
                 self._owners[client] = threading.current_thread() if owned else None
             return client
         raise StorageError(f"{self._where()} refuses to open SFTP channels (check MaxSessions and the "
                            "sftp Subsystem in its sshd_config)", code="ConnectionError", retryable=True)
+
+    def _file(self, client: paramiko.SFTPClient, path: str, mode: str) -> SFTPFile:
+        f = client.open(path, mode)
+        conn = self._clients.get(client)
+        if conn is not None and conn.request_size:
+            f.MAX_REQUEST_SIZE = conn.request_size  # type: ignore[misc]
+        return f
 
     def _release_client(self, client: paramiko.SFTPClient) -> None:
         with self._lock:
@@ -456,7 +496,7 @@ class SFTPStorage(Storage):
         path = self._path(key)
         sftp = self._sftp()
         with self._errors("open", path):
-            f = sftp.open(path, "rb")
+            f = self._file(sftp, path, "rb")
             try:
                 if end is None:
                     a = f.stat()
@@ -480,7 +520,7 @@ class SFTPStorage(Storage):
             self._ensure_dir(sftp, parent, key)
             try:
                 with self._errors("create", tmp):
-                    f = sftp.open(tmp, "wbx")
+                    f = self._file(sftp, tmp, "wbx")
                 break
             except NotFound:
                 # a concurrent delete() removed the (cached) parent: make it again, once
@@ -608,7 +648,7 @@ class SFTPStorage(Storage):
         client = self._new_client(owned=False)
         try:
             with self._errors("create", tmp):
-                f = client.open(tmp, "wbx")
+                f = self._file(client, tmp, "wbx")
                 f.truncate(size)
                 f.set_pipelined(True)
         except BaseException:
@@ -687,7 +727,7 @@ class _Reader(io.RawIOBase):
     paramiko's prefetch() buffers without bound and leaves its request thread spinning when a
     reader is closed early, so this keeps its own small pipeline: it registers itself as the
     receiver of its requests' replies (paramiko's `_async_request` protocol, the one SFTPFile
-    uses) and reads them in order. No extra thread; memory is at most DEPTH * 32 KiB."""
+    uses) and reads them in order. No extra thread; memory is at most DEPTH * 32 KiB (2 MiB)."""
 
     DEPTH = 64
 
@@ -696,6 +736,8 @@ class _Reader(io.RawIOBase):
         self._st, self._f, self._path = st, f, path
         self._sftp = f.sftp
         self._next, self._end = start, end
+        self._size = f.MAX_REQUEST_SIZE  # 32 KiB, or more where the server said it takes more
+        self._depth = max(16, self.DEPTH * REQUEST // self._size)  # the same bytes in flight
         self._pending: deque[tuple[int, int, int]] = deque()  # (request number, offset, length)
         self._replies: dict[int, tuple[int, paramiko.Message]] = {}
         self._buf = memoryview(b"")
@@ -716,8 +758,8 @@ class _Reader(io.RawIOBase):
         """Load the next block into the buffer; False at the end."""
         with self._st._errors("read", self._path):
             while not self._eof:
-                while len(self._pending) < self.DEPTH and self._next < self._end:
-                    n = min(REQUEST, self._end - self._next)
+                while len(self._pending) < self._depth and self._next < self._end:
+                    n = min(self._size, self._end - self._next)
                     self._send(self._next, n)
                     self._next += n
                 if not self._pending:
