@@ -47,6 +47,7 @@ from bench.tools import (  # noqa: E402
     Sftp,
     Tool,
     ToolContext,
+    compile_ours,
     ensure_peers,
     find_bin,
     make_tools,
@@ -492,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     if not args.no_install:
         ensure_peers(notes)
+    compile_ours()
     tools = make_tools([t.strip() for t in args.tools.split(",") if t.strip()], notes)
     for n in notes:
         log(n)
