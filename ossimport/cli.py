@@ -81,7 +81,7 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     a("--end", "-e", metavar="KEY", default=d(""), help="last key to copy (inclusive)")
     a("--threads", "-p", type=_whole(1), metavar="N", default=d(10), help="concurrent transfers (default 10)")
     a("--processes", type=_whole(0), metavar="N", default=d(0),
-      help="processes sharing the --threads (0 = one per core up to 4, each with 4+ threads; 1 = one)")
+      help="processes sharing the --threads (0 = cores + 1 up to 4, each with 4+ threads; 1 = one)")
     a("--dryrun", "--dry-run", action="store_true", default=d(False), help="list and count, copy and delete nothing")
     a("--delete-src", "--deleteSrc", dest="delete_src", action="store_true", default=d(False),
       help="delete each source file after it was copied and verified (a move)")

@@ -221,6 +221,7 @@ class LocalStorage(Storage):
         # directories this storage made or found (a makedirs per file is two syscalls, each a GIL
         # hand-off); dropped again when a write finds one gone
         self._dirs: set[str] = set()
+        self._plain: set[str] = set()  # parent keys found to have no symlinked directory on the way
         # unreadable directories and files met while listing: "path: reason". The listing goes on;
         # callers that delete by comparison must check this before trusting the listing.
 
@@ -259,7 +260,7 @@ class LocalStorage(Storage):
         # can lead out of it: lstat those (one call for "dir/file", where realpath() would lstat
         # every component of the whole path) and resolve the parent fully only if one is a link.
         parent = key.rpartition("/")[0]
-        if not parent:
+        if not parent or parent in self._plain:
             return path
         sub = self.root
         for part in parent.split("/"):
@@ -271,6 +272,11 @@ class LocalStorage(Storage):
                 return path  # missing (makedirs makes a real directory) or not a directory: no link
             break
         else:
+            # no link on the way: the next keys in this directory need no lstat (one syscall a
+            # file); a directory this run removes is forgotten (delete() below)
+            if len(self._plain) > 100_000:
+                self._plain.clear()
+            self._plain.add(parent)
             return path
         parent_real = os.path.realpath(os.path.dirname(path))
         if parent_real != self._root_real and not parent_real.startswith(self._root_real.rstrip("/") + "/"):
@@ -479,6 +485,7 @@ class LocalStorage(Storage):
             except OSError:
                 break
             self._dirs.discard(parent)
+            self._plain.clear()
             parent = os.path.dirname(parent)
 
     def open_writer(self, key: str, size: int) -> Writer:
