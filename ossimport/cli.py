@@ -110,8 +110,8 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
       help="decide 'changed' and verify copies by content checksum, not size and mtime")
     a("--update", "-u", action="store_true", default=d(False), help="copy only when the source is newer")
     a("--json", action="store_true", default=d(False), help="print the final summary as one JSON object")
-    a("--multipart-threshold", dest="multipart_threshold", type=_size, metavar="SIZE", default=d(64 * MiB),
-      help="files at least this large move in parallel parts (default 64m)")
+    a("--multipart-threshold", dest="multipart_threshold", type=_size, metavar="SIZE", default=d(16 * MiB),
+      help="files at least this large move in parallel parts (default 16m)")
     a("--part-size", dest="part_size", type=_size, metavar="SIZE", default=d(16 * MiB), help="part size (default 16m)")
     a("--verbose", "-v", action="count", default=d(0), help="log every file (-vv: debug)")
     a("--quiet", "-q", action="store_true", default=d(False), help="print errors only")
