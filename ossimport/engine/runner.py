@@ -105,9 +105,16 @@ class Runner:
             return
         self._threads = fanout.split(o.threads, o.processes)
 
+        # parts of a multipart upload are held in memory: helpers get a share of the part threads.
+        # Ranges of a download stream through 1 MiB at a time: every process gets them all
+        # (161 mixed files, S3 -> local: 2 per helper 5.25 s, 4 per helper 4.46 s, rclone 4.14 s)
+        parts = o.transfer.part_threads
+        if self.dst.abilities.multipart:
+            parts = max(2, parts // o.processes)
+
         def make_runner(src: Storage, dst: Storage, stats: Stats, threads: int, listener: Listener) -> Runner:
             opts = replace(o, threads=threads, processes=1, delete_dst=False,
-                           transfer=replace(o.transfer, part_threads=max(2, o.transfer.part_threads // o.processes)))
+                           transfer=replace(o.transfer, part_threads=parts))
             return Runner(src, dst, opts, stats, listener)
 
         self._helpers = fanout.start(o.processes - 1, self.src, self.dst, self._threads[1:], make_runner)
