@@ -58,9 +58,8 @@ class Stats:
 
     def merge(self, delta: dict[str, int], failures: list[tuple[str, str, str]]) -> None:
         """Add another process's counters (see engine/fanout.py) and the failures it recorded."""
+        self.add(**delta)
         with self._lock:
-            for name, value in delta.items():
-                setattr(self, name, getattr(self, name) + value)
             room = MAX_FAILURES_KEPT - len(self.failures)
             self.failures.extend(Failure(*f) for f in failures[:max(room, 0)])
 
