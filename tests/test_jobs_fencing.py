@@ -201,3 +201,35 @@ def test_a_new_holder_keeps_the_temp_files_of_a_writer_at_work(tmp_path: Path) -
     assert result.ok
     assert not old.exists(), "an earlier holder's temp file is removed"
     assert fresh.read_bytes() == b"another holder writing", "a writer at work keeps its temp file"
+
+
+def test_clean_and_submit_while_a_worker_holds_a_task_of_the_old_job(tmp_path: Path, envs: list[JobEnv]) -> None:
+    """Issue 14.1: seed 002's flow while the master runs: `clean`, change destPrefix, `submit`. A
+    worker still holding a task of the cleaned job reports it done: the new job must not count it
+    (its tasks are another submission's), and every file lands in the new destination."""
+    files = {f"f{i:03d}": bytes([i % 251]) * 7 for i in range(60)}
+    src, old_dst, new_dst = tmp_path / "src", tmp_path / "old", tmp_path / "new"
+    write_tree(src, files)
+    env = JobEnv(tmp_path, {**local_keys("src", src), **local_keys("dest", old_dst), "taskObjectCountLimit": 20})
+    envs.append(env)
+    env.console("submit")
+    env.console("start", "--workers", "0")
+    env.wait_for(lambda: env.stat()["Is Scan Finished"], 60, "the scan")
+    w = HandWorker(f"tcp://127.0.0.1:{env.port}", "worker-old", env.workdir / "keys")
+    try:
+        held = w.ask("want", {"task"})
+        env.console("clean", env.job_name)
+        cfg = env.conf / "local_job.cfg"
+        cfg.write_text(cfg.read_text().replace(str(old_dst), str(new_dst)))
+        env.console("submit")
+        env.wait_for(lambda: not (env.workdir / "master" / "jobqueue" / env.job_name).exists(), 30,
+                     "the master to take the new job")
+        w.ask("result", {"ack"}, job=held["job"], task=held["task"], lease=held["lease"], ok=True,
+              done={"files": 20, "copied": 20, "failed": 0, "bytes": 140}, audit=[], errors=[])
+    finally:
+        w.close()
+    env.console("start", "--workers", "1")
+    st = env.wait_state({"SUCCEED", "FAILED"}, timeout=120)
+    got = {p.name: p.read_bytes() for p in new_dst.rglob("*") if p.is_file()}
+    assert got == files, f"{len(files) - len(got)} files missing in the new destination"
+    assert (st["JobState"], st["Files Done"]) == ("SUCCEED", 60)
