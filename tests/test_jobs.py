@@ -125,7 +125,7 @@ def test_master_killed_during_scan_and_during_dispatch(tmp_path: Path, envs: lis
     env.console("submit")
     env.console("start", "--workers", "0")
     checkpoint = env.job_dir / "checkpoints" / "scan.json"
-    range0 = env.job_dir / "checkpoints" / "range-0.json"
+    range0 = env.job_dir / "checkpoints" / "range-p1-0.json"
 
     def scanning() -> bool:
         try:

@@ -82,7 +82,10 @@ class TaskRunner:
             if self._current is not None:
                 self._current.stop()
 
-    def run(self, entries: list[Entry], stats: Stats | None = None) -> TaskResult:
+    def run(self, entries: list[Entry], stats: Stats | None = None, received: float | None = None) -> TaskResult:
+        """`received`: when this holder was given the task (epoch s). Temp files last written
+        before then are left by an earlier holder (killed, or whose lease lapsed) and go; younger
+        ones may belong to a holder still at work and stay (clocks agree within leaseSeconds)."""
         spec = self.spec
         audit: list[str] = []
         errors: list[str] = []
@@ -118,7 +121,7 @@ class TaskRunner:
         if not verify and not self.dst.abilities.multipart:
             # this task may have run before on a worker killed mid-copy; object stores clean
             # unfinished multipart uploads per large file, in the transfer itself
-            self.dst.remove_stale_temps([e.key for e in entries])
+            self.dst.remove_stale_temps([e.key for e in entries], older_than=received)
         runner = Runner(self.src, self.dst, opts, stats, listener=listener)
         with self._lock:
             self._current = runner

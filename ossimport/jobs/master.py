@@ -6,6 +6,14 @@
 - Dispatch: a ROUTER socket; a dispatched task is leased to a worker and the lease is renewed by
   its heartbeats; a lapsed lease (worker killed, host gone) returns the task to pending. After a
   master restart every dispatched task gets a fresh lease, so live workers keep their work.
+- Fencing: every dispatch has a lease id; heartbeats, releases and results carry it, and only the
+  current holder's word counts. A worker whose lease lapsed and was handed on is told to drop the
+  task; its late result is acknowledged and ignored (logged), whether it says ok or failed. The one
+  exception: a lapsed task still waiting in pending takes an ok result of its last lease (the work
+  is done; nobody else holds it). Lease ids are kept in the task's LEASE file, so a master
+  restart keeps live workers' work.
+- A job's identity is its submission (JOB_ID): a job cleaned and submitted again under the same
+  name gets new task names, and the master drops what it held of the old one.
 - A result is recorded once: a duplicate (the task already finished) is acknowledged and ignored.
 - Incremental jobs start a new pass `incrementalModeInterval` seconds after the last one ended;
   later passes (and isSkipExistFile) compare with the destination and cut tasks only of files
@@ -15,6 +23,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -27,7 +36,7 @@ import zmq
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.scanner import JobPlan, Scanner
 from ossimport.jobs.security import CurveServer, is_loopback_endpoint
-from ossimport.jobs.store import JobDir, WorkDir, read_header, task_digest
+from ossimport.jobs.store import JobDir, WorkDir, atomic_write, read_header
 from ossimport.jobs.tracker import Tracker
 
 log = logging.getLogger("ossimport.master")
@@ -39,12 +48,14 @@ class Lease:
     worker: str
     path: Path
     deadline: float
+    id: str
 
 
 @dataclass
 class ActiveJob:
     dir: JobDir
     plan: JobPlan
+    id: str
     pending: deque[str] = field(default_factory=deque)
     scanner: threading.Thread | None = None
     scan_error: str = ""
@@ -63,6 +74,7 @@ class Master:
         self.curve_keys = curve_keys
         self.jobs: dict[str, ActiveJob] = {}
         self.leases: dict[str, Lease] = {}  # task -> lease
+        self.lapsed: dict[str, str] = {}  # task back in pending -> the id of its lapsed lease
         self.progress: dict[str, tuple[str, int, int]] = {}  # task -> (job, files, bytes) in flight
         self.tracker = Tracker(workdir)
         self.stop_event = threading.Event()
@@ -120,6 +132,12 @@ class Master:
 
     # ---- jobs ---------------------------------------------------------------------------------------
     def _housekeeping(self) -> None:
+        # first forget jobs that were cleaned (or cleaned and submitted again: another identity),
+        # so a job taken from the queue below is never run with what was held of its predecessor
+        for name in list(self.jobs):
+            job = self.jobs[name]
+            if not job.dir.root.exists() or job.dir.read_id() != job.id:
+                self._forget(name)
         for name in self.workdir.queued():
             if name.startswith("."):
                 continue
@@ -132,16 +150,18 @@ class Master:
             if jdir.name.startswith(".") or jdir.name in self.jobs:
                 continue
             self._adopt(jdir)
-        for name in list(self.jobs):
-            job = self.jobs[name]
-            if not job.dir.root.exists():  # cleaned
-                self.jobs.pop(name)
-                for task in [t for t, lease in self.leases.items() if lease.job == name]:
-                    self.leases.pop(task)
-                continue
+        for job in list(self.jobs.values()):
             self._maybe_scan(job)
             self._maybe_next_pass(job)
         self._expire_leases()
+
+    def _forget(self, name: str) -> None:
+        """A job was cleaned: its leases go (its workers are told to drop at their next beat)."""
+        self.jobs.pop(name)
+        for task in [t for t, lease in self.leases.items() if lease.job == name]:
+            self.leases.pop(task)
+            self.progress.pop(task, None)
+        self.workdir.log("ossimport2.log", f"job {name} was cleaned: its tasks are dropped")
 
     def _adopt(self, jdir: JobDir) -> None:
         try:
@@ -152,11 +172,17 @@ class Master:
             return
         jdir.create()
         jdir.sweep_tmp()
-        job = ActiveJob(jdir, plan)
+        job = ActiveJob(jdir, plan, jdir.read_id())
         now = time.monotonic()
         for name, path in jdir.tasks("dispatched"):
-            # fresh lease: a live worker renews it with its next heartbeat, a dead one lets it lapse
-            self.leases[name] = Lease(jdir.name, path.parent.name, path, now + self.lease)
+            # the lease as dispatched: a live worker renews it with its next heartbeat, a dead one
+            # lets it lapse (no LEASE file: killed before the task was sent, nobody holds it)
+            try:
+                lease_id = (path / "LEASE").read_text().strip()
+            except FileNotFoundError:
+                lease_id = ""
+            self.leases[name] = Lease(jdir.name, path.parent.name, path, now + (self.lease if lease_id else 0),
+                                      lease_id)
         job.pending.extend(name for name, _ in jdir.tasks("pending_tasks"))
         self.jobs[jdir.name] = job
         self.workdir.log("ossimport2.log", f"job {jdir.name} active")
@@ -220,7 +246,7 @@ class Master:
             self._result(sock, ident, worker, msg)
         elif kind == "release":  # offered while busy: back to the front of the queue
             lease = self.leases.get(msg.get("task", ""))
-            if lease is not None and lease.worker == worker:
+            if lease is not None and lease.worker == worker and lease.id == msg.get("lease"):
                 lease.deadline = 0.0
                 self._expire_leases()
         elif kind == "hello":
@@ -237,18 +263,30 @@ class Master:
                     path = job.dir.dispatch(name, worker)
                 except FileNotFoundError:
                     continue  # gone meanwhile (retry, clean, a stale queue entry)
-                self.leases[name] = Lease(job.dir.name, worker, path, time.monotonic() + self.lease)
+                lease_id = secrets.token_hex(8)
+                # kept beside the task so that a master restart recognises the holder's beats
+                atomic_write(path / "LEASE", lease_id, durable=False)
+                self.leases[name] = Lease(job.dir.name, worker, path, time.monotonic() + self.lease, lease_id)
+                self.lapsed.pop(name, None)
                 manifest = (path / "TASK").read_text(encoding="utf-8")
-                sock.send_multipart([ident, pack("task", job=job.dir.name, task=name, manifest=manifest,
-                                                 spec=job.plan.spec.to_dict())])
+                sock.send_multipart([ident, pack("task", job=job.dir.name, task=name, lease=lease_id,
+                                                 manifest=manifest, spec=job.plan.spec.to_dict())])
                 return
         sock.send_multipart([ident, pack("idle", wait=1.0)])
 
+    def _holds(self, task: str, worker: str, lease_id: Any) -> Lease | None:
+        """The lease of `task` if `worker` holds it under `lease_id` now, else None."""
+        lease = self.leases.get(task)
+        if lease is None or lease.worker != worker or not lease.id or lease.id != lease_id:
+            return None
+        return lease
+
     def _beat(self, sock: zmq.Socket, ident: bytes, worker: str, msg: dict[str, Any]) -> None:
         now = time.monotonic()
+        leases = msg.get("leases", {})
         for task in msg.get("tasks", []):
-            lease = self.leases.get(task)
-            if lease is not None and lease.worker == worker:
+            lease = self._holds(task, worker, leases.get(task))
+            if lease is not None:
                 lease.deadline = now + self.lease
                 files, size = msg.get("progress", {}).get(task, [0, 0])
                 self.progress[task] = (lease.job, int(files), int(size))
@@ -256,26 +294,33 @@ class Master:
                 sock.send_multipart([ident, pack("drop", task=task)])
 
     def _result(self, sock: zmq.Socket, ident: bytes, worker: str, msg: dict[str, Any]) -> None:
-        task, job_name = msg["task"], msg["job"]
-        self.progress.pop(task, None)
+        task, job_name, lease_id = msg["task"], msg["job"], msg.get("lease")
         job = self.jobs.get(job_name)
-        if job is None:
+        lease = self._holds(task, worker, lease_id)
+        path: Path | None = None
+        if job is not None and lease is not None and lease.job == job_name and lease.path.exists():
+            path = lease.path
+            self.leases.pop(task)
+        elif (job is not None and msg.get("ok") and lease_id and self.lapsed.get(task) == lease_id
+              and task not in self.leases):
+            # the lease lapsed and nobody took the task since: the work is done, take it
+            path = job.dir.locate(task)
+            if path is None or path.parent.name != "pending_tasks":
+                path = None
+            else:
+                with self._lock:
+                    if task in job.pending:
+                        job.pending.remove(task)
+        if path is None:
+            # a duplicate (counted once), a job cleaned meanwhile, or a worker that no longer holds
+            # the task: whoever holds it now reports
+            self.workdir.log("ossimport2.log", f"result of task {task} from {worker} ignored: "
+                             "its lease is not the task's current lease")
             sock.send_multipart([ident, pack("ack", task=task)])
             return
-        lease = self.leases.pop(task, None)
-        path = lease.path if lease is not None else None
-        if path is None or not path.exists():
-            # the lease lapsed but the work is done: take the result from wherever the task is now
-            found = job.dir.find(task_digest(task))
-            if found is None or found.parent.name in ("succeed_tasks", "failed_tasks") or not msg.get("ok"):
-                # a duplicate (counted once), or a failure from a worker that no longer holds the
-                # task: whoever holds it now reports
-                sock.send_multipart([ident, pack("ack", task=task)])
-                return
-            path = found
-            with self._lock:
-                if task in job.pending:
-                    job.pending.remove(task)
+        self.progress.pop(task, None)
+        self.lapsed.pop(task, None)
+        assert job is not None
         done = dict(msg.get("done", {}))
         header = read_header(path / "TASK")
         done["files"] = int(done.get("files", 0)) + header.carried_files
@@ -296,6 +341,8 @@ class Master:
             if job is None or not lease.path.exists():
                 continue
             job.dir.return_to_pending(lease.path)
+            if lease.id:
+                self.lapsed[task] = lease.id
             with self._lock:
                 job.pending.appendleft(task)
             self.workdir.log("ossimport2.log", f"lease of task {task} by {lease.worker} lapsed: back to pending")

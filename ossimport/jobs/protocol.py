@@ -7,11 +7,12 @@ assumes a shared disk, so a task travels with its manifest and the job's storage
 worker -> master
   hello   {worker, host, pid, threads}                 on connect and after a master restart
   want    {worker}                                      give me a task
-  beat    {worker, tasks: [task], progress: {task: [files, bytes]}}   renews the leases
-  result  {worker, job, task, ok, done: {...}, audit: [line], errors: [key]}
-  release {worker, task}                                offered while busy: give it to someone else
+  beat    {worker, tasks: [task], leases: {task: lease}, progress: {task: [files, bytes]}}
+                                                        renews the leases
+  result  {worker, job, task, lease, ok, done: {...}, audit: [line], errors: [key]}
+  release {worker, task, lease}                         offered while busy: give it to someone else
 master -> worker
-  task    {job, task, manifest: str, spec: {...}}       a task and how to run it
+  task    {job, task, lease, manifest: str, spec: {...}}  a task, its lease id, how to run it
   idle    {wait}                                        nothing to do now; ask again later
   ack     {task}                                        result recorded (the worker forgets it)
   drop    {task}                                        stop working on it (lease lapsed, job cleaned)
@@ -27,7 +28,7 @@ from ossimport.address import Location
 from ossimport.errors import OssimportError
 from ossimport.storage.base import StorageOptions
 
-VERSION = 1
+VERSION = 2  # 2: lease ids (fencing)
 
 
 class ProtocolError(OssimportError):

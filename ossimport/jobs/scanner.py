@@ -4,9 +4,12 @@ With scanThreadCount > 1 the key space is cut at the directories found down to
 maxMultiThreadScanDepth levels: ["", "a/"), ["a/", "a/x/"), ["a/x/", "b/"), ["b/", end). Every
 key falls in exactly one range, whatever the tree looks like, and each range is listed with
 `list(start_after=...)` by its own thread. A range remembers its last key and task number in
-`checkpoints/unit-N.json`; a task is written (one rename) before the checkpoint that counts it, and
-its name derives from (job, pass, range, number), so a scan killed at any instant resumes without
-losing or duplicating a task. The ranges themselves are fixed in `scan.json` when a pass starts.
+`checkpoints/range-p<pass>-<N>.json`; a task is written (one rename) before the checkpoint that
+counts it, and its name derives from (job, submission, pass, range, number). A scan killed between
+the two finds the task when it resumes and goes on after the key range *recorded in the task*,
+never after what a new listing puts in the same batch (the source may have changed meanwhile), so
+no key falls between two tasks and none is in two. The ranges themselves are fixed in `scan.json`
+when a pass starts.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Any
 from ossimport.engine.listing import checked_order, merge
 from ossimport.engine.policy import Action, Policy
 from ossimport.errors import StorageError
+from ossimport.jobs.crashpoint import crashpoint
 from ossimport.jobs.execute import JobSpec
-from ossimport.jobs.store import JobDir, TaskHeader, atomic_write, task_digest, task_name
+from ossimport.jobs.store import JobDir, TaskHeader, atomic_write, read_header, task_digest, task_name
 from ossimport.storage import open_storage
 from ossimport.storage.base import Entry, Storage
 
@@ -84,6 +88,9 @@ class Scanner:
         src = open_storage(plan.spec.src, plan.spec.src_options)
         try:
             cp = self.jdir.read_checkpoint()
+            self.pass_no = int(cp["pass"])
+            self.job_id = self.jdir.read_id()
+            self.jdir.sweep_ranges(self.pass_no)  # a kill inside next_pass may have left old ones
             if not cp.get("ranges"):
                 cp["ranges"] = plan_ranges(src, plan.scan_threads, plan.scan_depth)
                 self.jdir.write_checkpoint(cp)
@@ -115,7 +122,7 @@ class Scanner:
 
     # ---- one range ------------------------------------------------------------------------------
     def _range_path(self, i: int) -> Any:
-        return self.jdir.root / "checkpoints" / f"range-{i}.json"
+        return self.jdir.range_path(self.pass_no, i)
 
     def _range_state(self, i: int) -> dict[str, Any]:
         try:
@@ -143,6 +150,7 @@ class Scanner:
 
     def _scan_range(self, i: int, lo: str, hi: str, pass_no: int, src: Storage, dst: Storage) -> None:
         state = self._range_state(i)
+        self._recover(i, pass_no, state)
         batch: list[Entry] = []
         size = 0
         for e in self._candidates(src, dst, lo, hi, state["last_key"], pass_no):
@@ -182,13 +190,28 @@ class Scanner:
             if s is not None and policy.decide(s, d) is Action.COPY:
                 yield s
 
+    def _recover(self, i: int, pass_no: int, state: dict[str, Any]) -> None:
+        """Tasks written just before a kill, whose checkpoint was not: count them and go on after
+        the keys they cover (as recorded in them, not as a new listing would cut them)."""
+        while True:
+            name = task_name(self.jdir.name, pass_no, state["seq"] + 1, unit=i, job_id=self.job_id)
+            found = self.jdir.find(task_digest(name))
+            if found is None:
+                return
+            header = read_header(found / "TASK")
+            state.update({"seq": header.seq, "last_key": header.upto})
+            atomic_write(self._range_path(i), json.dumps(state))
+            self.log(f"range {i}: task {header.seq} was written before the scan stopped; "
+                     f"going on after {header.upto!r}")
+
     def _cut(self, i: int, pass_no: int, state: dict[str, Any], batch: list[Entry], size: int) -> None:
         jdir = self.jdir
         seq = state["seq"] + 1
-        name = task_name(jdir.name, pass_no, seq, unit=i)
-        if jdir.find(task_digest(name)) is None:  # else: written before a crash preceded its checkpoint
-            header = TaskHeader(jdir.name, name, pass_no, seq, len(batch), size, batch[0].key, batch[-1].key)
-            jdir.add_task(header, batch)
-            self.on_task(name)
-        state.update({"seq": seq, "last_key": batch[-1].key})
+        name = task_name(jdir.name, pass_no, seq, unit=i, job_id=self.job_id)
+        last = batch[-1].key
+        header = TaskHeader(jdir.name, name, pass_no, seq, len(batch), size, batch[0].key, last, upto=last)
+        jdir.add_task(header, batch)
+        crashpoint("scan.task-written")
+        self.on_task(name)
+        state.update({"seq": seq, "last_key": last})
         atomic_write(self._range_path(i), json.dumps(state))

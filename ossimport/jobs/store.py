@@ -22,29 +22,45 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ossimport.jobs.crashpoint import crashpoint
 from ossimport.storage.base import Entry
 
 STATES = ("pending_tasks", "dispatched", "succeed_tasks", "failed_tasks")
 
 
-def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    """Write a file so that readers see the old content or the whole new content."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Write a file so that readers see the old content or the whole new content. `durable`:
+    fsync it first (state that must survive a power loss); a lease, say, need not."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     raw = data.encode() if isinstance(data, str) else data
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, raw)
-        os.fsync(fd)  # state files are few and small: durability is worth the fsync
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)  # state files are few and small: durability is worth the fsync
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames into (and out of) a directory survive a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -61,10 +77,15 @@ class TaskHeader:
     # ones that failed: still counted as done when the task finishes
     carried_files: int = 0
     carried_bytes: int = 0
+    # the last key of the range this task was cut from: where the scan goes on after it, whatever
+    # a `retry` later cuts out of the manifest
+    upto: str = ""
 
 
-def task_name(job: str, pass_no: int, seq: int, host: str | None = None, unit: int = 0) -> str:
-    digest = hashlib.md5(f"{job}\x00{pass_no}\x00{unit}\x00{seq}".encode()).hexdigest()
+def task_name(job: str, pass_no: int, seq: int, host: str | None = None, unit: int = 0, job_id: str = "") -> str:
+    """The digest is derived from (job, submission, pass, range, number): a task re-cut after a
+    crash is recognised, and a task of an earlier submission of the same job name is not."""
+    digest = hashlib.md5(f"{job}\x00{job_id}\x00{pass_no}\x00{unit}\x00{seq}".encode()).hexdigest()
     return f"{digest}_{int(time.time() * 1000)}@{host or socket.gethostname()}"
 
 
@@ -75,7 +96,8 @@ def task_digest(name: str) -> str:
 def encode_manifest(header: TaskHeader, entries: Iterable[Entry]) -> str:
     lines = [json.dumps({"job": header.job, "task": header.task, "pass": header.pass_no, "seq": header.seq,
                          "count": header.count, "bytes": header.bytes, "first": header.first,
-                         "last": header.last, "carried": [header.carried_files, header.carried_bytes]})]
+                         "last": header.last, "carried": [header.carried_files, header.carried_bytes],
+                         "upto": header.upto or header.last})]
     lines.extend(json.dumps([e.key, e.size, e.mtime], ensure_ascii=False) for e in entries)
     return "\n".join(lines) + "\n"
 
@@ -83,7 +105,7 @@ def encode_manifest(header: TaskHeader, entries: Iterable[Entry]) -> str:
 def _header(h: dict) -> TaskHeader:
     carried = h.get("carried", [0, 0])
     return TaskHeader(h["job"], h["task"], h["pass"], h["seq"], h["count"], h["bytes"], h["first"], h["last"],
-                      carried[0], carried[1])
+                      carried[0], carried[1], h.get("upto") or h["last"])
 
 
 def decode_manifest(text: str) -> tuple[TaskHeader, list[Entry]]:
@@ -104,6 +126,19 @@ class JobDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.name = root.name
+        self._digests: dict[str, str] | None = None  # task digest -> task name, built on first use
+
+    @property
+    def id_path(self) -> Path:
+        return self.root / "JOB_ID"
+
+    def read_id(self) -> str:
+        """The submission's identity ("" for a job submitted before identities existed): a job
+        cleaned and submitted again under the same name is another job."""
+        try:
+            return self.id_path.read_text().strip()
+        except FileNotFoundError:
+            return ""
 
     @property
     def config_path(self) -> Path:
@@ -137,32 +172,63 @@ class JobDir:
             return {"pass": 1, "done": False, "not_before": 0.0, "ranges": None}
 
     def next_pass(self, not_before: float) -> dict:
-        """Start a new (incremental) pass: fresh ranges, written before the old range files go."""
+        """Start a new (incremental) pass. Range files are named by pass, so the old pass's files
+        cannot be mistaken for the new one's, whenever a kill comes; they go afterwards."""
         cp = self.read_checkpoint()
         cp = {"pass": cp["pass"] + 1, "done": False, "not_before": not_before, "ranges": None}
         self.write_checkpoint(cp)
-        for old in (self.root / "checkpoints").glob("range-*.json"):
-            old.unlink(missing_ok=True)
+        crashpoint("next-pass.checkpoint-written")
+        self.sweep_ranges(cp["pass"])
         return cp
+
+    def range_path(self, pass_no: int, i: int) -> Path:
+        return self.root / "checkpoints" / f"range-p{pass_no}-{i}.json"
+
+    def sweep_ranges(self, pass_no: int) -> None:
+        """Remove the range files of other passes (and of the unnumbered format of old versions)."""
+        keep = f"range-p{pass_no}-"
+        for old in (self.root / "checkpoints").glob("range-*.json"):
+            if not old.name.startswith(keep):
+                old.unlink(missing_ok=True)
 
     def write_checkpoint(self, cp: dict) -> None:
         atomic_write(self.checkpoint_path, json.dumps(cp))
 
     # ---- tasks ------------------------------------------------------------------------------
     def add_task(self, header: TaskHeader, entries: list[Entry]) -> None:
-        """Write a new task into pending_tasks in one rename."""
+        """Write a new task into pending_tasks in one rename, durably: the scan checkpoint that
+        counts it is written after this returns."""
         tmp = self.root / "tmp" / header.task
         tmp.mkdir(parents=True)
         atomic_write(tmp / "TASK", encode_manifest(header, entries))
         os.rename(tmp, self.root / "pending_tasks" / header.task)
+        fsync_dir(self.root / "pending_tasks")
+        if self._digests is not None:
+            self._digests[task_digest(header.task)] = header.task
 
     def find(self, digest: str) -> Path | None:
-        """The directory of the task whose name starts with `digest`, in whatever state."""
-        for state in STATES:
-            base = self.root / state
-            dirs = base.glob(f"*/{digest}_*") if state == "dispatched" else base.glob(f"{digest}_*")
-            for p in dirs:
-                return p
+        """The directory of the task whose name starts with `digest`, in whatever state. The
+        digest -> name index is built by one walk of the state directories, then kept up to date
+        by `add_task` (names never change; only the state directory does), so a lookup is O(1)."""
+        if self._digests is None:
+            self._digests = {task_digest(name): name for state in STATES for name, _ in self.tasks(state)}
+        name = self._digests.get(digest)
+        return self.locate(name) if name is not None else None
+
+    def locate(self, name: str) -> Path | None:
+        """Where task `name` is now: a few stat calls, one listdir of the workers."""
+        for state in ("pending_tasks", "succeed_tasks", "failed_tasks"):
+            path = self.root / state / name
+            if path.exists():
+                return path
+        try:
+            workers = os.listdir(self.root / "dispatched")
+        except FileNotFoundError:
+            return None
+        for worker in workers:
+            path = self.root / "dispatched" / worker / name
+            if path.exists():
+                return path
         return None
 
     def tasks(self, state: str) -> Iterator[tuple[str, Path]]:
@@ -188,6 +254,7 @@ class JobDir:
         return dest / name
 
     def return_to_pending(self, path: Path) -> None:
+        (path / "LEASE").unlink(missing_ok=True)
         os.rename(path, self.root / "pending_tasks" / path.name)
         _rmdir_if_empty(path.parent)
 
@@ -204,20 +271,30 @@ class JobDir:
         return target
 
     def retry_failed(self) -> int:
-        """Move failed tasks back to pending with a manifest of just the files that failed."""
+        """Move failed tasks back to pending with a manifest of just the files that failed.
+
+        Restartable: the manifest is cut first (cutting it again with the same error.list changes
+        nothing), then one rename makes the task pending; the old result files go only after
+        that, and a pending task's result files are never read."""
         moved = 0
         for name, path in list(self.tasks("failed_tasks")):
             header, entries = decode_manifest((path / "TASK").read_text(encoding="utf-8"))
-            failed = set((path / "error.list").read_text(encoding="utf-8").splitlines())
+            try:
+                failed = set((path / "error.list").read_text(encoding="utf-8").splitlines())
+            except FileNotFoundError:  # a result recorded by an old version without one
+                failed = set()
             keep = [e for e in entries if e.key in failed] or entries
-            header.carried_files += header.count - len(keep)
-            header.carried_bytes += header.bytes - sum(e.size for e in keep)
-            header.count, header.bytes = len(keep), sum(e.size for e in keep)
-            header.first, header.last = keep[0].key, keep[-1].key
-            atomic_write(path / "TASK", encode_manifest(header, keep))
-            for leftover in ("STATUS", "DONE", "audit.log", "error.list"):
-                (path / leftover).unlink(missing_ok=True)
-            os.rename(path, self.root / "pending_tasks" / name)
+            if len(keep) != len(entries):
+                header.carried_files += header.count - len(keep)
+                header.carried_bytes += header.bytes - sum(e.size for e in keep)
+                header.count, header.bytes = len(keep), sum(e.size for e in keep)
+                header.first, header.last = keep[0].key, keep[-1].key
+                atomic_write(path / "TASK", encode_manifest(header, keep))
+            crashpoint("retry.manifest-cut")
+            target = self.root / "pending_tasks" / name
+            os.rename(path, target)
+            for leftover in ("STATUS", "DONE", "audit.log", "error.list", "LEASE"):
+                (target / leftover).unlink(missing_ok=True)  # gone already if dispatched meanwhile
             moved += 1
         return moved
 
@@ -262,14 +339,19 @@ class WorkDir:
     def queued(self) -> list[str]:
         return sorted(os.listdir(self.queue)) if self.queue.exists() else []
 
-    def submit(self, name: str, config_text: str) -> None:
-        """Queue a job: its frozen config appears under jobqueue/<job> in one rename."""
+    def submit(self, name: str, config_text: str) -> str:
+        """Queue a job: its frozen config and a fresh identity appear under jobqueue/<job> in one
+        rename. Returns the identity."""
         tmp = self.queue / f".{name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         atomic_write(tmp / "job.cfg", config_text, mode=0o600)
+        job_id = secrets.token_hex(8)
+        atomic_write(tmp / "JOB_ID", job_id + "\n")
         os.rename(tmp, self.queue / name)
+        fsync_dir(self.queue)
+        return job_id
 
     def take(self, name: str) -> JobDir:
         """Move a queued job into master/jobs (the master's first step with a new job)."""
@@ -283,10 +365,13 @@ class WorkDir:
         return (self.queue / name).exists() or self.job(name).root.exists()
 
     def clean(self, name: str) -> bool:
-        """Remove a job's state (first out of sight by a rename, then from disk)."""
+        """Remove a job's state (first out of sight by a rename, then from disk). Idempotent: what
+        an interrupted clean left in the trash goes first."""
         found = False
         trash = self.root / "master" / ".trash"
         trash.mkdir(parents=True, exist_ok=True)
+        for left in os.listdir(trash):
+            shutil.rmtree(trash / left, ignore_errors=True)
         for path in (self.queue / name, self.job(name).root, self.root / "worker" / "jobs" / name):
             if path.exists():
                 found = True

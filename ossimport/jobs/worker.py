@@ -37,6 +37,8 @@ log = logging.getLogger("ossimport.worker")
 class Held:
     job: str
     task: str
+    lease: str
+    received: float
     stats: Stats
     thread: threading.Thread
     result: TaskResult | None = None
@@ -138,14 +140,14 @@ class Worker:
 
     def _start(self, msg: dict[str, Any]) -> None:
         if self._held is not None:  # one task at a time: hand it back at once
-            self._send(self._sock, "release", task=msg["task"])
+            self._send(self._sock, "release", task=msg["task"], lease=msg.get("lease"))
             return
         job, task = msg["job"], msg["task"]
         tdir = self._task_dir(job, task)
         tdir.mkdir(parents=True, exist_ok=True)
         atomic_write(tdir / "TASK", msg["manifest"])
         stats = Stats()
-        held = Held(job, task, stats, threading.Thread(target=lambda: None))
+        held = Held(job, task, str(msg.get("lease", "")), time.time(), stats, threading.Thread(target=lambda: None))
         held.thread = threading.Thread(target=self._execute, args=(held, msg), name=f"task-{task[:8]}",
                                        daemon=True)
         self._held = held
@@ -167,7 +169,7 @@ class Worker:
             _, entries = decode_manifest(msg["manifest"])
             runner = self._runner(held.job, msg["spec"])
             held.runner = runner
-            result = runner.run(entries, held.stats)
+            result = runner.run(entries, held.stats, received=held.received)
         except Exception as exc:  # a task that cannot even start fails as a whole, with its cause
             code = getattr(exc, "code", type(exc).__name__)
             log.error("task %s failed: %s: %s", held.task, code, exc)
@@ -179,12 +181,13 @@ class Worker:
         if held.dropped:
             return
         r = held.result
-        self._send(sock, "result", job=held.job, task=held.task, ok=r.ok, done=r.done, audit=r.audit,
-                   errors=r.errors)
+        self._send(sock, "result", job=held.job, task=held.task, lease=held.lease, ok=r.ok, done=r.done,
+                   audit=r.audit, errors=r.errors)
         held.sent_at = time.monotonic()
 
     def _beat(self, sock: zmq.Socket) -> None:
         held = self._held
         tasks = [held.task] if held is not None else []
+        leases = {held.task: held.lease} if held is not None else {}
         progress = {held.task: [held.stats.copied + held.stats.skipped, held.stats.bytes_moved]} if held else {}
-        self._send(sock, "beat", tasks=tasks, progress=progress)
+        self._send(sock, "beat", tasks=tasks, leases=leases, progress=progress)

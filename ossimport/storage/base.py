@@ -225,10 +225,11 @@ class Storage(ABC):
         in '/': what a delimiter listing calls common prefixes. Lets a job scan in parallel."""
         raise self._unsupported("listing one level")
 
-    def remove_stale_temps(self, keys: list[str]) -> int:
+    def remove_stale_temps(self, keys: list[str], older_than: float | None = None) -> int:
         """Remove what interrupted writes of `keys` left behind (a process killed mid-copy cannot
         clean up): temporary files on file systems, unfinished multipart uploads (which cost
-        storage until aborted) on object stores. Returns how many were removed."""
+        storage until aborted) on object stores. `older_than` (epoch seconds): file systems keep
+        temps written since then (another writer may be at work). Returns how many were removed."""
         if not self.abilities.multipart:
             return 0
         removed = 0

@@ -156,16 +156,20 @@ def is_temp_name(name: str) -> bool:
     return bool(_TEMP_RE.match(name))
 
 
-def stale_temps(keys: list[str], listdir: Callable[[str], list[str]]) -> Iterator[str]:
-    """Relative paths of our temp files that belong to `keys` (any writer, any age), looking into
-    each key's directory once. `listdir(rel_dir)` returns names, or [] for a missing directory."""
+def stale_temps(keys: list[str], listdir: Callable[[str], list[tuple[str, float]]],
+                older_than: float | None = None) -> Iterator[str]:
+    """Relative paths of our temp files that belong to `keys`, looking into each key's directory
+    once. `listdir(rel_dir)` returns (name, mtime) pairs, or [] for a missing directory. With
+    `older_than`, only temps last written before that time: a writer still at work (another
+    holder of the same task) keeps its file."""
     by_dir: dict[str, set[str]] = {}
     for key in keys:
         d, _, name = key.rpartition("/")
         by_dir.setdefault(d, set()).add(temp_name(name).rsplit(".ossimport.", 1)[0])
     for d, owners in by_dir.items():
-        for entry in listdir(d):
-            if is_temp_name(entry) and entry.rsplit(".ossimport.", 1)[0] in owners:
+        for entry, mtime in listdir(d):
+            if (is_temp_name(entry) and entry.rsplit(".ossimport.", 1)[0] in owners
+                    and (older_than is None or mtime < older_than)):
                 yield f"{d}/{entry}" if d else entry
 
 
@@ -238,15 +242,21 @@ class LocalStorage(Storage):
             raise _os_error(e, base, "list") from None
         return sorted((f"{prefix}{n}/" for n in names), key=lambda k: k.encode("utf-8", "surrogateescape"))
 
-    def remove_stale_temps(self, keys: list[str]) -> int:
-        def listdir(d: str) -> list[str]:
+    def remove_stale_temps(self, keys: list[str], older_than: float | None = None) -> int:
+        def listdir(d: str) -> list[tuple[str, float]]:
+            found = []
             try:
-                return os.listdir(os.path.join(self.root, d))
+                with os.scandir(os.path.join(self.root, d)) as it:
+                    for de in it:
+                        if is_temp_name(de.name):
+                            with contextlib.suppress(OSError):
+                                found.append((de.name, de.stat(follow_symlinks=False).st_mtime))
             except OSError:
                 return []
+            return found
 
         removed = 0
-        for rel in stale_temps(keys, listdir):
+        for rel in stale_temps(keys, listdir, older_than):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.root, rel))
                 removed += 1

@@ -594,17 +594,17 @@ class SFTPStorage(Storage):
                  if a.st_mode is not None and stat.S_ISDIR(a.st_mode) and not is_temp_name(a.filename)]
         return sorted((f"{prefix}{n}/" for n in names), key=lambda k: k.encode("utf-8", "surrogateescape"))
 
-    def remove_stale_temps(self, keys: list[str]) -> int:
+    def remove_stale_temps(self, keys: list[str], older_than: float | None = None) -> int:
         sftp = self._sftp()
 
-        def listdir(d: str) -> list[str]:
+        def listdir(d: str) -> list[tuple[str, float]]:
             try:
-                return sftp.listdir(posixpath.join(self.root, d))
+                return [(a.filename, float(a.st_mtime or 0)) for a in sftp.listdir_attr(posixpath.join(self.root, d))]
             except OSError:
                 return []
 
         removed = 0
-        for rel in stale_temps(keys, listdir):
+        for rel in stale_temps(keys, listdir, older_than):
             with contextlib.suppress(OSError):
                 sftp.remove(posixpath.join(self.root, rel))
                 removed += 1
