@@ -22,14 +22,15 @@ from typing import Any
 
 import psutil
 import pytest
+import zmq
 import zmq.auth
 from backends import sftp as sftp_backend
 from jobenv import JobEnv
 
 from ossimport.errors import UsageError
 from ossimport.jobs.master import Master
-from ossimport.jobs.protocol import ProtocolError
-from ossimport.jobs.security import is_loopback_endpoint
+from ossimport.jobs.protocol import ProtocolError, pack, unpack
+from ossimport.jobs.security import CurveClientKeys, is_loopback_endpoint
 from ossimport.jobs.store import WorkDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,6 +276,94 @@ def test_master_beyond_loopback_refuses_to_start_without_keys(tmp_path: Path) ->
     m = Master(WorkDir(tmp_path / "w"), "tcp://10.1.2.3:1", lambda path: None, curve_keys=tmp_path / "nokeys")
     with pytest.raises(UsageError, match="master.key_secret"):
         m.run()
+
+
+# ---- b2: on loopback too, only workers with the keys --------------------------------------------------
+def _dealer(address: str, keys: Path | None) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, f"stranger-{uuid.uuid4().hex[:6]}".encode())
+    if keys is not None:
+        CurveClientKeys(keys).apply(sock)
+    sock.connect(address)
+    return sock
+
+
+def _send(sock: zmq.Socket, kind: str, **body: Any) -> None:
+    try:
+        sock.send(pack(kind, worker=sock.getsockopt(zmq.IDENTITY).decode(), **body), zmq.NOBLOCK)
+    except zmq.Again:
+        pass  # no connection to queue it on: the master hears nothing, which is what is asserted
+
+
+def _answers(sock: zmq.Socket, seconds: float, until: str | None = None) -> list[dict[str, Any]]:
+    """What the master says to `sock` within `seconds` (stops early at a message of type `until`)."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if sock.poll(50):
+            got.append(unpack(sock.recv()))
+            if got[-1]["type"] == until:
+                break
+    return got
+
+
+def test_loopback_master_gives_a_local_stranger_nothing_and_ignores_its_results(
+        tmp_path: Path, envs: list[JobEnv]) -> None:
+    files = small_tree(200, seed=3)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, files)
+    env = JobEnv(tmp_path / "job", local_job(src, dst))
+    envs.append(env)
+    assert is_loopback_endpoint(f"tcp://127.0.0.1:{env.port}")
+    env.console("submit")
+    env.console("start", "--workers", "0")
+    env.wait_for(lambda: env.stat()["Is Scan Finished"], timeout=20, what="the scan")
+    tasks = [t.name for t in env.task_dirs("pending_tasks")]
+    assert len(tasks) == 10
+    keys = env.workdir / "keys"  # curveKeysDir's default, made by `console start`
+    assert keys.stat().st_mode & 0o777 == 0o700
+    assert all((keys / f"{n}.key_secret").stat().st_mode & 0o777 == 0o600 for n in ("master", "worker"))
+
+    # strangers: a local process without keys, and one with a pair of its own (and the master's public key)
+    own_keys = tmp_path / "own-keys"
+    own_keys.mkdir()
+    zmq.auth.create_certificates(str(own_keys), "worker")
+    shutil.copy(keys / "master.key", own_keys / "master.key")
+    address = f"tcp://127.0.0.1:{env.port}"
+    strangers = [_dealer(address, None), _dealer(address, own_keys)]
+    try:
+        for sock in strangers:
+            _send(sock, "hello", host="stranger", pid=0)
+            _send(sock, "want")
+            for task in tasks:  # "done", for tasks that copied nothing
+                _send(sock, "result", job=env.job_name, task=task, ok=True, done={"files": 20, "bytes": 0},
+                      audit=[], errors=[])
+        heard = [_answers(sock, 2.0) for sock in strangers]
+        assert heard == [[], []], "a stranger was answered (a task carries the storage credentials)"
+        st = env.stat()
+        assert (st["Pending Task Count"], st["Dispatched Task Count"], st["Succeed Task Count"]) == (10, 0, 0), st
+        assert not dst.exists() or not any(dst.iterdir())
+        assert "stranger" not in env.log_tail(1000), "the master heard a stranger"
+
+        # the same client with the worker keys is answered with a task, so the strangers were heard by no one
+        control = _dealer(address, keys)
+        try:
+            _send(control, "want")
+            answer = _answers(control, 10.0, until="task")
+            assert answer and answer[-1]["type"] == "task", answer
+            _send(control, "release", task=answer[-1]["task"])
+        finally:
+            control.close()
+    finally:
+        for sock in strangers:
+            sock.close()
+
+    # the local workers `console start` launches get the keys by themselves and do the job
+    env.console("start", "--workers", "2")
+    env.wait_state({"SUCCEED", "FAILED"}, timeout=60)
+    assert_job_complete(env, files, dst, tasks=10)
+    assert not any(w.startswith("stranger") for w in done_workers(env))
 
 
 # ---- c: console deploy over SSH ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ossimport.errors import OssimportError
 from ossimport.jobs.execute import JobSpec
 from ossimport.jobs.master import Master
 from ossimport.jobs.protocol import VERSION, ProtocolError, pack, unpack
+from ossimport.jobs.security import CurveClientKeys, ensure_keys
 from ossimport.jobs.store import WorkDir
 from ossimport.storage.base import StorageOptions
 
@@ -124,7 +125,9 @@ def _free_port() -> int:
 @pytest.fixture
 def master(tmp_path: Path) -> Iterator[tuple[Master, threading.Thread, str]]:
     address = f"tcp://127.0.0.1:{_free_port()}"
-    m = Master(WorkDir(tmp_path / "work"), address, lambda path: None, stat_interval=3600)
+    ensure_keys(tmp_path / "work" / "keys")
+    m = Master(WorkDir(tmp_path / "work"), address, lambda path: None, stat_interval=3600,
+               curve_keys=tmp_path / "work" / "keys")
     t = threading.Thread(target=m.run, name="test-master", daemon=True)
     t.start()
     yield m, t, address
@@ -133,10 +136,13 @@ def master(tmp_path: Path) -> Iterator[tuple[Master, threading.Thread, str]]:
     assert not t.is_alive(), "the master did not stop"
 
 
-def _ask_idle(address: str, thread: threading.Thread, frames: list[bytes]) -> dict[str, Any] | None:
-    """Send `frames`, then `want`; the answer to `want` (None if none came in 5 s or the master died)."""
+def _ask_idle(master: Master, address: str, thread: threading.Thread, frames: list[bytes]) -> dict[str, Any] | None:
+    """Send `frames`, then `want`; the answer to `want` (None if none came in 5 s or the master died).
+    Connects with the worker keys: the master hears no one else."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    assert master.curve_keys is not None
+    CurveClientKeys(master.curve_keys).apply(sock)
     sock.connect(address)
     try:
         for frame in frames:
@@ -152,15 +158,15 @@ def _ask_idle(address: str, thread: threading.Thread, frames: list[bytes]) -> di
 
 
 def test_master_ignores_garbage_frames(master: tuple[Master, threading.Thread, str]) -> None:
-    _, thread, address = master
-    answer = _ask_idle(address, thread, [b"garbage", b"{", json.dumps({"v": VERSION + 1, "type": "want"}).encode()])
+    m, thread, address = master
+    answer = _ask_idle(m, address, thread, [b"garbage", b"{", json.dumps({"v": VERSION + 1, "type": "want"}).encode()])
     assert answer is not None and answer["type"] == "idle"
     assert thread.is_alive()
 
 
 @pytest.mark.parametrize("frame", [b"[" * 100_000, pack("result")], ids=["deep-nesting", "result-without-task"])
 def test_master_survives_malformed_messages(master: tuple[Master, threading.Thread, str], frame: bytes) -> None:
-    _, thread, address = master
-    answer = _ask_idle(address, thread, [frame])
+    m, thread, address = master
+    answer = _ask_idle(m, address, thread, [frame])
     assert answer is not None and answer["type"] == "idle"
     assert thread.is_alive()

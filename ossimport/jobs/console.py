@@ -4,7 +4,7 @@
             stat [--json] [JOB] | retry [JOB] | clean [JOB] | deploy | version |
             import [--yes|--resume|--restart] [--interval S] [CFG]
     master  --sys FILE                            (started by `console start`)
-    worker  --master tcp://HOST:PORT [--workdir DIR] [--curve-keys DIR] [--max-throughput KBPS]
+    worker  --master tcp://HOST:PORT --curve-keys DIR [--workdir DIR] [--max-throughput KBPS]
 """
 
 from __future__ import annotations
@@ -110,14 +110,12 @@ def _local_master_address(address: str) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from ossimport.jobs.security import ensure_keys, is_loopback_endpoint
+    from ossimport.jobs.security import ensure_keys
 
     sysconf, wd = _configs(args)
     wd.create()
     sys_path = str(Path(args.sys or Path(args.conf_dir) / "sys.properties").resolve())
-    curve = not is_loopback_endpoint(sysconf.masterAddress)
-    if curve:
-        ensure_keys(Path(sysconf.curveKeysDir))
+    ensure_keys(Path(sysconf.curveKeysDir))  # the master admits only workers with these keys, loopback too
     if _alive(wd.run / "master.pid") is None:
         _spawn(wd, "master", ["master", "--sys", sys_path])
         print(f"master started on {sysconf.masterAddress}")
@@ -131,9 +129,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         if pid_file in running:
             continue
         argv = ["worker", "--master", addr, "--workdir", str(wd.root),
-                "--max-throughput", str(sysconf.workerMaxThroughput), "--heartbeat", str(sysconf.heartbeatSeconds)]
-        if curve:
-            argv += ["--curve-keys", str(sysconf.curveKeysDir)]
+                "--max-throughput", str(sysconf.workerMaxThroughput), "--heartbeat", str(sysconf.heartbeatSeconds),
+                "--curve-keys", str(sysconf.curveKeysDir)]
         _spawn(wd, f"worker-{i}", argv)
     print(f"{count} local workers running")
     return 0
@@ -330,13 +327,14 @@ def run_worker(argv: list[str]) -> int:
     p = _Parser(prog="ossimport worker")
     p.add_argument("--master", required=True, help="tcp://HOST:PORT of the master")
     p.add_argument("--workdir", default=os.path.expanduser("~/.ossimport-worker"))
-    p.add_argument("--curve-keys", help="directory with worker.key_secret and master.key")
+    p.add_argument("--curve-keys", required=True,
+                   help="directory with worker.key_secret and master.key (the master admits no worker without)")
     p.add_argument("--max-throughput", type=int, default=0, help="KB/s, 0 = unlimited")
     p.add_argument("--heartbeat", type=float, default=2.0)
     args = p.parse_args(argv)
     worker = Worker(args.master, Path(args.workdir), heartbeat=args.heartbeat,
                     max_throughput_kbps=args.max_throughput,
-                    curve=CurveClientKeys(Path(args.curve_keys)) if args.curve_keys else None)
+                    curve=CurveClientKeys(Path(args.curve_keys)))
     _on_term(worker.stop_event.set)
     worker.run()
     return 0

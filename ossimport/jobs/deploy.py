@@ -89,8 +89,7 @@ def deploy(sysconf: object, workers_file: Path) -> int:
                 sftp.put(str(keys_dir / name), f"{rdir}/keys/{name}")
             sftp.chmod(f"{rdir}/keys/worker.key_secret", 0o600)
             sftp.close()
-            curve = "" if is_loopback_endpoint(address) else " --curve-keys keys"  # as the master does
-            worker_args = (f"--master {shlex.quote(address)}{curve} --workdir . "
+            worker_args = (f"--master {shlex.quote(address)} --curve-keys keys --workdir . "
                            f"--heartbeat {float(getattr(sysconf, 'heartbeatSeconds', 2.0)):g} "
                            f"--max-throughput {int(getattr(sysconf, 'workerMaxThroughput', 0))}")
             script = (

@@ -35,7 +35,7 @@ import zmq
 
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.scanner import JobPlan, Scanner
-from ossimport.jobs.security import CurveServer, is_loopback_endpoint
+from ossimport.jobs.security import CurveServer
 from ossimport.jobs.store import JobDir, WorkDir, atomic_write, read_header
 from ossimport.jobs.tracker import Tracker
 
@@ -89,10 +89,9 @@ class Master:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         auth = None
         try:
-            if not is_loopback_endpoint(self.address):
-                if self.curve_keys is None:
-                    raise ProtocolError("a master bound beyond loopback needs CURVE keys (curveKeysDir)")
-                auth = CurveServer(self.curve_keys).start(ctx, sock)
+            if self.curve_keys is None:  # loopback too: any local user can reach a loopback port
+                raise ProtocolError("the master needs CURVE keys (curveKeysDir): every worker must authenticate")
+            auth = CurveServer(self.curve_keys).start(ctx, sock)
             sock.bind(self.address)
         except BaseException:
             sock.close()

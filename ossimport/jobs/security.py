@@ -1,11 +1,14 @@
-"""ZeroMQ CURVE for a master reachable beyond loopback: workers authenticate with their key and
-all traffic (tasks carry storage credentials) is encrypted.
+"""ZeroMQ CURVE on every master socket, loopback included: a worker must present a key the master
+knows, and all traffic (tasks carry storage credentials) is encrypted. On loopback too, because any
+local user can reach a loopback port: without a key they could take tasks (and their credentials)
+or report a task done that copied nothing.
 
 Key directory (sys.properties curveKeysDir), in ZeroMQ's certificate format:
     master.key, master.key_secret       the master's pair
     worker.key, worker.key_secret       the pair `console deploy` gives the workers
     authorized/                         public keys allowed to connect (worker.key is put there)
-A master bound to loopback needs none of this: only local processes can reach it.
+`console start` creates the keys (directory 0700, secret files 0600) and gives them to the local
+workers it starts; `console deploy` copies the worker pair and master.key to each host.
 """
 
 from __future__ import annotations
@@ -37,17 +40,17 @@ def is_loopback_endpoint(endpoint: str) -> bool:
 
 
 def ensure_keys(keys_dir: Path) -> None:
-    """Create the master and worker key pairs once (0600 secrets)."""
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(keys_dir, 0o700)
+    """Create the master and worker key pairs once (0600 secrets in a 0700 directory)."""
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(keys_dir, 0o700)  # before any secret is written into it (mkdir's mode is masked by umask)
     for name in ("master", "worker"):
         if not (keys_dir / f"{name}.key_secret").exists():
             zmq.auth.create_certificates(str(keys_dir), name)
             os.chmod(keys_dir / f"{name}.key_secret", 0o600)
     authorized = keys_dir / "authorized"
     authorized.mkdir(exist_ok=True)
-    if not (authorized / "worker.key").exists():
-        shutil.copy(keys_dir / "worker.key", authorized / "worker.key")
+    # copied every time: a worker pair made anew (its secret was deleted) must replace the old one
+    shutil.copy(keys_dir / "worker.key", authorized / "worker.key")
 
 
 def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
