@@ -310,6 +310,25 @@ def test_download_through_faults(server: str, backend_factory: Any, proxies: Any
           f"injected {dict(sorted(proxy.injected.items()))}")
 
 
+def test_a_stall_before_the_first_body_byte_is_retried(backend_factory: Any, proxies: Any, tmp_path: Path) -> None:
+    """Headers arrive, then the body is held longer than --timeout: the lean client's buffered read
+    finds nothing (not even a short read). That is a timeout like any other: the GET is sent again,
+    the file arrives whole, nothing fails."""
+    b = backend_factory("s3-moto")
+    files = {"a.txt": b"first" * 1000, "held.txt": b"held back" * 1000}
+    root = b.new_root()
+    b.seed(root, files)
+    dst = tmp_path / "dst"
+    proxy = proxies(b, 14)
+    proxy.add(Fault("stall_body", count=1, seconds=LONG_STALL, method="GET", path=r"/held\.txt$"))
+    proc = run_cli("--json", *COMMON, "cp", via(b.address(root), proxy), f"{dst}/", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (summary(proc)["copied"], summary(proc)["failed"]) == (2, 0)
+    assert local_digests(dst)() == {k: md5(v) for k, v in files.items()}
+    assert proxy.injected["stall_body"] == 1
+    assert_timed_out(proxy, r"/held\.txt$", LONG_STALL)
+
+
 def test_lost_create_multipart_answer_leaves_no_orphan(backend_factory: Any, proxies: Any,
                                                        tmp_path: Path) -> None:
     b = backend_factory("s3-moto")

@@ -104,6 +104,10 @@ class Connection:
     def read(self, size: int) -> bytes:
         started = time.monotonic()
         data = self.fp.read(size)
+        if data is None:
+            # the buffered reader's answer when the kernel timeout ends a recv before any byte
+            # arrived (EAGAIN on a blocking socket): nothing else makes it return None
+            raise TimeoutError("timed out")
         if len(data) < size:
             self._check_timeout(started)
         return data

@@ -20,6 +20,8 @@ buffered whole (test objects are small), which lets it damage a response precise
     truncate         send the headers with the full Content-Length and `keep` bytes of the body
                      (default: half), then close; only responses with a body of >= 2 bytes
     stall            hold the response for `seconds`, then send it (if the client still listens)
+    stall_body       send the status line and headers, hold the body for `seconds`, then send it
+                     (a stall before the first body byte); only responses with a body
     slow_down        send the response at `bps` bytes/s (a slow downlink)
 
 A `Fault` fires for the next `count` matching requests, or with `probability` (RNG seeded by the
@@ -45,7 +47,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 REQUEST_KINDS = frozenset({"internal_error", "slowdown", "reset_before", "slow_up"})
-RESPONSE_KINDS = frozenset({"reset_mid", "truncate", "stall", "slow_down"})
+RESPONSE_KINDS = frozenset({"reset_mid", "truncate", "stall", "stall_body", "slow_down"})
 KINDS = REQUEST_KINDS | RESPONSE_KINDS
 
 _ERRORS = {
@@ -80,8 +82,8 @@ class Fault:
             raise ValueError("give exactly one of count and probability")
         if self.kind in ("slow_up", "slow_down") and self.bps <= 0:
             raise ValueError(f"{self.kind} needs bps > 0")
-        if self.kind == "stall" and self.seconds <= 0:
-            raise ValueError("stall needs seconds > 0")
+        if self.kind in ("stall", "stall_body") and self.seconds <= 0:
+            raise ValueError(f"{self.kind} needs seconds > 0")
 
     def matches(self, method: str, path: str, query: str) -> bool:
         if self.method is not None and self.method != method:
@@ -239,6 +241,8 @@ class FaultProxy:
                     continue
                 if rule.kind == "truncate" and (response_body is None or response_body < 2):
                     continue  # nothing to cut: leave the fault for a response that has a body
+                if rule.kind == "stall_body" and not response_body:
+                    continue  # no body to hold back
                 if rule.count is not None:
                     if rule.fired >= rule.count:
                         continue
@@ -353,11 +357,15 @@ class FaultProxy:
         try:
             if rfault is None:
                 self._send(conn, data)
-            elif rfault.kind == "stall":
+            elif rfault.kind in ("stall", "stall_body"):
                 rec.stalled = rfault.seconds
+                held = data
+                if rfault.kind == "stall_body":
+                    self._send(conn, resp_head)
+                    held = resp_body
                 if self._stop.wait(rfault.seconds):
                     return False
-                self._send(conn, data)
+                self._send(conn, held)
             elif rfault.kind == "slow_down":
                 for i in range(0, len(data), 16 * 1024):
                     chunk = data[i:i + 16 * 1024]
