@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 from conftest import Backend
-from helpers import digests, run_cli, tree, write_tree
+from helpers import digests, run_cli, tree, via, write_tree
 from servers.faultproxy import Fault, FaultProxy
 
 from ossimport.errors import NotFound
@@ -73,13 +73,6 @@ def proxies() -> Iterator[Callable[[Backend, int], FaultProxy]]:
 def _print_totals() -> Iterator[None]:
     yield
     print(f"\nfaults injected in tests/test_faults.py: {dict(sorted(TOTALS.items()))}")
-
-
-def via(address: str, proxy: FaultProxy) -> str:
-    """The same address, reached through the proxy."""
-    new, n = re.subn(r"(@[^/@]+\.127\.0\.0\.1:)\d+/", rf"\g<1>{proxy.port}/", address, count=1)
-    assert n == 1, address
-    return new
 
 
 def md5(data: bytes) -> str:
