@@ -13,6 +13,8 @@ buffered whole (test objects are small), which lets it damage a response precise
   request phase (decided when the request headers arrived)
     internal_error   answer 500 InternalError (S3 XML body) without forwarding
     slowdown         answer 503 SlowDown (S3 XML body) without forwarding
+    access_denied    answer 403 AccessDenied (S3 XML body) without forwarding: a permission the
+                     credentials lack
     reset_before     reset the connection (RST: SO_LINGER 0, close) without forwarding
     slow_up          read the request body at `bps` bytes/s (a slow uplink; forwarded afterwards)
   response phase (decided once the upstream answered)
@@ -48,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-REQUEST_KINDS = frozenset({"internal_error", "slowdown", "reset_before", "slow_up"})
+REQUEST_KINDS = frozenset({"internal_error", "slowdown", "access_denied", "reset_before", "slow_up"})
 RESPONSE_KINDS = frozenset({"reset_mid", "truncate", "stall", "slow_down"})
 KINDS = REQUEST_KINDS | RESPONSE_KINDS
 
@@ -56,6 +58,7 @@ _ERRORS = {
     "internal_error": (500, "Internal Server Error", "InternalError",
                        "We encountered an internal error. Please try again."),
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "access_denied": (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
 _MAX_HEADER = 64 * 1024
 Headers = list[tuple[str, str]]
