@@ -21,7 +21,7 @@ from conftest import Backend
 from ossimport.address import parse_address
 from ossimport.errors import NotFound, StorageError
 from ossimport.storage import Entry, StorageOptions, open_storage
-from ossimport.storage.s3 import S3Storage, resolve_endpoint
+from ossimport.storage.s3 import PUT_BUFFER, S3Storage, resolve_endpoint
 
 MiB = 1024 * 1024
 SERVERS = ["s3-moto", "s3-ceph"]
@@ -157,6 +157,30 @@ def test_multipart_upload(s3: Backend) -> None:
     with st.open("big/file.bin", 5 * MiB - 10, 10 * MiB + 10) as f:  # a range across part borders
         assert f.read() == whole[5 * MiB - 10 : 10 * MiB + 10]
     assert list(st.list_multipart()) == []
+
+
+def test_large_put_streams_and_keeps_its_md5(s3: Backend) -> None:
+    """A single PUT of PUT_BUFFER bytes or more streams; an MD5 given up front goes as Content-MD5
+    and stays as rclone's md5chksum metadata; without one the answer's ETag is compared after.
+    A source of the wrong size or MD5 is refused before the body is complete: nothing stored."""
+    st = storage(s3)
+    data = os.urandom(PUT_BUFFER + 1234)
+    entry = st.put("big", io.BytesIO(data), len(data), mtime=1_700_000_000.0, content_md5=md5(data))
+    assert (entry.size, entry.checksums) == (len(data), {"md5": md5(data)})
+    assert st.head("big").checksums == {"md5": md5(data)}
+    raw = st._client.head_object(Bucket=st.bucket, Key=st.root + "big")
+    assert base64.b64decode(raw["Metadata"]["md5chksum"]).hex() == md5(data)
+    assert float(raw["Metadata"]["mtime"]) == 1_700_000_000.0
+    with st.open("big") as f:
+        assert f.read() == data
+    assert st.put("big2", io.BytesIO(data), len(data)).checksums == {"md5": md5(data)}
+    for body, announced, code in ((data, md5(b"other bytes"), "SOURCE_CHANGED"), (data[:-1], None, "SIZE_NOT_MATCH"),
+                                  (data + b"!", None, "SIZE_NOT_MATCH")):
+        with pytest.raises(StorageError) as exc:
+            st.put("refused", io.BytesIO(body), len(data), content_md5=announced)
+        assert exc.value.code == code
+    with pytest.raises(NotFound):
+        st.head("refused")
 
 
 def test_abort_multipart_leaves_nothing(s3: Backend) -> None:
