@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,13 @@ def tree(big: int = 0, seed: int = 1) -> dict[str, bytes]:
     if big:
         files["large/blob.bin"] = rnd.randbytes(big)
     return files
+
+
+def via(address: str, proxy: Any) -> str:
+    """The same address, reached through a proxy on 127.0.0.1 (tests/servers/faultproxy.py)."""
+    new, n = re.subn(r"(@[^/@]+\.127\.0\.0\.1:)\d+/", rf"\g<1>{proxy.port}/", address, count=1)
+    assert n == 1, address
+    return new
 
 
 def write_tree(root: Path, files: dict[str, bytes]) -> None:

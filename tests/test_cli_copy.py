@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -156,6 +159,53 @@ def test_delete_src_moves(tmp_path: Path) -> None:
     assert {str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()} == set(files)
 
 
+@pytest.mark.parametrize("dst_backend", ["local", "s3-moto"])
+def test_delete_src_proves_identity_before_deleting(dst_backend: str, tmp_path: Path,
+                                                    backend_factory) -> None:  # type: ignore[no-untyped-def]
+    """A move never deletes a source on "same size, destination not older" alone (issue 10): a
+    destination of the same size with other bytes is overwritten first; an identical one lets the
+    source go without a copy; under --update a newer, different destination is kept and so is
+    the source (the run fails for those files)."""
+    src = tmp_path / "src"
+    files = {"same.bin": b"A" * 100, "differs.bin": b"B" * 100, "kept.bin": b"C" * 100}
+    stale = {"same.bin": b"A" * 100, "differs.bin": b"X" * 100, "kept.bin": b"Y" * 100}
+    if dst_backend == "local":
+        dst, root = f"{tmp_path / 'dst'}/", None
+        write_tree(tmp_path / "dst", stale)
+    else:
+        b = backend_factory(dst_backend)
+        root = b.new_root()
+        dst = b.address(root)
+        b.seed(root, stale)
+    write_tree(src, files)
+    old = time.time() - 3600
+    for key in files:  # the destination is newer: a plain sync would skip every one of them
+        os.utime(src / key, (old, old))
+
+    def dst_md5s() -> dict[str, str]:
+        if root is None:
+            return md5s({p.name: p.read_bytes() for p in (tmp_path / "dst").iterdir()})
+        return digests(b.storage(root))
+
+    out = run_json("--delete-src", "sync", f"{src}/", dst)
+    assert (out["copied"], out["skipped"], out["deleted"], out["failed"]) == (2, 1, 3, 0), out["_stderr"]
+    assert dst_md5s() == md5s(files)
+    assert not list(src.iterdir())
+
+    write_tree(src, files)
+    for key in files:
+        os.utime(src / key, (old, old))
+    if root is None:
+        write_tree(tmp_path / "dst", stale)
+    else:
+        b.seed(root, stale)
+    out = run_json("--delete-src", "--update", "sync", f"{src}/", dst, ok=False)
+    assert (out["copied"], out["skipped"], out["deleted"], out["failed"]) == (0, 1, 1, 2), out["_stderr"]
+    assert "DESTINATION_DIFFERS" in out["_stderr"] and "kept.bin" in out["_stderr"]
+    assert sorted(p.name for p in src.iterdir()) == ["differs.bin", "kept.bin"]  # never the only copy
+    assert dst_md5s() == md5s(stale)
+
+
 def test_single_object_copy(tmp_path: Path, backend_factory) -> None:  # type: ignore[no-untyped-def]
     s3 = backend_factory("s3-moto")
     root = s3.new_root()
@@ -170,6 +220,38 @@ def test_single_object_copy(tmp_path: Path, backend_factory) -> None:  # type: i
     assert back.read_bytes() == b"single object"
     proc = run_cli("cp", base + "absent.txt", str(tmp_path / "x"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+# runs a command and prints its peak RSS in KiB on a last line of stderr
+_PEAK_RSS = ("import resource, subprocess, sys\n"
+             "r = subprocess.run(sys.argv[1:])\n"
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+             "sys.exit(r.returncode)\n")
+
+
+def test_single_puts_to_s3_stream_with_bounded_memory(tmp_path: Path, backend_factory) -> None:  # type: ignore[no-untyped-def]
+    """Files below the multipart threshold go in one PUT each; above 8 MiB they stream instead
+    of being read whole (issue 14: 150m threshold x 20 threads peaked at 1.0 GB). Three 48 MiB
+    files on three threads: the copy process stays far below the 144 MiB it would hold."""
+    s3 = backend_factory("s3-moto")
+    root = s3.new_root()
+    src = tmp_path / "src"
+    rnd = random.Random(14)
+    files = {f"f{i}.bin": rnd.randbytes(48 * MiB) for i in range(3)}
+    write_tree(src, files)
+    cmd = [sys.executable, "-m", "ossimport", "--json", "--multipart-threshold", "150m", "-p", "3", "--processes", "1",
+           "cp", f"{src}/", s3.address(root)]
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peak_mib = int(proc.stderr.strip().splitlines()[-1]) / 1024
+    st = s3.storage(root)
+    try:
+        assert digests(st) == md5s(files)
+        assert all(st.head(k).etag and "-" not in st.head(k).etag for k in files)  # single PUTs, not multipart
+    finally:
+        for k in files:
+            st.delete(k)  # moto keeps objects in this process's memory
+    assert peak_mib < 100, f"peak RSS {peak_mib:.0f} MiB"
 
 
 def test_bwlimit_holds_within_15_percent(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from conftest import Backend
 from ossimport.address import parse_address
 from ossimport.errors import NotFound, StorageError
 from ossimport.storage import Entry, StorageOptions, open_storage
-from ossimport.storage.s3 import S3Storage, resolve_endpoint
+from ossimport.storage.s3 import PUT_BUFFER, S3Storage, resolve_endpoint
 
 MiB = 1024 * 1024
 SERVERS = ["s3-moto", "s3-ceph"]
@@ -157,6 +157,30 @@ def test_multipart_upload(s3: Backend) -> None:
     with st.open("big/file.bin", 5 * MiB - 10, 10 * MiB + 10) as f:  # a range across part borders
         assert f.read() == whole[5 * MiB - 10 : 10 * MiB + 10]
     assert list(st.list_multipart()) == []
+
+
+def test_large_put_streams_and_keeps_its_md5(s3: Backend) -> None:
+    """A single PUT of PUT_BUFFER bytes or more streams; an MD5 given up front goes as Content-MD5
+    and stays as rclone's md5chksum metadata; without one the answer's ETag is compared after.
+    A source of the wrong size or MD5 is refused before the body is complete: nothing stored."""
+    st = storage(s3)
+    data = os.urandom(PUT_BUFFER + 1234)
+    entry = st.put("big", io.BytesIO(data), len(data), mtime=1_700_000_000.0, content_md5=md5(data))
+    assert (entry.size, entry.checksums) == (len(data), {"md5": md5(data)})
+    assert st.head("big").checksums == {"md5": md5(data)}
+    raw = st._client.head_object(Bucket=st.bucket, Key=st.root + "big")
+    assert base64.b64decode(raw["Metadata"]["md5chksum"]).hex() == md5(data)
+    assert float(raw["Metadata"]["mtime"]) == 1_700_000_000.0
+    with st.open("big") as f:
+        assert f.read() == data
+    assert st.put("big2", io.BytesIO(data), len(data)).checksums == {"md5": md5(data)}
+    for body, announced, code in ((data, md5(b"other bytes"), "SOURCE_CHANGED"), (data[:-1], None, "SIZE_NOT_MATCH"),
+                                  (data + b"!", None, "SIZE_NOT_MATCH")):
+        with pytest.raises(StorageError) as exc:
+            st.put("refused", io.BytesIO(body), len(data), content_md5=announced)
+        assert exc.value.code == code
+    with pytest.raises(NotFound):
+        st.head("refused")
 
 
 def test_abort_multipart_leaves_nothing(s3: Backend) -> None:
@@ -540,7 +564,8 @@ def test_put_on_the_wire(monkeypatch: pytest.MonkeyPatch) -> None:
     with ScriptedServer([ok]) as srv:
         st = scripted(srv.port)
         entry = st.put("dir/ü k+%.bin", io.BytesIO(b"hello"), 5, mtime=1_700_000_000.25)
-        assert entry == Entry("dir/ü k+%.bin", 5, 1_700_000_000.0, "5d41402abc4b2a76b9719d911017c592")
+        assert entry == Entry("dir/ü k+%.bin", 5, 1_700_000_000.0, "5d41402abc4b2a76b9719d911017c592",
+                              {"md5": md5(b"hello")})  # what Content-MD5 made the server check
         method, target, headers, body = srv.requests[0]
     assert (method, target, body) == ("PUT", "/bucket/p/dir/%C3%BC%20k%2B%25.bin", b"hello")
     assert headers["content-md5"] == base64.b64encode(hashlib.md5(b"hello").digest()).decode()
@@ -558,7 +583,8 @@ def test_virtual_hosted_and_path_style_addressing(monkeypatch: pytest.MonkeyPatc
         st = open_address(f"s3://AKIDTEST1234:SECRETX1234567@bkt.s3.example.test:{srv.port}/p/")
         assert st._lean is not None and st.addressing_style == "virtual"
         st._lean._addr = ("127.0.0.1", srv.port)  # no DNS here: the name is only the Host header
-        assert st.head("a b") == Entry("a b", 5, 1_700_000_000.0, "5d41402abc4b2a76b9719d911017c592")
+        assert st.head("a b") == Entry("a b", 5, 1_700_000_000.0, "5d41402abc4b2a76b9719d911017c592",
+                                       {"md5": "5d41402abc4b2a76b9719d911017c592"})  # no SSE-KMS: an MD5
         path_style = scripted(srv.port)
         path_style.head("a b")
     (_, target, headers, _), (_, target2, headers2, _) = srv.requests

@@ -364,10 +364,19 @@ class Runner:
         if self.opts.verify_only:
             self._verify_one(src, dst)
             return
-        action = self.opts.policy.decide(src, dst)
-        if action is Action.COMPARE:
+        policy = self.opts.policy
+        action = policy.decide(src, dst)
+        moving_skip = action is Action.SKIP and self.opts.delete_src
+        if action is Action.COMPARE or moving_skip:
+            # a move deletes the source: size and time ("same size, destination not older") prove
+            # nothing, only a checksum of one kind from both sides (hashed where none is reported)
             assert dst is not None
-            action = Action.SKIP if self.transfer.same_content(src, dst) else Action.COPY
+            same = self.transfer.same_content(src, dst)
+            if moving_skip and not same and (policy.update or policy.skip_existing):
+                raise StorageError(f"{src.key!r}: the destination holds other bytes and "
+                                   f"{'--update' if policy.update else 'skip-existing'} keeps it; the source "
+                                   "is not deleted", code="DESTINATION_DIFFERS")
+            action = Action.SKIP if same else Action.COPY
         if action is Action.SKIP:
             self.stats.add(skipped=1)
             self._emit("skipped", src, dst_key)

@@ -94,7 +94,3 @@ class MeteredReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def multipart_etag(part_md5s: list[bytes]) -> str:
-    """The ETag S3 and OSS give a multipart object: md5 of the part digests, '-', part count."""
-    return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"

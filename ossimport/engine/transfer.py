@@ -3,35 +3,36 @@
 Paths, chosen by the abilities both ends declare:
   server-side copy     both ends on one server (copy())
   multipart upload     large objects to a store with multipart: parts read by range and sent in
-                       parallel; the composite ETag is checked against the parts' MD5s
+                       parallel, each checked by the store on arrival
   ranged download      large objects to a file system with random writes: parallel ranged reads
                        written at their offsets, published by one rename
   single stream        everything else; local to local uses the kernel's copy_file_range
-Checksums are computed while the bytes stream (never a second read of the source). After
-writing, the size and every checksum both ends can tell are compared; a mutable source (file
-system) is re-checked so that a file changed during its copy fails as SIZE_NOT_MATCH /
-SOURCE_CHANGED and is never recorded as copied.
+Checksums are computed while the bytes stream. Which checksum a value is, is the backends'
+business (`Entry.checksums`, a reader's `checksums`): the engine compares only values of the same
+kind and never reads meaning into an ETag. After writing, the size and every checksum both sides
+can tell are compared; a mutable source (file system) is re-checked so that a file changed during
+its copy fails as SIZE_NOT_MATCH / SOURCE_CHANGED and is never recorded as copied.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 from ossimport.engine.stats import Stats
-from ossimport.engine.stream import Hasher, MeteredReader, multipart_etag
+from ossimport.engine.stream import Hasher, MeteredReader
 from ossimport.engine.throttle import TokenBucket
 from ossimport.errors import NotFound, SourceChanged, StorageError, VerifyFailed
 from ossimport.retry import with_retries
-from ossimport.storage.base import CRC64, MD5, Entry, Part, Storage
+from ossimport.storage.base import CRC64, MD5, Entry, Part, Storage, reader_checksums
 
 log = logging.getLogger("ossimport")
 
 MiB = 1024 * 1024
+KINDS = (MD5, CRC64)  # the checksum kinds the engine can compute, in order of preference
 
 
 @dataclass
@@ -44,13 +45,6 @@ class TransferOptions:
     keep_perms: bool = True
     server_side_copy: bool = True
     bucket: TokenBucket | None = None
-
-
-def _plain_etag(etag: str | None) -> str | None:
-    """An ETag that is an MD5 of the content (not multipart, not empty)."""
-    if etag and "-" not in etag and len(etag) == 32:
-        return etag.lower()
-    return None
 
 
 class Transfer:
@@ -80,13 +74,24 @@ class Transfer:
                             what=entry.key)
 
     def same_content(self, s: Entry, d: Entry) -> bool:
-        """Content equality for --checksum, from reported checksums where both sides have a
-        comparable one, else by reading and hashing."""
-        for name in (CRC64, MD5):
-            a, b = self._reported(self.src, s, name), self._reported(self.dst, d, name)
-            if a and b:
-                return a == b
-        return self._read_md5(self.src, s.key) == self._read_md5(self.dst, d.key)
+        """Whether two entries of the same size hold the same bytes (--checksum, and the proof a
+        move needs before it deletes a source): by checksums of one kind both sides report (a
+        HEAD where the listing had none), else by hashing what a side cannot report."""
+        if s.size != d.size:
+            return False
+        found = _common(s.checksums, d.checksums)
+        if found is not None:
+            return found
+        s_sums, d_sums = self._reported(self.src, s), self._reported(self.dst, d)
+        found = _common(s_sums, d_sums)
+        if found is not None:
+            return found
+        for name in KINDS:  # one side reports a kind: compute it for the other side only
+            if name in s_sums:
+                return self._read_digests(self.dst, d.key, {name})[name] == s_sums[name]
+            if name in d_sums:
+                return self._read_digests(self.src, s.key, {name})[name] == d_sums[name]
+        return self._read_digests(self.src, s.key, {MD5}) == self._read_digests(self.dst, d.key, {MD5})
 
     def close(self) -> None:
         if self._parts is not None:
@@ -119,81 +124,92 @@ class Transfer:
         return result
 
     def _stream(self, entry: Entry, dst_key: str) -> Entry:
-        names = self._stream_hashes(entry)
+        wants = self.dst.abilities.md5_up_front_from
+        known = self._md5_up_front(entry) if wants and entry.size >= wants else None
         raw = self.src.open(entry.key)
+        source_says = {**entry.checksums, **reader_checksums(raw)}
+        names = self._stream_hashes(source_says, known)
         reader: Any = raw
         hasher = None
         if names or not self._kernel_copy:
             hasher = Hasher(names) if names else None
             reader = MeteredReader(raw, hasher=hasher, bucket=self.opts.bucket, on_bytes=self.stats.moved)
         try:
-            result = self.dst.put(dst_key, reader, entry.size, mtime=entry.mtime, mode=self._mode(entry))
+            result = self.dst.put(dst_key, reader, entry.size, mtime=entry.mtime, mode=self._mode(entry),
+                                  content_md5=known)
         finally:
             reader.close()
         if reader is raw:
             self.stats.moved(entry.size)
-        self._verify(entry, dst_key, result, hasher.digests() if hasher else {})
+        seen = hasher.digests() if hasher else {}
+        if known:
+            seen[MD5] = known  # the store refused the put unless the bytes had this MD5
+        self._verify(entry, dst_key, result, seen, source_says)
         return result
 
     def _multipart(self, entry: Entry, dst_key: str) -> Entry:
         psize = self._part_size(entry.size)
-        upload_id = self.dst.create_multipart(dst_key, mtime=entry.mtime, mode=self._mode(entry))
-        futures: list[Future[tuple[Part, bytes]]] = []
+        known = self._md5_up_front(entry) if self.dst.abilities.md5_up_front_from else None
+        upload_id = self.dst.create_multipart(dst_key, mtime=entry.mtime, mode=self._mode(entry), content_md5=known)
+        failed = threading.Event()  # stops the other parts (and their retries) once one failed
+        futures: list[Future[Part]] = []
         try:
             for number, offset in enumerate(range(0, entry.size, psize), start=1):
                 length = min(psize, entry.size - offset)
-                futures.append(self._pool().submit(self._send_part, entry, dst_key, upload_id, number, offset, length))
-            done = [f.result() for f in futures]
+                futures.append(self._pool().submit(self._send_part, entry, dst_key, upload_id, number, offset,
+                                                   length, failed))
+            parts = [f.result() for f in futures]
             result = with_retries(
-                lambda: self.dst.complete_multipart(dst_key, upload_id, [p for p, _ in done]),
+                lambda: self.dst.complete_multipart(dst_key, upload_id, parts),
                 attempts=self.opts.attempts, what=f"complete {dst_key}",
             )
         except BaseException:
+            failed.set()
             for f in futures:
                 f.cancel()
+            # parts still being sent finish first: one stored after the abort would stay behind,
+            # an unfinished upload that costs storage and that no listing shows
+            wait(futures)
             self._abort(dst_key, upload_id)
             raise
-        # abort every other unfinished upload of this key: parts of an earlier run killed mid-upload,
-        # and a create whose answer was lost and retried by the client (one LIST per large file)
-        self.dst.remove_stale_temps([dst_key])
-        expected = multipart_etag([digest for _, digest in done])
+        self._sweep(dst_key)
         if not result.etag:  # some servers (Ceph) answer CompleteMultipartUpload without an ETag
             result = self.dst.head(dst_key)
         self._check_size(entry, result, dst_key)
-        if self.dst.abilities.etag_is_md5 and result.etag and result.etag.lower() != expected:
+        if known and result.checksums.get(MD5, known) != known:
             self._discard(dst_key)
-            raise VerifyFailed(f"{dst_key!r}: multipart ETag {result.etag} differs from the parts sent ({expected})")
+            raise VerifyFailed(f"{entry.key!r}: the destination reports MD5 {result.checksums[MD5]}, "
+                               f"the source has {known}")
         if self.opts.checksum:
-            self._verify_by_reading(entry, dst_key, None)
+            self._verify_by_reading(entry, dst_key, {MD5: known} if known else entry.checksums)
         return result
 
     def _send_part(self, entry: Entry, dst_key: str, upload_id: str, number: int, offset: int,
-                   length: int) -> tuple[Part, bytes]:
-        def once() -> tuple[Part, bytes]:
+                   length: int, failed: threading.Event) -> Part:
+        def once() -> Part:
+            if failed.is_set():
+                raise StorageError(f"{entry.key!r}: part {number} not sent: another part failed", code="Cancelled")
             with self.src.open(entry.key, offset, offset + length) as raw:
                 reader = MeteredReader(raw, bucket=self.opts.bucket, on_bytes=self.stats.moved)
                 data = reader.read(length + 1)
             if len(data) != length:
                 raise SourceChanged(f"{entry.key!r}: part {number} read {len(data)} bytes, expected {length}")
-            digest = hashlib.md5(data).digest()
-            part = self.dst.upload_part(dst_key, upload_id, number, data)
-            # each part is checked as it lands (a store may take parts without Content-MD5, as S3's
-            # lean path does to spare a second MD5 pass over every part): a damaged part is sent
-            # again at once instead of failing the whole object at the end
-            if self.dst.abilities.etag_is_md5 and _plain_etag(part.etag) not in (None, digest.hex()):
-                raise VerifyFailed(f"{entry.key!r}: part {number} arrived with ETag {part.etag}, "
-                                   f"the bytes sent have MD5 {digest.hex()}")
-            return part, digest
+            # the store checks the part on arrival (S3: Content-MD5, OSS: CRC64)
+            return self.dst.upload_part(dst_key, upload_id, number, data)
 
-        return with_retries(once, attempts=self.opts.attempts, what=f"{entry.key} part {number}")
+        return with_retries(once, attempts=self.opts.attempts, what=f"{entry.key} part {number}",
+                            sleep=failed.wait)
 
     def _ranged_download(self, entry: Entry, dst_key: str) -> Entry:
         psize = self._part_size(entry.size)
         writer = self.dst.open_writer(dst_key, entry.size)
         futures: list[Future[None]] = []
+        failed = threading.Event()
 
         def fetch(offset: int, length: int) -> None:
             def once() -> None:
+                if failed.is_set():
+                    raise StorageError(f"{entry.key!r}: range at {offset} not read: another failed", code="Cancelled")
                 pos = offset
                 with self.src.open(entry.key, offset, offset + length) as raw:
                     reader = MeteredReader(raw, bucket=self.opts.bucket, on_bytes=self.stats.moved)
@@ -203,7 +219,7 @@ class Transfer:
                 if pos != offset + length:
                     raise SourceChanged(f"{entry.key!r}: range at {offset} ended {offset + length - pos} bytes short")
 
-            with_retries(once, attempts=self.opts.attempts, what=f"{entry.key} range {offset}")
+            with_retries(once, attempts=self.opts.attempts, what=f"{entry.key} range {offset}", sleep=failed.wait)
 
         try:
             for offset in range(0, entry.size, psize):
@@ -212,59 +228,66 @@ class Transfer:
                 f.result()
             writer.commit(mtime=entry.mtime, mode=self._mode(entry))
         except BaseException:
+            failed.set()
             for f in futures:
                 f.cancel()
+            wait(futures)  # no range may write into the file after it is gone
             writer.abort()
             raise
         result = self.dst.head(dst_key)
         self._check_size(entry, result, dst_key)
-        if self.opts.checksum:
-            self._verify_by_reading(entry, dst_key, None)
+        # the ranges were never one stream to hash: where the source reports a checksum, the
+        # file is read back once and compared with it
+        source_says = self._reported(self.src, entry)
+        name = next((n for n in KINDS if n in source_says), None)
+        if name is not None:
+            got = self._read_digests(self.dst, dst_key, {name})[name]
+            if got != source_says[name]:
+                self._discard(dst_key)
+                raise VerifyFailed(f"{entry.key!r}: {name} of the bytes written ({got}) differs from the "
+                                   f"source's ({source_says[name]})")
+        elif self.opts.checksum:
+            self._verify_by_reading(entry, dst_key, {})
         return result
 
     # ---- verification -----------------------------------------------------------------------------
-    def _stream_hashes(self, entry: Entry) -> set[str]:
-        names: set[str] = set()
-        if self.opts.checksum or self.dst.abilities.etag_is_md5 or (
-            self.src.abilities.etag_is_md5 and _plain_etag(entry.etag)
-        ):
+    def _stream_hashes(self, source_says: dict[str, str], known: str | None) -> set[str]:
+        """What to hash while the bytes pass: every kind the source or the destination may
+        report (to compare like with like), MD5 for --checksum; not an MD5 known up front."""
+        names = {n for n in KINDS if n in source_says or n in self.dst.abilities.hashes}
+        if self.opts.checksum:
             names.add(MD5)
-        if CRC64 in self.dst.abilities.hashes or CRC64 in entry.checksums:
-            names.add(CRC64)
+        if known:
+            names.discard(MD5)
         return names
 
-    def _verify(self, entry: Entry, dst_key: str, result: Entry, digests: dict[str, str]) -> None:
+    def _verify(self, entry: Entry, dst_key: str, result: Entry, seen: dict[str, str],
+                source_says: dict[str, str]) -> None:
+        """The bytes that passed (`seen`) against what the source and the destination report of
+        the same kind. Whatever fails is removed from the destination: no later sync may skip it."""
         self._check_size(entry, result, dst_key)
         compared = False
-        sent_md5 = digests.get(MD5)
-        for name, side, reported in (
-            (MD5, "source", _plain_etag(entry.etag) if self.src.abilities.etag_is_md5 else None),
-            (MD5, "destination", _plain_etag(result.etag) if self.dst.abilities.etag_is_md5 else None),
-            (CRC64, "source", entry.checksums.get(CRC64)),
-            (CRC64, "destination", result.checksums.get(CRC64)),
-        ):
-            ours = digests.get(name)
-            if ours and reported:
+        for name, ours in seen.items():
+            for side, reported in (("source", source_says.get(name)), ("destination", result.checksums.get(name))):
+                if not reported:
+                    continue
                 compared = compared or side == "destination"
-                if ours != reported:
-                    if side == "destination":
-                        self._discard(dst_key)
+                if reported != ours:
+                    self._discard(dst_key)
                     raise VerifyFailed(f"{entry.key!r}: {name} of the bytes sent ({ours}) differs from the "
                                        f"{side}'s ({reported})")
         if self.opts.checksum and not compared:
-            self._verify_by_reading(entry, dst_key, sent_md5)
+            self._verify_by_reading(entry, dst_key, seen or source_says)
 
-    def _verify_by_reading(self, entry: Entry, dst_key: str, sent_md5: str | None) -> None:
-        """--checksum where the destination reports nothing comparable: read it back and hash."""
-        got = self._read_md5(self.dst, dst_key)
-        want = sent_md5
-        if want is None and self.src.abilities.etag_is_md5:
-            want = _plain_etag(entry.etag)
-        if want is None:
-            want = self._read_md5(self.src, entry.key)
-        if got != want:
+    def _verify_by_reading(self, entry: Entry, dst_key: str, want: dict[str, str]) -> None:
+        """--checksum where the destination reports nothing comparable: read it back and hash;
+        `want` holds what the source's bytes are known to hash to (else the source is read too)."""
+        name = next((n for n in KINDS if n in want), MD5)
+        got = self._read_digests(self.dst, dst_key, {name})[name]
+        expected = want.get(name) or self._read_digests(self.src, entry.key, {name})[name]
+        if got != expected:
             self._discard(dst_key)
-            raise VerifyFailed(f"{entry.key!r}: content at the destination differs from the source (md5)")
+            raise VerifyFailed(f"{entry.key!r}: content at the destination differs from the source ({name})")
 
     def _check_size(self, entry: Entry, result: Entry, dst_key: str) -> None:
         if result.size != entry.size:
@@ -294,20 +317,28 @@ class Transfer:
             return False
         return True
 
-    def _reported(self, st: Storage, e: Entry, name: str) -> str | None:
-        if name in e.checksums:
-            return e.checksums[name]
-        if name == MD5 and st.abilities.etag_is_md5:
-            return _plain_etag(e.etag)
-        return None
+    def _reported(self, st: Storage, e: Entry) -> dict[str, str]:
+        """The checksums `st` reports for `e`: a listing may carry none where a HEAD proves some
+        (S3's stored MD5, OSS's CRC64); a store that reports none is not asked."""
+        if e.checksums or not st.abilities.hashes:
+            return e.checksums
+        return st.head(e.key).checksums
 
-    def _read_md5(self, st: Storage, key: str) -> str:
-        h = hashlib.md5()
+    def _md5_up_front(self, entry: Entry) -> str | None:
+        """The source's MD5 before its bytes are sent, for a store that checks and keeps it: as
+        the source reports it, else by reading a local source once (rclone does the same)."""
+        found = self._reported(self.src, entry).get(MD5)
+        if found is None and self.src.abilities.cheap_rereads:
+            found = self._read_digests(self.src, entry.key, {MD5})[MD5]
+        return found
+
+    def _read_digests(self, st: Storage, key: str, names: set[str]) -> dict[str, str]:
+        hasher = Hasher(names)
         with st.open(key) as f:
-            reader = MeteredReader(f, bucket=self.opts.bucket)
-            while chunk := reader.read(MiB):
-                h.update(chunk)
-        return h.hexdigest()
+            reader = MeteredReader(f, hasher=hasher, bucket=self.opts.bucket)
+            while reader.read(MiB):
+                pass
+        return hasher.digests()
 
     def _mode(self, entry: Entry) -> int | None:
         return entry.mode if self.opts.keep_perms and self.dst.abilities.posix_mode else None
@@ -329,9 +360,28 @@ class Transfer:
         except StorageError as exc:  # an orphan upload is reported, not hidden
             log.warning("could not abort the multipart upload of %s: %s", dst_key, exc)
 
+    def _sweep(self, dst_key: str) -> None:
+        """Abort every other unfinished upload of this key: parts of an earlier run killed
+        mid-upload, and a create whose answer was lost and retried by the client (one LIST per
+        large file). Best effort: the copy is complete and verified without it, and credentials
+        may lack s3:ListBucketMultipartUploads."""
+        try:
+            self.dst.remove_stale_temps([dst_key])
+        except StorageError as exc:
+            log.warning("could not look for unfinished uploads of %s (the copy itself is complete): %s",
+                        dst_key, exc)
+
     def _discard(self, dst_key: str) -> None:
         """Remove what we just wrote when it cannot be trusted, so no later sync skips it."""
         try:
             self.dst.delete(dst_key)
         except StorageError as exc:
             log.warning("could not remove the unverified copy %s: %s", dst_key, exc)
+
+
+def _common(a: dict[str, str], b: dict[str, str]) -> bool | None:
+    """Equal by the first checksum kind both report; None when they share none."""
+    for name in KINDS:
+        if name in a and name in b:
+            return a[name] == b[name]
+    return None

@@ -30,7 +30,9 @@ log = logging.getLogger("ossimport")
 # Checksum names used across the project. Values are stored as strings:
 #   md5     lower-case hex of the whole content
 #   crc64   CRC-64/ECMA-182 as OSS computes it, decimal string
-#   etag    the store's ETag, unquoted (md5 hex for single PUTs on S3/OSS, "<hex>-N" for multipart)
+# A backend puts one in Entry.checksums (or a reader's `checksums`) only when it knows the value
+# is that checksum of the content: an ETag is not one by itself (SSE-KMS/SSE-C objects, multipart
+# and OSS appendable objects have ETags that are no MD5), so Entry.etag is opaque to the engine.
 MD5 = "md5"
 CRC64 = "crc64"
 
@@ -42,8 +44,8 @@ class Entry:
     key: str
     size: int
     mtime: float  # seconds since the epoch, UTC
-    etag: str | None = None
-    checksums: dict[str, str] = field(default_factory=dict)
+    etag: str | None = None  # the store's ETag, unquoted: opaque, never taken for a checksum
+    checksums: dict[str, str] = field(default_factory=dict)  # name -> value, only where known
     mode: int | None = None  # POSIX permission bits, where the store keeps them
     link_target: str | None = None  # symlink target, when the entry is a link that was not followed
 
@@ -59,10 +61,18 @@ class Abilities:
     set_mtime: bool = False  # put(..., mtime=) makes head().mtime equal to it (to the second)
     posix_mode: bool = False
     symlinks: bool = False
-    # checksums that list()/head() report without reading the content, e.g. {"crc64"} for OSS.
-    # An S3-style MD5 ETag is reported as Entry.etag, not here: it is md5 only for single PUTs.
+    # checksums that head(), put(), complete_multipart() and whole-object open() readers may
+    # report (where the store knows them), e.g. {"crc64"} for OSS: what the engine computes
+    # while the bytes stream, to compare like with like
     hashes: frozenset[str] = frozenset()
-    etag_is_md5: bool = False  # a non-multipart ETag equals the content MD5 (S3, OSS)
+    # put() of at least this many bytes and every create_multipart() take the content's MD5 when
+    # the caller knows it before sending (content_md5=): the store checks the bytes against it and
+    # keeps it with the object (S3: x-amz-meta-md5chksum), so it can be compared later without a
+    # read-back. Smaller puts are hashed by the backend itself. 0: the store has no use for it.
+    md5_up_front_from: int = 0
+    # reading the content a second time costs a local disk read, not a transfer: the engine may
+    # hash such a source before an upload to hand the store its MD5 up front (local files)
+    cheap_rereads: bool = False
     min_part_size: int = 5 * 1024 * 1024
     max_part_size: int = 5 * 1024 * 1024 * 1024
     max_parts: int = 10000
@@ -168,7 +178,9 @@ class Storage(ABC):
     @abstractmethod
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
         """A streaming reader of bytes [start, end) (end exclusive, None = to the end), used by
-        the thread that opened it. The caller closes it. Raises `NotFound`. Follows symlinks."""
+        the thread that opened it. The caller closes it. Raises `NotFound`. Follows symlinks.
+        A reader of the whole object may have a `checksums` dict (see `reader_checksums`): what
+        the store's answer says the content's checksums are."""
 
     @abstractmethod
     def put(
@@ -179,21 +191,28 @@ class Storage(ABC):
         *,
         mtime: float | None = None,
         mode: int | None = None,
+        content_md5: str | None = None,
     ) -> Entry:
         """Store exactly `size` bytes read from `data` under `key`, atomically: readers see the
         old content or the whole new content, never a part. Returns the new entry as far as the
-        store tells without another request (size, etag where known). Raises `StorageError` if
-        `data` yields fewer or more than `size` bytes (code SIZE_NOT_MATCH), writing nothing."""
+        store tells without another request (size, etag and checksums where known). Raises
+        `StorageError` if `data` yields fewer or more than `size` bytes (code SIZE_NOT_MATCH),
+        writing nothing. `content_md5` (hex), when given, is the MD5 the bytes must have (see
+        `Abilities.md5_up_front_from`); a store that can check it refuses other bytes."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove `key`. Deleting a missing key is not an error."""
 
     # ---- optional abilities (declared in `abilities`) ----------------------------------------
-    def create_multipart(self, key: str, *, mtime: float | None = None, mode: int | None = None) -> str:
+    def create_multipart(self, key: str, *, mtime: float | None = None, mode: int | None = None,
+                         content_md5: str | None = None) -> str:
+        """Start a multipart upload; `content_md5` (hex): the whole content's MD5, kept with the
+        object where the store can (see `Abilities.md5_up_front_from`)."""
         raise self._unsupported("multipart upload")
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> Part:
+        """Store one part; the backend has the store check the bytes on arrival where it can."""
         raise self._unsupported("multipart upload")
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[Part]) -> Entry:
@@ -275,6 +294,12 @@ class Storage(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reader_checksums(reader: object) -> dict[str, str]:
+    """The checksums a reader from `open()` of a whole object reports ({} when none)."""
+    found = getattr(reader, "checksums", None)
+    return dict(found) if isinstance(found, dict) else {}
 
 
 def check_key(key: str) -> str:

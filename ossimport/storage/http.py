@@ -226,6 +226,7 @@ class HTTPListStorage(Storage):
         *,
         mtime: float | None = None,
         mode: int | None = None,
+        content_md5: str | None = None,
     ) -> Entry:
         raise StorageError("http sources are read-only", code="ReadOnly")
 

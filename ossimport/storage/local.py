@@ -216,7 +216,7 @@ def _os_error(e: OSError, path: str, action: str) -> StorageError:
 class LocalStorage(Storage):
     scheme = "local"
     abilities = Abilities(random_write=True, set_mtime=True, posix_mode=True, ranged_read=True,
-                          mutable_files=True)
+                          mutable_files=True, cheap_rereads=True)
 
     def __init__(self, location: Location, options: StorageOptions | None = None) -> None:
         super().__init__(location, options)
@@ -455,7 +455,8 @@ class LocalStorage(Storage):
         return cast(BinaryIO, _RangeReader(f, start, end))
 
     def put(
-        self, key: str, data: BinaryIO, size: int, *, mtime: float | None = None, mode: int | None = None
+        self, key: str, data: BinaryIO, size: int, *, mtime: float | None = None, mode: int | None = None,
+        content_md5: str | None = None,
     ) -> Entry:
         path = self.local_path(key)
         tmp, fd = self._create_temp(key, path)

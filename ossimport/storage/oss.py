@@ -45,8 +45,9 @@ class OSSStorage(Storage):
         multipart=True,
         ranged_read=True,
         server_side_copy=True,
+        # CRC64 from head/put/complete/whole reads. No MD5: an OSS ETag is no MD5 for multipart
+        # and appendable objects, and a listing does not say which an object is
         hashes=frozenset({CRC64}),
-        etag_is_md5=True,
         min_part_size=100 * KiB,
         max_part_size=5 * GiB,
         max_parts=10000,
@@ -189,6 +190,7 @@ class OSSStorage(Storage):
         *,
         mtime: float | None = None,
         mode: int | None = None,
+        content_md5: str | None = None,
     ) -> Entry:
         full = self._full(key)
         body = _ExactReader(data, size, self._where(key))
@@ -210,7 +212,8 @@ class OSSStorage(Storage):
             raise self._error(e, "delete", key) from e
 
     # ---- multipart ---------------------------------------------------------------------------
-    def create_multipart(self, key: str, *, mtime: float | None = None, mode: int | None = None) -> str:
+    def create_multipart(self, key: str, *, mtime: float | None = None, mode: int | None = None,
+                         content_md5: str | None = None) -> str:
         try:
             return str(self._bucket.init_multipart_upload(self._full(key)).upload_id)
         except Exception as e:
@@ -429,6 +432,8 @@ class _Reader(StreamReader):
         self._where = where
         self._on_error = on_error
         self._expected = result.content_length
+        # what the engine compares with the bytes it hashed (this reader checks it too, at EOF)
+        self.checksums = {CRC64: str(result.server_crc)} if verify_crc and result.server_crc is not None else {}
         self._got = 0
         self._eof = False
 

@@ -19,21 +19,26 @@ which client sent a request.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import functools
+import hashlib
 import io
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote, unquote_plus
 
-from ossimport.errors import NotFound, SourceChanged, StorageError
-from ossimport.storage.base import Abilities, Entry, Part, Storage, StorageOptions, StreamReader
+from ossimport.errors import NotFound, SourceChanged, StorageError, VerifyFailed
+from ossimport.storage.base import MD5, Abilities, Entry, Part, Storage, StorageOptions, StreamReader
 from ossimport.storage.s3wire import (
     RETRYABLE,
     S3_NS,
@@ -55,6 +60,15 @@ if TYPE_CHECKING:
 
 GiB = 1024**3
 MiB = 1024**2
+# A single PUT of fewer bytes is read into memory and sent with the Content-MD5 of that buffer
+# (the hot path of small files: one write, no hashing pass of the engine's); a larger one
+# streams 1 MiB at a time, so a copy thread holds at most this much whatever the multipart
+# threshold (README: memory).
+PUT_BUFFER = 8 * MiB
+STREAM_CHUNK = 1 * MiB
+# rclone's metadata key for the content MD5 (base64), written where the ETag cannot be one
+META_MD5 = "md5chksum"
+_MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
 
 
 # ---- provider rules ---------------------------------------------------------------------------
@@ -119,6 +133,7 @@ class _Body(StreamReader):
 
     def __init__(self, body: Any, storage: S3Storage, key: str) -> None:
         self._body, self._storage, self._key = body, storage, key
+        self.checksums: dict[str, str] = {}
 
     def _read_some(self, n: int) -> bytes:
         with self._storage._errors("read", self._key):
@@ -196,7 +211,10 @@ class S3Storage(Storage):
         multipart=True,
         server_side_copy=True,
         ranged_read=True,
-        etag_is_md5=True,
+        # MD5 from head/put/whole GETs where the answer proves it (see `_checksums`), never
+        # from a listing: a listing does not say whether an object is encrypted with KMS
+        hashes=frozenset({MD5}),
+        md5_up_front_from=PUT_BUFFER,
         min_part_size=5 * MiB,
         max_part_size=5 * GiB,
         max_parts=10000,
@@ -353,9 +371,11 @@ class S3Storage(Storage):
             if (lean := self._lean) is not None:
                 resp, _ = lean.request("HEAD", self.root + key)
                 return Entry(key, int(resp.headers.get("content-length") or 0),
-                             date_seconds(resp.headers.get("last-modified")), _etag(resp.headers.get("etag")))
+                             date_seconds(resp.headers.get("last-modified")), _etag(resp.headers.get("etag")),
+                             _checksums(resp.headers))
             r = self._client.head_object(Bucket=self.bucket, Key=self.root + key)
-        return Entry(key, r["ContentLength"], whole_seconds(r["LastModified"]), _etag(r.get("ETag")))
+        return Entry(key, r["ContentLength"], whole_seconds(r["LastModified"]), _etag(r.get("ETag")),
+                     _checksums(_headers(r)))
 
     @_boto3_on_redirect
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
@@ -369,12 +389,13 @@ class S3Storage(Storage):
                         "GET", self.root + key, headers={"range": rng} if rng else None, stream=True,
                     )
                     length = int(body.headers.get("content-length") or 0)
+                    headers = body.headers
                 else:
                     args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.root + key}
                     if rng:
                         args["Range"] = rng
                     r = self._client.get_object(**args)
-                    body, length = r["Body"], r.get("ContentLength", 0)
+                    body, length, headers = r["Body"], r.get("ContentLength", 0), _headers(r)
         except StorageError as exc:
             # S3 refuses a range that starts at or past the end (416); like a file read past EOF,
             # that is simply no bytes.
@@ -387,7 +408,10 @@ class S3Storage(Storage):
             with contextlib.suppress(Exception):
                 body.close()
             raise StorageError(f"get {self._where(key)}: the server ignored the Range header", code="InvalidRange")
-        return _Body(body, self, key)  # type: ignore[return-value]
+        reader = _Body(body, self, key)
+        if rng is None:  # the answer's checksums describe the whole object, not a range
+            reader.checksums = _checksums(headers)
+        return reader  # type: ignore[return-value]
 
     def put(
         self,
@@ -397,28 +421,64 @@ class S3Storage(Storage):
         *,
         mtime: float | None = None,
         mode: int | None = None,
+        content_md5: str | None = None,
     ) -> Entry:
-        body = _read_at_most(data, size + 1)  # one byte more reveals a source that grew
-        if len(body) != size:
-            raise SourceChanged(f"put {self._where(key)}: expected {size} bytes, the source gave "
-                                f"{'more' if len(body) > size else len(body)}")
-        return self._put_bytes(key, body, mtime)
+        feed = _Feed(data, size, content_md5, f"put {self._where(key)}")
+        if size >= PUT_BUFFER:
+            return self._put_stream(key, feed, mtime)
+        body = feed.read(size)
+        return self._put_bytes(key, body, feed.md5(), mtime, content_md5 is not None)
 
     @_boto3_on_redirect
-    def _put_bytes(self, key: str, body: bytes, mtime: float | None) -> Entry:
+    def _put_bytes(self, key: str, body: bytes, md5: str, mtime: float | None, keep_md5: bool) -> Entry:
         size = len(body)
+        content_md5 = base64.b64encode(bytes.fromhex(md5)).decode("ascii")
+        # the store checks the bytes against Content-MD5, encrypted or not: their MD5 is known
+        checksums = {MD5: md5}
         with self._errors("put", key):
             if (lean := self._lean) is not None:
-                headers = {"content-md5": md5_b64(body)}
-                if mtime is not None:
-                    headers["x-amz-meta-mtime"] = repr(float(mtime))
+                headers = {"content-md5": content_md5, **_meta_headers(mtime, md5 if keep_md5 else None)}
                 resp, _ = lean.request("PUT", self.root + key, headers=headers, body=body)
                 return Entry(key, size, date_seconds(resp.headers.get("date"), now=True),
-                             _etag(resp.headers.get("etag")))
+                             _etag(resp.headers.get("etag")), checksums)
             r = self._client.put_object(
-                Body=body, ContentLength=size, ContentMD5=md5_b64(body), **self._write_args(key, mtime)
+                Body=body, ContentLength=size, ContentMD5=content_md5,
+                **self._write_args(key, mtime, md5 if keep_md5 else None),
             )
-        return Entry(key, size, _server_time(r), _etag(r.get("ETag")))
+        return Entry(key, size, _server_time(r), _etag(r.get("ETag")), checksums)
+
+    def _put_stream(self, key: str, feed: _Feed, mtime: float | None) -> Entry:
+        """A large single PUT, streamed. With the MD5 known up front it is sent as Content-MD5
+        (checked by the store) and kept as md5chksum metadata; without, the answer's ETag is
+        compared with the MD5 of what was sent wherever it is one (not under SSE-KMS/SSE-C)."""
+        known = feed.content_md5
+        with self._errors("put", key):
+            if (lean := self._lean) is not None:
+                headers = _meta_headers(mtime, known)
+                if known:
+                    headers["content-md5"] = base64.b64encode(bytes.fromhex(known)).decode("ascii")
+                resp, _ = lean.put_streaming(self.root + key, headers, feed.len, feed.chunks())
+                entry = Entry(key, feed.len, date_seconds(resp.headers.get("date"), now=True),
+                              _etag(resp.headers.get("etag")), _checksums(resp.headers))
+            else:
+                args = self._write_args(key, mtime, known)
+                if known:
+                    args["ContentMD5"] = base64.b64encode(bytes.fromhex(known)).decode("ascii")
+                # botocore reads a body twice (to sign it over http, to retry): spooled to disk
+                with tempfile.TemporaryFile() as spool:
+                    shutil.copyfileobj(feed, spool, STREAM_CHUNK)
+                    spool.seek(0)
+                    r = self._client.put_object(Body=spool, ContentLength=feed.len, **args)
+                entry = Entry(key, feed.len, _server_time(r), _etag(r.get("ETag")), _checksums(_headers(r)))
+        sent = feed.md5()
+        if entry.checksums.get(MD5, sent) != sent:
+            with contextlib.suppress(StorageError):
+                self.delete(key)  # the store holds other bytes than were sent: never leave them
+            raise VerifyFailed(f"put {self._where(key)}: the store's MD5 {entry.checksums[MD5]} differs from "
+                               f"the bytes sent ({sent})")
+        if known or MD5 in entry.checksums:
+            entry.checksums = {MD5: sent}
+        return entry
 
     @_boto3_on_redirect
     def delete(self, key: str) -> None:
@@ -430,26 +490,30 @@ class S3Storage(Storage):
 
     # ---- multipart ---------------------------------------------------------------------------
     @_boto3_on_redirect
-    def create_multipart(self, key: str, *, mtime: float | None = None, mode: int | None = None) -> str:
+    def create_multipart(self, key: str, *, mtime: float | None = None, mode: int | None = None,
+                         content_md5: str | None = None) -> str:
+        # the composite ETag of a multipart object is no MD5: the content's MD5, when known, is
+        # kept in the metadata (rclone's md5chksum), which head() and whole GETs report
         with self._errors("create multipart upload", key):
             if (lean := self._lean) is not None:
-                headers = {"x-amz-meta-mtime": repr(float(mtime))} if mtime is not None else None
-                resp, data = lean.request("POST", self.root + key, query={"uploads": None}, headers=headers)
+                resp, data = lean.request("POST", self.root + key, query={"uploads": None},
+                                          headers=_meta_headers(mtime, content_md5) or None)
                 upload_id = answer_fields(resp, data).get("UploadId")
                 if not upload_id:
                     raise ServerError(resp.status, "InvalidResponse", "the answer names no UploadId")
                 return upload_id
-            return str(self._client.create_multipart_upload(**self._write_args(key, mtime))["UploadId"])
+            args = self._write_args(key, mtime, content_md5)
+            return str(self._client.create_multipart_upload(**args)["UploadId"])
 
     @_boto3_on_redirect
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> Part:
         with self._errors(f"upload part {number}", key):
             if (lean := self._lean) is not None:
-                # No Content-MD5: an MD5 pass over the part is CPU that decides large-file speed,
-                # and the engine already hashes every part it reads and compares the ETag this
-                # returns (and the object's composite ETag) with it.
+                # Content-MD5: the store checks the part on arrival, whatever its ETag means
+                # (under SSE-KMS a part's ETag is no MD5 to compare with afterwards)
                 resp, _ = lean.request(
-                    "PUT", self.root + key, query={"partNumber": str(number), "uploadId": upload_id}, body=data,
+                    "PUT", self.root + key, query={"partNumber": str(number), "uploadId": upload_id},
+                    headers={"content-md5": md5_b64(data)}, body=data,
                 )
                 etag = resp.headers.get("etag")
             else:
@@ -616,11 +680,11 @@ class S3Storage(Storage):
         with self._errors("head", key):
             return dict(self._client.head_object(Bucket=self.bucket, Key=self.root + key))
 
-    def _write_args(self, key: str, mtime: float | None) -> dict[str, Any]:
+    def _write_args(self, key: str, mtime: float | None, content_md5: str | None = None) -> dict[str, Any]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.root + key}
-        if mtime is not None:
-            # Informative, as rclone stores it: S3 keeps its own LastModified, which is Entry.mtime.
-            args["Metadata"] = {"mtime": repr(float(mtime))}
+        meta = {name[len("x-amz-meta-"):]: value for name, value in _meta_headers(mtime, content_md5).items()}
+        if meta:
+            args["Metadata"] = meta
         return args
 
     def _where(self, key: str = "") -> str:
@@ -714,6 +778,79 @@ def _is_transport_error(exc: BaseException, botocore_exc: Any) -> bool:
 def _etag(value: str | None) -> str | None:
     value = (value or "").strip('"').lower()
     return value or None
+
+
+def _meta_headers(mtime: float | None, content_md5: str | None) -> dict[str, str]:
+    """The metadata we keep with an object: the source mtime (informative, as rclone stores it:
+    S3 keeps its own LastModified, which is Entry.mtime) and the content MD5 where known."""
+    headers = {}
+    if mtime is not None:
+        headers["x-amz-meta-mtime"] = repr(float(mtime))
+    if content_md5:
+        headers["x-amz-meta-" + META_MD5] = base64.b64encode(bytes.fromhex(content_md5)).decode("ascii")
+    return headers
+
+
+def _checksums(headers: Mapping[str, str]) -> dict[str, str]:
+    """The content checksums an answer's headers (lower-case names) prove: the MD5 kept in the
+    metadata at upload, else a single-part ETag of an object stored in plain or with SSE-S3 (AWS
+    documents that only those ETags are the MD5 of the data: not SSE-KMS, SSE-C, multipart)."""
+    stored = headers.get("x-amz-meta-" + META_MD5)
+    if stored:
+        with contextlib.suppress(binascii.Error, ValueError):
+            raw = base64.b64decode(stored, validate=True)
+            if len(raw) == 16:
+                return {MD5: raw.hex()}
+    etag = _etag(headers.get("etag"))
+    sse = headers.get("x-amz-server-side-encryption", "").lower()
+    if (etag and _MD5_HEX.match(etag) and sse in ("", "aes256")
+            and not headers.get("x-amz-server-side-encryption-customer-algorithm")):
+        return {MD5: etag}
+    return {}
+
+
+def _headers(response: dict[str, Any]) -> dict[str, str]:
+    """A boto3 answer's HTTP headers, names in lower case."""
+    return dict(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+
+
+class _Feed:
+    """What put() sends: exactly `size` bytes of `data`, hashed as they pass. Before the last
+    byte is handed on, a source longer or shorter than `size` (SIZE_NOT_MATCH) or whose MD5 is
+    not the `content_md5` announced (SOURCE_CHANGED) raises, so the store never sees a complete
+    body and keeps nothing."""
+
+    def __init__(self, data: BinaryIO, size: int, content_md5: str | None, what: str) -> None:
+        self._data, self.len, self._left, self.content_md5, self._what = data, size, size, content_md5, what
+        self._md5 = hashlib.md5()
+        if size == 0:
+            self._check_end()
+
+    def read(self, amt: int | None = -1) -> bytes:
+        if self._left == 0:
+            return b""
+        want = self._left if amt is None or amt < 0 else min(amt, self._left)
+        chunk = _read_at_most(self._data, want)  # raw streams and sockets return short reads
+        self._md5.update(chunk)
+        self._left -= len(chunk)
+        if len(chunk) < want:
+            raise SourceChanged(f"{self._what}: expected {self.len} bytes, the source gave {self.len - self._left}")
+        if self._left == 0:
+            self._check_end()
+        return chunk
+
+    def _check_end(self) -> None:
+        if self._data.read(1):
+            raise SourceChanged(f"{self._what}: expected {self.len} bytes, the source gave more")
+        if self.content_md5 and self.md5() != self.content_md5:
+            raise SourceChanged(f"{self._what}: the source changed after it was hashed", code="SOURCE_CHANGED")
+
+    def chunks(self) -> Iterator[bytes]:
+        while chunk := self.read(STREAM_CHUNK):
+            yield chunk
+
+    def md5(self) -> str:
+        return self._md5.hexdigest()
 
 
 def _server_time(response: dict[str, Any]) -> float:

@@ -33,6 +33,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections import deque
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -420,6 +421,43 @@ class WireClient:
                 raise
         if 200 <= resp.status < 300:
             return resp, b"" if stream else resp.read()
+        raise error_from_answer(resp.status, resp.read())
+
+
+    def put_streaming(self, key: str, headers: dict[str, str], length: int,
+                      chunks: Iterable[bytes]) -> tuple[Response, bytes]:
+        """PUT a body of `length` bytes taken from `chunks` as they come (a large object is never
+        held in memory), on a new connection (a pooled one the server dropped would fail only
+        once part of the body was spent). Not retried: the body cannot be read twice, the caller
+        retries with a new reader. If `chunks` raises, the connection is closed before the body
+        is complete, so the server stores nothing."""
+        path = self.base + "/" + quote(key, safe="/~")
+        hdrs = {"host": self.host, **headers}
+        if self._sk or self._ak:
+            self._sign("PUT", path, "", hdrs, "UNSIGNED-PAYLOAD")
+        lines = [f"PUT {path} HTTP/1.1", *(f"{n}: {v}" for n, v in hdrs.items()), _USER_AGENT,
+                 f"content-length: {length}", "\r\n"]
+        conn = self._connect()
+        try:
+            try:
+                conn.sock.sendall("\r\n".join(lines).encode("latin-1"))
+                for chunk in chunks:
+                    conn.sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # the server may have answered (an error) before taking the whole body: report that
+                try:
+                    resp = Response(self, conn, "PUT")
+                except OSError:
+                    raise exc from None
+                if 200 <= resp.status < 300:
+                    raise
+                raise error_from_answer(resp.status, resp.read()) from exc
+            resp = Response(self, conn, "PUT")
+        except BaseException:
+            conn.close()
+            raise
+        if 200 <= resp.status < 300:
+            return resp, resp.read()
         raise error_from_answer(resp.status, resp.read())
 
 

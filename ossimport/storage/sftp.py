@@ -509,7 +509,8 @@ class SFTPStorage(Storage):
         return cast(BinaryIO, _Reader(self, f, path, start, max(start, end)))
 
     def put(
-        self, key: str, data: BinaryIO, size: int, *, mtime: float | None = None, mode: int | None = None
+        self, key: str, data: BinaryIO, size: int, *, mtime: float | None = None, mode: int | None = None,
+        content_md5: str | None = None,
     ) -> Entry:
         path = self._path(key)
         sftp = self._sftp()

@@ -13,6 +13,8 @@ buffered whole (test objects are small), which lets it damage a response precise
   request phase (decided when the request headers arrived)
     internal_error   answer 500 InternalError (S3 XML body) without forwarding
     slowdown         answer 503 SlowDown (S3 XML body) without forwarding
+    access_denied    answer 403 AccessDenied (S3 XML body) without forwarding: a permission the
+                     credentials lack
     reset_before     reset the connection (RST: SO_LINGER 0, close) without forwarding
     slow_up          read the request body at `bps` bytes/s (a slow uplink; forwarded afterwards)
   response phase (decided once the upstream answered)
@@ -29,6 +31,10 @@ proxy's `seed`), optionally only for a method and a path regex (searched in the 
 the query string; object keys are percent-encoded there). `slow_up` / `slow_down` rules share one
 token bucket per rule: a link of that capacity. Every method is thread-safe. `injected` counts
 what really happened per kind; `records` keeps every request with its fault and timing.
+
+Besides faults, the proxy can reshape what passes, to make a real server answer the way another
+one does (tests/test_sse_kms.py: AWS's answers for SSE-KMS objects): `shape_request(method,
+query, body) -> body` and `shape_response(method, path, headers, body) -> (headers, body)`.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-REQUEST_KINDS = frozenset({"internal_error", "slowdown", "reset_before", "slow_up"})
+REQUEST_KINDS = frozenset({"internal_error", "slowdown", "access_denied", "reset_before", "slow_up"})
 RESPONSE_KINDS = frozenset({"reset_mid", "truncate", "stall", "stall_body", "slow_down"})
 KINDS = REQUEST_KINDS | RESPONSE_KINDS
 
@@ -54,8 +60,12 @@ _ERRORS = {
     "internal_error": (500, "Internal Server Error", "InternalError",
                        "We encountered an internal error. Please try again."),
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "access_denied": (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
 _MAX_HEADER = 64 * 1024
+Headers = list[tuple[str, str]]
+RequestShaper = Callable[[str, str, bytes], bytes]  # (method, query, body) -> body
+ResponseShaper = Callable[[str, str, Headers, bytes], tuple[Headers, bytes]]  # (method, path, headers, body)
 
 
 @dataclass
@@ -121,8 +131,10 @@ class FaultProxy:
     """A threaded fault proxy on 127.0.0.1 in front of `upstream_host:upstream_port`."""
 
     def __init__(self, upstream_host: str, upstream_port: int, *, seed: int = 0,
-                 upstream_timeout: float = 30.0) -> None:
+                 upstream_timeout: float = 30.0, shape_request: RequestShaper | None = None,
+                 shape_response: ResponseShaper | None = None) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.shape_request, self.shape_response = shape_request, shape_response
         self.upstream_timeout = upstream_timeout
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -344,9 +356,12 @@ class FaultProxy:
 
         # forward: one upstream connection per request
         fwd_headers = [(k, v) for k, v in headers if k.lower() not in ("expect", "connection", "keep-alive")]
+        if self.shape_request is not None:
+            body = self.shape_request(method, split.query, body)
+            fwd_headers = [(k, str(len(body)) if k.lower() == "content-length" else v) for k, v in fwd_headers]
         fwd_headers.append(("Connection", "close"))
         resp_status, resp_head, resp_body = self._forward(
-            _build_head(f"{method} {target} {version}", fwd_headers) + body, method
+            _build_head(f"{method} {target} {version}", fwd_headers) + body, method, rec.path
         )
         rec.status = resp_status
         data = resp_head + resp_body
@@ -435,7 +450,7 @@ class FaultProxy:
             rec.body_received += n
             self._bytes_up += n
 
-    def _forward(self, request: bytes, method: str) -> tuple[int, bytes, bytes]:
+    def _forward(self, request: bytes, method: str, path: str) -> tuple[int, bytes, bytes]:
         """(status, response head as bytes to relay, body) of the upstream's answer."""
         with socket.create_connection(self.upstream, timeout=self.upstream_timeout) as up:
             up.sendall(request)
@@ -463,6 +478,11 @@ class FaultProxy:
             finally:
                 ufile.close()
         relay = [(k, v) for k, v in headers if k.lower() not in ("connection", "keep-alive")]
+        if self.shape_response is not None:
+            shaped, new_body = self.shape_response(method, path, relay, body)
+            if len(new_body) != len(body):  # (a HEAD's Content-Length is the object's: kept)
+                shaped = [(k, str(len(new_body)) if k.lower() == "content-length" else v) for k, v in shaped]
+            relay, body = shaped, new_body
         return status, _build_head(status_line, relay), body
 
     def _send(self, conn: socket.socket, data: bytes) -> None:
