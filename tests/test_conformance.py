@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import threading
+import time
 
 import pytest
 
@@ -161,6 +162,40 @@ def test_multipart(backend) -> None:  # type: ignore[no-untyped-def]
     assert all(k != "gone" for k, _ in st.list_multipart())
     with pytest.raises(NotFound):
         st.head("gone")
+
+
+def test_only_older_uploads_of_a_key_are_aborted(backend) -> None:  # type: ignore[no-untyped-def]
+    """The sweep before completing a multipart upload aborts what earlier writers left (started
+    before ours) and never a younger upload: another holder of the same job task at work."""
+    writable(backend)
+    st = backend.storage(backend.new_root())
+    if not st.abilities.multipart:
+        pytest.skip(f"{backend.name} has no multipart upload")
+
+    def started_after(than: float) -> str:
+        """A new upload of "k" that the server dates after `than` (polled: servers date in seconds).
+        A server that dates every upload alike (moto) is ordered by its listing alone."""
+        deadline = time.monotonic() + 10
+        first = None
+        while time.monotonic() < deadline:
+            upload = st.create_multipart("k")
+            when = {u.upload_id: u.initiated for u in st.list_uploads("k")}[upload]
+            first = when if first is None else first
+            if when > than or (when == first and time.monotonic() > deadline - 8.5):
+                return upload
+            st.abort_multipart("k", upload)
+            time.sleep(0.2)
+        raise AssertionError("the server's clock did not advance")
+
+    old = started_after(0)
+    ours = started_after({u.upload_id: u.initiated for u in st.list_uploads("k")}[old])
+    young = started_after({u.upload_id: u.initiated for u in st.list_uploads("k")}[ours])
+    st.create_multipart("k2")  # another key: never touched
+    assert st.abort_older_uploads("k", ours) == 1
+    left = sorted(st.list_multipart())
+    assert left == sorted([("k", ours), ("k", young), ("k2", left[-1][1])]), left
+    for key, upload in left:
+        st.abort_multipart(key, upload)
 
 
 def test_random_write(backend) -> None:  # type: ignore[no-untyped-def]

@@ -159,6 +159,7 @@ class Transfer:
                 futures.append(self._pool().submit(self._send_part, entry, dst_key, upload_id, number, offset,
                                                    length, failed))
             parts = [f.result() for f in futures]
+            self._sweep(dst_key, upload_id)
             result = with_retries(
                 lambda: self.dst.complete_multipart(dst_key, upload_id, parts),
                 attempts=self.opts.attempts, what=f"complete {dst_key}",
@@ -172,7 +173,6 @@ class Transfer:
             wait(futures)
             self._abort(dst_key, upload_id)
             raise
-        self._sweep(dst_key)
         if not result.etag:  # some servers (Ceph) answer CompleteMultipartUpload without an ETag
             result = self.dst.head(dst_key)
         self._check_size(entry, result, dst_key)
@@ -360,13 +360,14 @@ class Transfer:
         except StorageError as exc:  # an orphan upload is reported, not hidden
             log.warning("could not abort the multipart upload of %s: %s", dst_key, exc)
 
-    def _sweep(self, dst_key: str) -> None:
-        """Abort every other unfinished upload of this key: parts of an earlier run killed
-        mid-upload, and a create whose answer was lost and retried by the client (one LIST per
-        large file). Best effort: the copy is complete and verified without it, and credentials
-        may lack s3:ListBucketMultipartUploads."""
+    def _sweep(self, dst_key: str, upload_id: str) -> None:
+        """Before completing, abort the unfinished uploads of this key that the server started
+        before ours: parts of an earlier run killed mid-upload, a create whose answer was lost and
+        retried by the client (one LIST per large file). Younger ones belong to a writer still at
+        work (a job task's next holder) and stay. Best effort: the copy is complete and verified
+        without it, and credentials may lack s3:ListBucketMultipartUploads."""
         try:
-            self.dst.remove_stale_temps([dst_key])
+            self.dst.abort_older_uploads(dst_key, upload_id)
         except StorageError as exc:
             log.warning("could not look for unfinished uploads of %s (the copy itself is complete): %s",
                         dst_key, exc)

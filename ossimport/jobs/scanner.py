@@ -97,8 +97,11 @@ class Scanner:
             ranges = cp["ranges"]
             todo: queue.Queue[int] = queue.Queue()
             for i in range(len(ranges)):
-                if not self._range_state(i).get("done"):
+                state = self._range_state(i)
+                if not state.get("done"):
+                    self._recover(i, self.pass_no, state)
                     todo.put(i)
+            self.jdir.drop_index()  # built by _recover; the ranges' own checkpoints say the rest
             errors: list[BaseException] = []
             threads = [threading.Thread(target=self._work, args=(todo, ranges, cp, errors), daemon=True)
                        for _ in range(max(1, min(plan.scan_threads, todo.qsize())))]
@@ -150,7 +153,6 @@ class Scanner:
 
     def _scan_range(self, i: int, lo: str, hi: str, pass_no: int, src: Storage, dst: Storage) -> None:
         state = self._range_state(i)
-        self._recover(i, pass_no, state)
         batch: list[Entry] = []
         size = 0
         for e in self._candidates(src, dst, lo, hi, state["last_key"], pass_no):

@@ -203,17 +203,19 @@ class JobDir:
         atomic_write(tmp / "TASK", encode_manifest(header, entries))
         os.rename(tmp, self.root / "pending_tasks" / header.task)
         fsync_dir(self.root / "pending_tasks")
-        if self._digests is not None:
-            self._digests[task_digest(header.task)] = header.task
 
     def find(self, digest: str) -> Path | None:
         """The directory of the task whose name starts with `digest`, in whatever state. The
-        digest -> name index is built by one walk of the state directories, then kept up to date
-        by `add_task` (names never change; only the state directory does), so a lookup is O(1)."""
+        digest -> name index is built by one walk of the state directories (names never change,
+        only the state directory does), so a lookup is O(1); it knows the tasks that existed when
+        it was built, so `drop_index` it before cutting new tasks."""
         if self._digests is None:
             self._digests = {task_digest(name): name for state in STATES for name, _ in self.tasks(state)}
         name = self._digests.get(digest)
         return self.locate(name) if name is not None else None
+
+    def drop_index(self) -> None:
+        self._digests = None
 
     def locate(self, name: str) -> Path | None:
         """Where task `name` is now: a few stat calls, one listdir of the workers."""

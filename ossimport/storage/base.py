@@ -82,6 +82,16 @@ class Abilities:
     mutable_files: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """An unfinished multipart upload. `initiated`: when the server started it (epoch seconds,
+    its own clock; 0 when the server does not say)."""
+
+    key: str
+    upload_id: str
+    initiated: float = 0.0
+
+
 @dataclass(slots=True)
 class StorageOptions:
     """Connection settings that come from global CLI options or the job config, not the address."""
@@ -221,9 +231,33 @@ class Storage(ABC):
     def abort_multipart(self, key: str, upload_id: str) -> None:
         raise self._unsupported("multipart upload")
 
+    def list_uploads(self, prefix: str = "") -> Iterator[Upload]:
+        """Unfinished multipart uploads under the root."""
+        raise self._unsupported("multipart upload")
+
     def list_multipart(self, prefix: str = "") -> Iterator[tuple[str, str]]:
         """(key, upload_id) of unfinished multipart uploads under the root."""
-        raise self._unsupported("multipart upload")
+        return ((u.key, u.upload_id) for u in self.list_uploads(prefix))
+
+    def abort_older_uploads(self, key: str, upload_id: str) -> int:
+        """Abort the unfinished uploads of `key` that the server started before `upload_id` (itself
+        unfinished): an earlier run killed mid-upload, a create whose answer was lost and retried.
+        An upload started after ours belongs to another writer still at work (a task's next holder,
+        see jobs/master.py) and is left alone. Times come from one listing, so from one clock;
+        where they tie or are missing, the listing's order decides (S3 lists the uploads of a key
+        oldest first)."""
+        uploads = [u for u in self.list_uploads(prefix=key) if u.key == key]
+        ours = next((i for i, u in enumerate(uploads) if u.upload_id == upload_id), None)
+        if ours is None:
+            return 0  # not listed: nothing to compare with, and aborting could hit another writer
+        mine = uploads[ours].initiated
+        removed = 0
+        for i, u in enumerate(uploads):
+            timed = bool(u.initiated and mine and u.initiated != mine)
+            if (u.initiated < mine) if timed else i < ours:
+                self.abort_multipart(key, u.upload_id)
+                removed += 1
+        return removed
 
     def open_writer(self, key: str, size: int) -> Writer:
         raise self._unsupported("random-access writes")
@@ -247,15 +281,15 @@ class Storage(ABC):
     def remove_stale_temps(self, keys: list[str], older_than: float | None = None) -> int:
         """Remove what interrupted writes of `keys` left behind (a process killed mid-copy cannot
         clean up): temporary files on file systems, unfinished multipart uploads (which cost
-        storage until aborted) on object stores. `older_than` (epoch seconds): file systems keep
-        temps written since then (another writer may be at work). Returns how many were removed."""
+        storage until aborted) on object stores. `older_than` (epoch seconds): what was written or
+        started since then stays (another writer may be at work). Returns how many were removed."""
         if not self.abilities.multipart:
             return 0
         removed = 0
         for key in keys:
-            for found, upload_id in list(self.list_multipart(prefix=key)):
-                if found == key:
-                    self.abort_multipart(found, upload_id)
+            for up in list(self.list_uploads(prefix=key)):
+                if up.key == key and (older_than is None or up.initiated < older_than):
+                    self.abort_multipart(up.key, up.upload_id)
                     removed += 1
         return removed
 

@@ -25,7 +25,16 @@ from oss2.models import PartInfo
 
 from ossimport.errors import NotFound, StorageError, VerifyFailed
 from ossimport.log import register_secret
-from ossimport.storage.base import CRC64, Abilities, Entry, Part, Storage, StorageOptions, StreamReader
+from ossimport.storage.base import (
+    CRC64,
+    Abilities,
+    Entry,
+    Part,
+    Storage,
+    StorageOptions,
+    StreamReader,
+    Upload,
+)
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -262,7 +271,7 @@ class OSSStorage(Storage):
                 for k in [k for k in self._part_crcs if k[0] == upload_id]:
                     del self._part_crcs[k]
 
-    def list_multipart(self, prefix: str = "") -> Iterator[tuple[str, str]]:
+    def list_uploads(self, prefix: str = "") -> Iterator[Upload]:
         it = oss2.MultipartUploadIterator(self._bucket, prefix=self._root + prefix)
         cut = len(self._root)
         while True:
@@ -273,7 +282,7 @@ class OSSStorage(Storage):
             except Exception as e:
                 raise self._error(e, "list multipart uploads", prefix) from e
             if upload.upload_id:  # prefix entries have none
-                yield upload.key[cut:], upload.upload_id
+                yield Upload(upload.key[cut:], upload.upload_id, float(upload.initiation_date or 0))
 
     # ---- server-side copy --------------------------------------------------------------------
     def copy(self, src_key: str, dst_key: str, *, src_root: Storage | None = None,

@@ -34,11 +34,12 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote, unquote_plus
 
 from ossimport.errors import NotFound, SourceChanged, StorageError, VerifyFailed
-from ossimport.storage.base import MD5, Abilities, Entry, Part, Storage, StorageOptions, StreamReader
+from ossimport.storage.base import MD5, Abilities, Entry, Part, Storage, StorageOptions, StreamReader, Upload
 from ossimport.storage.s3wire import (
     RETRYABLE,
     S3_NS,
@@ -559,26 +560,27 @@ class S3Storage(Storage):
             if exc.code != "NoSuchUpload":  # already gone: aborting is idempotent, like delete
                 raise
 
-    def list_multipart(self, prefix: str = "") -> Iterator[tuple[str, str]]:
+    def list_uploads(self, prefix: str = "") -> Iterator[Upload]:
         cut = len(self.root)
         try:
             with self._errors("list multipart uploads", prefix):
                 pages = (self._lean_upload_pages(self.root + prefix) if self._lean is not None
                          else self._boto_upload_pages(self.root + prefix))
                 for page in pages:
-                    for found, upload_id in page:
-                        if found.startswith(self.root) and len(found) > cut:
-                            yield found[cut:], upload_id
+                    for up in page:
+                        if up.key.startswith(self.root) and len(up.key) > cut:
+                            yield Upload(up.key[cut:], up.upload_id, up.initiated)
         except NotFound as exc:
             # `rclone serve s3` answers NoSuchUpload when there is no unfinished upload at all
             if exc.code != "NoSuchUpload":
                 raise
 
-    def _boto_upload_pages(self, prefix: str) -> Iterator[list[tuple[str, str]]]:
+    def _boto_upload_pages(self, prefix: str) -> Iterator[list[Upload]]:
         for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
-            yield [(up["Key"], up["UploadId"]) for up in page.get("Uploads", ())]
+            yield [Upload(up["Key"], up["UploadId"], up["Initiated"].timestamp() if up.get("Initiated") else 0.0)
+                   for up in page.get("Uploads", ())]
 
-    def _lean_upload_pages(self, prefix: str) -> Iterator[list[tuple[str, str]]]:
+    def _lean_upload_pages(self, prefix: str) -> Iterator[list[Upload]]:
         lean = self._lean
         assert lean is not None
         query: dict[str, str | None] = {"uploads": None, "prefix": prefix}
@@ -594,7 +596,8 @@ class S3Storage(Storage):
             if root is None or local_name(root.tag) != "ListMultipartUploadsResult":
                 raise ServerError(resp.status, "InvalidResponse", "the answer is not a ListMultipartUploadsResult")
             ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-            yield [(up.findtext(ns + "Key") or "", up.findtext(ns + "UploadId") or "")
+            yield [Upload(up.findtext(ns + "Key") or "", up.findtext(ns + "UploadId") or "",
+                          _epoch(up.findtext(ns + "Initiated")))
                    for up in root.iter(ns + "Upload")]
             key_marker = root.findtext(ns + "NextKeyMarker")
             if (root.findtext(ns + "IsTruncated") or "").lower() != "true" or not key_marker:
@@ -773,6 +776,15 @@ def _is_transport_error(exc: BaseException, botocore_exc: Any) -> bool:
         return True
     urllib3_exc: Any = sys.modules.get("urllib3.exceptions")
     return urllib3_exc is not None and isinstance(exc, urllib3_exc.HTTPError)
+
+
+def _epoch(text: str | None) -> float:
+    """An ISO 8601 time (a listing's Initiated) in epoch seconds, fractions kept; 0 if unreadable."""
+    try:
+        dt = datetime.fromisoformat((text or "").strip())
+    except ValueError:
+        return 0.0
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
 
 
 def _etag(value: str | None) -> str | None:
