@@ -45,6 +45,10 @@ class TransferOptions:
     keep_perms: bool = True
     server_side_copy: bool = True
     bucket: TokenBucket | None = None
+    # keep every file's MD5 with the object (jobs: workerRecordMd5) on a store that keeps one
+    # (Abilities.md5_up_front_from; S3: rclone's md5chksum metadata), hashing a source that does
+    # not report its MD5 before sending it (a second read); otherwise only large files get one
+    record_md5: bool = False
 
 
 class Transfer:
@@ -125,7 +129,7 @@ class Transfer:
 
     def _stream(self, entry: Entry, dst_key: str) -> Entry:
         wants = self.dst.abilities.md5_up_front_from
-        known = self._md5_up_front(entry) if wants and entry.size >= wants else None
+        known = self._md5_up_front(entry) if wants and (entry.size >= wants or self.opts.record_md5) else None
         raw = self.src.open(entry.key)
         source_says = {**entry.checksums, **reader_checksums(raw)}
         names = self._stream_hashes(source_says, known)
@@ -328,7 +332,7 @@ class Transfer:
         """The source's MD5 before its bytes are sent, for a store that checks and keeps it: as
         the source reports it, else by reading a local source once (rclone does the same)."""
         found = self._reported(self.src, entry).get(MD5)
-        if found is None and self.src.abilities.cheap_rereads:
+        if found is None and (self.src.abilities.cheap_rereads or self.opts.record_md5):
             found = self._read_digests(self.src, entry.key, {MD5})[MD5]
         return found
 

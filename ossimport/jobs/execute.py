@@ -39,6 +39,7 @@ class JobSpec:
     multipart_threshold: int = 150 * 1024 * 1024
     part_size: int = 50 * 1024 * 1024
     part_threads: int = 3  # uploadThreadNumPerLargeFile
+    record_md5: bool = False  # sys.properties workerRecordMd5
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items()}
@@ -115,6 +116,7 @@ class TaskRunner:
                 checksum=spec.audit_after_import and spec.audit_mode == "detailed",
                 keep_perms=spec.src_options.keep_perms,
                 bucket=self.bucket,
+                record_md5=spec.record_md5,
             ),
         )
         stats = stats or Stats()

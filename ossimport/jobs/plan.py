@@ -29,6 +29,7 @@ def job_spec(cfg: JobConfig, sysconf: SysConfig) -> JobSpec:
         multipart_threshold=cfg.multipartUploadThreshold,
         part_size=cfg.multipartUploadPartSize,
         part_threads=cfg.uploadThreadNumPerLargeFile,
+        record_md5=sysconf.workerRecordMd5,
     )
 
 
