@@ -1,6 +1,7 @@
 """Workers on other hosts: a network namespace joined by a veth pair is the second host (its only
-way to the master is the link), the master binds a non-loopback address and so requires CURVE;
-and `console deploy` installs and starts a worker over SSH (a private sshd on 127.0.0.1)."""
+way to the master is the link); the master requires CURVE there and on loopback alike (a local
+stranger gets nothing); and `console deploy` checks host keys, ships wheels, makes a venv and starts
+a worker over SSH (a private sshd on 127.0.0.1 whose python3 has only the standard library)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from backends import sftp as sftp_backend
 from jobenv import JobEnv
 
 from ossimport.errors import UsageError
+from ossimport.jobs.deploy import HOST_NEEDS
 from ossimport.jobs.master import Master
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.security import CurveClientKeys, is_loopback_endpoint
@@ -367,13 +369,62 @@ def test_loopback_master_gives_a_local_stranger_nothing_and_ignores_its_results(
 
 
 # ---- c: console deploy over SSH ------------------------------------------------------------------------
+SshdFactory = Any  # (*extra sshd_config lines) -> SSHD_Handle
+
+
 @pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[sftp_backend.SSHD_Handle]:
-    home = tmp_path / "sshd"
-    home.mkdir()
-    handle = sftp_backend.start(home)
-    yield handle
-    sftp_backend.stop(handle)
+def sshd_factory(tmp_path: Path) -> Iterator[SshdFactory]:
+    """Private sshds whose SFTP server logs every open, write and mode change to `<tmp>/sftp.log`."""
+    started: list[sftp_backend.SSHD_Handle] = []
+
+    def start(*extra: str) -> sftp_backend.SSHD_Handle:
+        home = tmp_path / f"sshd{len(started)}"
+        home.mkdir()
+        wrapper = home / "sftp-server"
+        wrapper.write_text(f"#!/bin/sh\nexec /usr/lib/openssh/sftp-server -e -l INFO 2>>{home / 'sftp.log'}\n")
+        wrapper.chmod(0o755)
+        started.append(sftp_backend.start(home, [f"Subsystem sftp {wrapper}", *extra]))
+        return started[-1]
+
+    yield start
+    for handle in started:
+        sftp_backend.stop(handle)
+
+
+@pytest.fixture
+def sshd(sshd_factory: SshdFactory) -> sftp_backend.SSHD_Handle:
+    return sshd_factory()
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One wheel cache for every deploy of the session: the dependencies are fetched or built once."""
+    return tmp_path_factory.mktemp("deploy-wheels")
+
+
+def deploy_env(tmp_path: Path, sshd: sftp_backend.SSHD_Handle, wheel_cache: Path,
+               sys_overrides: dict[str, Any] | None = None) -> JobEnv:
+    """A job system whose `deploy` targets `sshd` as 127.0.0.1, with a HOME of its own (known_hosts)."""
+    (tmp_path / "home").mkdir()
+    env = JobEnv(tmp_path / "job", local_job(tmp_path / "src", tmp_path / "dst"),
+                 {"workerUserName": sshd.user, "privateKeyFile": str(sshd.client_key), "sshPort": sshd.port,
+                  **(sys_overrides or {})},
+                 env={"OSSIMPORT_DEPLOY_DIR": str(tmp_path / "remote"), "HOME": str(tmp_path / "home")})
+    env.workdir.mkdir(parents=True)
+    (env.workdir / "wheels").symlink_to(wheel_cache)
+    (env.conf / "workers").write_text(f"# the second 'host'\n{sshd.user}@127.0.0.1:{sshd.port}\n")
+    return env
+
+
+def known_hosts_line(sshd: sftp_backend.SSHD_Handle) -> str:
+    kind, key = (sshd.tmp / "host_ed25519.pub").read_text().split()[:2]
+    return f"[127.0.0.1]:{sshd.port} {kind} {key}"
+
+
+def sftp_events(sshd: sftp_backend.SSHD_Handle, path: Path) -> list[str]:
+    """The SFTP server's log lines about `path`: open, `close ... written N`, `set ... mode M`."""
+    log = (sshd.tmp / "sftp.log").read_text(errors="replace")
+    return [line for line in log.splitlines() if f'"{path}"' in line]
 
 
 def _deployed_worker(remote: Path) -> psutil.Process | None:
@@ -397,60 +448,153 @@ def _wait_deployed_worker(remote: Path, not_pid: int | None = None) -> psutil.Pr
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("master_on", ["loopback", "link"])
-def test_console_deploy_starts_a_worker_over_ssh(tmp_path: Path, sshd: sftp_backend.SSHD_Handle,
-                                                 envs: list[JobEnv], request: pytest.FixtureRequest,
-                                                 master_on: str) -> None:
-    """`loopback`: a plain master on 127.0.0.1 (the 'remote' host is this one). `link`: the master on a
-    veth address, so CURVE is required and the worker must use the keys deploy uploaded."""
+def assert_runs_from_venv(worker: psutil.Process, remote: Path, python: str) -> None:
+    """The worker is the venv's Python running the wheel built from this tree (not this tree itself)."""
+    assert worker.cmdline()[0] == str(remote / "venv" / "bin" / "python"), worker.cmdline()
+    installed = remote / "venv" / "lib" / f"python{python}" / "site-packages" / "ossimport"
+    assert (installed / "jobs" / "worker.py").read_bytes() == (ROOT / "ossimport" / "jobs" / "worker.py").read_bytes()
+    assert sorted(p.name for p in (remote / "keys").iterdir()) == ["master.key", "worker.key", "worker.key_secret"]
+    assert (remote / "keys").stat().st_mode & 0o777 == 0o700
+    assert (remote / "keys" / "worker.key_secret").stat().st_mode & 0o777 == 0o600
+
+
+def deploy_and_run_a_job(tmp_path: Path, env: JobEnv, python: str, trust: bool = True) -> psutil.Process:
+    """Submit a 60-file job, deploy, wait for it to succeed through the deployed worker alone."""
     files = small_tree(60, seed=5)
     src, dst, remote = tmp_path / "src", tmp_path / "dst", tmp_path / "remote"
     write_tree(src, files)
-    sys_overrides: dict[str, Any] = {"workerUserName": sshd.user, "privateKeyFile": str(sshd.client_key),
-                                     "sshPort": sshd.port}
+    env.console("submit")
+    env.console("start", "--workers", "0")
+    out = env.console("deploy", *(["--trust-new-hosts"] if trust else []), timeout=300)
+    assert "127.0.0.1: worker started" in out.stdout, out.stdout + out.stderr
+    worker = _wait_deployed_worker(remote)
+    assert_runs_from_venv(worker, remote, python)
+    st = env.wait_state({"SUCCEED", "FAILED"}, timeout=60)
+    assert st["JobState"] == "SUCCEED", (remote / "worker.log").read_text(errors="replace")
+    assert_job_complete(env, files, dst, tasks=3)
+    prefix = f"{socket.gethostname()}-{worker.pid}-"
+    assert all(w.startswith(prefix) for w in done_workers(env)), (prefix, done_workers(env))
+    return worker
+
+
+def stop_deployed_worker(remote: Path) -> None:
+    worker_left = _deployed_worker(remote)
+    if worker_left is not None:
+        terminate(worker_left)
+
+
+@pytest.mark.parametrize("master_on", ["loopback", "link"])
+def test_console_deploy_starts_a_worker_over_ssh(tmp_path: Path, sshd: sftp_backend.SSHD_Handle,
+                                                 wheel_cache: Path, envs: list[JobEnv],
+                                                 request: pytest.FixtureRequest, master_on: str) -> None:
+    """`loopback`: a master on 127.0.0.1 (the 'remote' host is this one). `link`: the master on a veth
+    address. Either way the worker must use the keys deploy uploaded, and it runs in a venv made from
+    the shipped wheels: the host's python3 needs none of ossimport's dependencies."""
+    overrides: dict[str, Any] = {}
     if master_on == "link":
         ns: NetNS = request.getfixturevalue("netns")
-        sys_overrides.update(masterAddress=f"tcp://{ns.host_ip}:{free_port_on(ns.host_ip)}",
-                             curveKeysDir=str(tmp_path / "keys"))
-    env = JobEnv(tmp_path / "job", local_job(src, dst), sys_overrides, env={"OSSIMPORT_DEPLOY_DIR": str(remote)})
+        overrides = {"masterAddress": f"tcp://{ns.host_ip}:{free_port_on(ns.host_ip)}",
+                     "curveKeysDir": str(tmp_path / "keys")}
+    env = deploy_env(tmp_path, sshd, wheel_cache, overrides)
     envs.append(env)
-    (env.conf / "workers").write_text(f"# the second 'host'\n{sshd.user}@127.0.0.1:{sshd.port}\n")
+    remote = tmp_path / "remote"
     try:
-        env.console("submit")
-        env.console("start", "--workers", "0")
-        out = env.console("deploy", timeout=120)
-        assert "127.0.0.1: worker started" in out.stdout, out.stdout + out.stderr
-        assert sorted(p.name for p in (remote / "keys").iterdir()) == ["master.key", "worker.key",
-                                                                      "worker.key_secret"]
-        assert (remote / "keys" / "worker.key_secret").stat().st_mode & 0o777 == 0o600
-        worker = _wait_deployed_worker(remote)
-        # it runs the uploaded copy of the package, not the tree under test
-        assert worker.environ().get("PYTHONPATH") == str(remote / "src")
-        assert (remote / "src" / "ossimport" / "jobs" / "worker.py").exists()
-        st = env.wait_state({"SUCCEED", "FAILED"}, timeout=40)
-        assert st["JobState"] == "SUCCEED", (remote / "worker.log").read_text(errors="replace")
-        assert_job_complete(env, files, dst, tasks=3)
-        prefix = f"{socket.gethostname()}-{worker.pid}-"
-        assert all(w.startswith(prefix) for w in done_workers(env)), (prefix, done_workers(env))
-        if master_on == "loopback":  # deploying again replaces the running worker
-            out = env.console("deploy", timeout=120)
-            assert "127.0.0.1: worker started" in out.stdout, out.stdout + out.stderr
+        worker = deploy_and_run_a_job(tmp_path, env, "3.11")
+        # --trust-new-hosts recorded the host's key, in the format ssh itself reads
+        assert (tmp_path / "home" / ".ssh" / "known_hosts").read_text().splitlines() == [known_hosts_line(sshd)]
+        # the secret was made 0600 while still empty, before a byte of it was written
+        events = sftp_events(sshd, remote / "keys" / "worker.key_secret")
+        first_write = next(i for i, e in enumerate(events) if e.startswith("close") and not e.endswith("written 0"))
+        assert any(e.startswith("set") and e.endswith("mode 0600") for e in events[:first_write]), events
+        if master_on == "loopback":  # deploying again (the host now known) replaces the worker and its venv
+            (remote / "venv" / "stale").write_text("from the last deploy")
+            out = env.console("deploy", timeout=300)
+            assert out.stdout.splitlines() == ["127.0.0.1: worker started"], out.stdout + out.stderr
             assert _wait_deployed_worker(remote, not_pid=worker.pid).pid != worker.pid
             worker.wait(timeout=10)
+            assert not (remote / "venv" / "stale").exists()
     finally:
-        worker_left = _deployed_worker(remote)
-        if worker_left is not None:
-            terminate(worker_left)
+        stop_deployed_worker(remote)
 
 
-def test_deploy_reports_a_host_it_cannot_reach(tmp_path: Path, sshd: sftp_backend.SSHD_Handle) -> None:
-    env = JobEnv(tmp_path / "job", local_job(tmp_path / "src", tmp_path / "dst"),
-                 {"workerUserName": sshd.user, "privateKeyFile": str(sshd.client_key)},
-                 env={"OSSIMPORT_DEPLOY_DIR": str(tmp_path / "remote")})
-    closed = free_port_on("127.0.0.1")
-    (env.conf / "workers").write_text(f"127.0.0.1:{closed}\nnobody@127.0.0.1:{sshd.port}\n")
+def test_deploy_refuses_an_unknown_host_key_and_a_changed_one(tmp_path: Path, sshd: sftp_backend.SSHD_Handle,
+                                                              wheel_cache: Path) -> None:
+    env = deploy_env(tmp_path, sshd, wheel_cache)
+    known_hosts = tmp_path / "home" / ".ssh" / "known_hosts"
     out = env.console("deploy", check=False, timeout=120)
     assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stdout.splitlines() == [
+        f"127.0.0.1: deploy failed: the host key of [127.0.0.1]:{sshd.port} (ssh-ed25519 "
+        f"{ssh_fingerprint(sshd.tmp / 'host_ed25519.pub')}) is not in {known_hosts}: check the fingerprint, then "
+        "run 'console.sh deploy --trust-new-hosts' to record it"], out.stdout
+    assert out.stderr == ""
+    assert not (tmp_path / "remote").exists() and not known_hosts.exists()
+
+    # a recorded key that is not the host's: refused, --trust-new-hosts or not, and the record kept
+    other = sftp_backend.keygen(tmp_path / "other_ed25519").with_suffix(".pub").read_text().split()
+    known_hosts.parent.mkdir()
+    known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
+    before = known_hosts.read_bytes()
+    out = env.console("deploy", "--trust-new-hosts", check=False, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
     lines = out.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"127.0.0.1: deploy failed: the host key of [127.0.0.1]:{sshd.port}")
+    assert "differs" in lines[0] and f"ssh-keygen -R '[127.0.0.1]:{sshd.port}'" in lines[0], lines
+    assert known_hosts.read_bytes() == before and not (tmp_path / "remote").exists()
+
+
+def ssh_fingerprint(pub: Path) -> str:
+    out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(pub)], capture_output=True, text=True,
+                         check=True).stdout
+    return out.split()[1]
+
+
+def test_deploy_names_the_one_thing_a_host_needs(tmp_path: Path, sshd_factory: SshdFactory,
+                                                 wheel_cache: Path) -> None:
+    """A python3 without ensurepip, as Debian's is without python3-venv."""
+    fake = tmp_path / "no-venv"
+    (fake / "ensurepip").mkdir(parents=True)
+    (fake / "ensurepip" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ensurepip'\")\n")
+    sshd = sshd_factory(f"SetEnv PYTHONPATH={fake}")
+    env = deploy_env(tmp_path, sshd, wheel_cache)
+    out = env.console("deploy", "--trust-new-hosts", check=False, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1] == f"127.0.0.1: deploy failed: {HOST_NEEDS}"
+    assert HOST_NEEDS in (ROOT / "README.md").read_text().replace("\n", " ")
+    assert not (tmp_path / "remote" / "venv").exists()
+
+
+def test_deploy_to_a_host_with_another_python(tmp_path: Path, sshd_factory: SshdFactory, wheel_cache: Path,
+                                              envs: list[JobEnv]) -> None:
+    """The host's python3 is 3.12, this one's 3.11: binary wheels are fetched for cp312 (a source
+    package with no wheel is built on the host) and the worker runs."""
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip(f"the deploying side runs Python {sys.version_info[0]}.{sys.version_info[1]}, not 3.11")
+    sshd = sshd_factory("SetEnv PYENV_VERSION=3.12.1")  # the test machine's python3 is a pyenv shim
+    probe = subprocess.run(["ssh", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", "BatchMode=yes",
+                            "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp_path / 'probe_kh'}",
+                            f"{sshd.user}@127.0.0.1", "python3 -c 'import sys; print(sys.version_info[:2])'"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.stdout.strip() != "(3, 12)":
+        pytest.skip(f"no Python 3.12 python3 for the sshd session (pyenv 3.12.1): {probe.stdout}{probe.stderr}")
+    env = deploy_env(tmp_path, sshd, wheel_cache)
+    envs.append(env)
+    try:
+        deploy_and_run_a_job(tmp_path, env, "3.12")
+        shipped = [p.name for p in (tmp_path / "remote" / "wheels").iterdir()]
+        assert any(n.startswith("pyzmq-") and "-cp312-" in n for n in shipped), shipped
+    finally:
+        stop_deployed_worker(tmp_path / "remote")
+
+
+def test_deploy_reports_a_host_it_cannot_reach(tmp_path: Path, sshd: sftp_backend.SSHD_Handle,
+                                               wheel_cache: Path) -> None:
+    env = deploy_env(tmp_path, sshd, wheel_cache)
+    closed = free_port_on("127.0.0.1")
+    (env.conf / "workers").write_text(f"127.0.0.1:{closed}\nnobody@127.0.0.1:{sshd.port}\n")
+    out = env.console("deploy", "--trust-new-hosts", check=False, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = [line for line in out.stdout.splitlines() if "recorded in" not in line]
     assert len(lines) == 2 and all(line.startswith("127.0.0.1: deploy failed: ") for line in lines), lines
+    assert "Authentication failed" in lines[1], lines
     assert not (tmp_path / "remote").exists()

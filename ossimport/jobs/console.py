@@ -1,7 +1,7 @@
 """`ossimport console CMD` (console.sh), `ossimport master` and `ossimport worker`.
 
     console [--conf-dir conf] [--sys FILE] submit [CFG] | start [--workers N] | stop |
-            stat [--json] [JOB] | retry [JOB] | clean [JOB] | deploy | version |
+            stat [--json] [JOB] | retry [JOB] | clean [JOB] | deploy [--trust-new-hosts] | version |
             import [--yes|--resume|--restart] [--interval S] [CFG]
     master  --sys FILE                            (started by `console start`)
     worker  --master tcp://HOST:PORT --curve-keys DIR [--workdir DIR] [--max-throughput KBPS]
@@ -241,7 +241,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from ossimport.jobs.deploy import deploy
 
     sysconf, _ = _configs(args)
-    return deploy(sysconf, Path(args.conf_dir) / "workers")
+    return deploy(sysconf, Path(args.conf_dir) / "workers", trust_new_hosts=args.trust_new_hosts)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -365,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("job", nargs="?")
     s = sub.add_parser("clean", help="remove a job's state")
     s.add_argument("job", nargs="?")
-    sub.add_parser("deploy", help="install and start workers on the hosts in CONF_DIR/workers over SSH")
+    s = sub.add_parser("deploy", help="install and start workers on the hosts in CONF_DIR/workers over SSH")
+    s.add_argument("--trust-new-hosts", action="store_true",
+                   help="accept hosts not in ~/.ssh/known_hosts and record their keys there")
     sub.add_parser("version", help="print the version")
     s = sub.add_parser("import", help="one-click: submit, start, watch, offer retry")
     s.add_argument("cfg", nargs="?")

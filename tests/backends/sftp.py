@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def keygen(path: Path) -> Path:
     return path
 
 
-def start(tmp: Path) -> SSHD_Handle:
+def start(tmp: Path, extra_config: Sequence[str] = ()) -> SSHD_Handle:
+    """`extra_config`: more sshd_config lines; one replaces the default line of its keyword (e.g.
+    `Subsystem sftp internal-sftp -l INFO`, `SetEnv PATH=...`)."""
     if not os.path.exists(SSHD):
         pytest.skip("sshd not installed: apt-get install openssh-server")
     host_key = keygen(tmp / "host_ed25519")
@@ -49,23 +52,23 @@ def start(tmp: Path) -> SSHD_Handle:
     (tmp / "sftp-data").mkdir(exist_ok=True)
     port = _free_port()
     config = tmp / "sshd_config"
-    config.write_text(
-        "\n".join([
-            "ListenAddress 127.0.0.1",
-            f"Port {port}",
-            f"HostKey {host_key}",
-            f"AuthorizedKeysFile {authorized}",
-            f"PidFile {tmp / 'sshd.pid'}",
-            "StrictModes no",
-            "UsePAM no",
-            "PermitRootLogin yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "Subsystem sftp internal-sftp",
-            "LogLevel ERROR",
-            "",
-        ])
-    )
+    defaults = [
+        "ListenAddress 127.0.0.1",
+        f"Port {port}",
+        f"HostKey {host_key}",
+        f"AuthorizedKeysFile {authorized}",
+        f"PidFile {tmp / 'sshd.pid'}",
+        "StrictModes no",
+        "UsePAM no",
+        "PermitRootLogin yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "Subsystem sftp internal-sftp",
+        "LogLevel ERROR",
+    ]
+    overridden = {line.split()[0].lower() for line in extra_config}
+    lines = [*extra_config, *(line for line in defaults if line.split()[0].lower() not in overridden)]
+    config.write_text("\n".join(lines) + "\n")
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
     log = tmp / "sshd.log"
