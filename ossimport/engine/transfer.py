@@ -83,9 +83,6 @@ class Transfer:
         HEAD where the listing had none), else by hashing what a side cannot report."""
         if s.size != d.size:
             return False
-        found = _common(s.checksums, d.checksums)
-        if found is not None:
-            return found
         s_sums, d_sums = self._reported(self.src, s), self._reported(self.dst, d)
         found = _common(s_sums, d_sums)
         if found is not None:

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 GiB = 1024**3
 MiB = 1024**2
 # A single PUT of fewer bytes is read into memory and sent with the Content-MD5 of that buffer
-# (the hot path of small files: one write, no hashing pass of the engine's); a larger one
+# (the hot path of small files: one write to the socket); a larger one
 # streams 1 MiB at a time, so a copy thread holds at most this much whatever the multipart
 # threshold (README: memory).
 PUT_BUFFER = 8 * MiB
