@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ossimport.engine.cancel import CancelToken
 from ossimport.engine.stats import Stats
 from ossimport.engine.stream import Hasher, MeteredReader, multipart_etag
 from ossimport.engine.throttle import TokenBucket
@@ -56,11 +57,13 @@ def _plain_etag(etag: str | None) -> str | None:
 class Transfer:
     """Copies entries from `src` to `dst`. Thread-safe: one instance serves all worker threads."""
 
-    def __init__(self, src: Storage, dst: Storage, opts: TransferOptions, stats: Stats) -> None:
+    def __init__(self, src: Storage, dst: Storage, opts: TransferOptions, stats: Stats,
+                 cancel: CancelToken | None = None) -> None:
         self.src = src
         self.dst = dst
         self.opts = opts
         self.stats = stats
+        self.cancel = cancel or CancelToken()  # a stopped run abandons its copies mid-stream
         self._parts: ThreadPoolExecutor | None = None
         self._parts_lock = threading.Lock()
         self._server_side = (
@@ -77,16 +80,18 @@ class Transfer:
         """Copy `entry` to `dst_key` with retries; returns the destination entry. Raises
         StorageError with a code users know (SIZE_NOT_MATCH, SOURCE_DELETED, ...)."""
         return with_retries(lambda: self._copy_once(entry, dst_key), attempts=self.opts.attempts,
-                            what=entry.key)
+                            what=entry.key, sleep=self.cancel.sleep)
 
     def same_content(self, s: Entry, d: Entry) -> bool:
         """Content equality for --checksum, from reported checksums where both sides have a
-        comparable one, else by reading and hashing."""
+        comparable one, else by reading and hashing the side (or sides) that report no MD5."""
         for name in (CRC64, MD5):
             a, b = self._reported(self.src, s, name), self._reported(self.dst, d, name)
             if a and b:
                 return a == b
-        return self._read_md5(self.src, s.key) == self._read_md5(self.dst, d.key)
+        # an MD5 one side reports (an object store's ETag) spares reading that side
+        a, b = self._reported(self.src, s, MD5), self._reported(self.dst, d, MD5)
+        return (a or self._read_md5(self.src, s.key)) == (b or self._read_md5(self.dst, d.key))
 
     def close(self) -> None:
         if self._parts is not None:
@@ -125,7 +130,7 @@ class Transfer:
         hasher = None
         if names or not self._kernel_copy:
             hasher = Hasher(names) if names else None
-            reader = MeteredReader(raw, hasher=hasher, bucket=self.opts.bucket, on_bytes=self.stats.moved)
+            reader = MeteredReader(raw, hasher=hasher, bucket=self.opts.bucket, cancel=self.cancel, on_bytes=self.stats.moved)
         try:
             result = self.dst.put(dst_key, reader, entry.size, mtime=entry.mtime, mode=self._mode(entry))
         finally:
@@ -171,7 +176,7 @@ class Transfer:
                    length: int) -> tuple[Part, bytes]:
         def once() -> tuple[Part, bytes]:
             with self.src.open(entry.key, offset, offset + length) as raw:
-                reader = MeteredReader(raw, bucket=self.opts.bucket, on_bytes=self.stats.moved)
+                reader = MeteredReader(raw, bucket=self.opts.bucket, cancel=self.cancel, on_bytes=self.stats.moved)
                 data = reader.read(length + 1)
             if len(data) != length:
                 raise SourceChanged(f"{entry.key!r}: part {number} read {len(data)} bytes, expected {length}")
@@ -196,7 +201,7 @@ class Transfer:
             def once() -> None:
                 pos = offset
                 with self.src.open(entry.key, offset, offset + length) as raw:
-                    reader = MeteredReader(raw, bucket=self.opts.bucket, on_bytes=self.stats.moved)
+                    reader = MeteredReader(raw, bucket=self.opts.bucket, cancel=self.cancel, on_bytes=self.stats.moved)
                     while pos < offset + length and (chunk := reader.read(min(MiB, offset + length - pos))):
                         writer.write_at(pos, chunk)
                         pos += len(chunk)
@@ -304,7 +309,7 @@ class Transfer:
     def _read_md5(self, st: Storage, key: str) -> str:
         h = hashlib.md5()
         with st.open(key) as f:
-            reader = MeteredReader(f, bucket=self.opts.bucket)
+            reader = MeteredReader(f, bucket=self.opts.bucket, cancel=self.cancel)
             while chunk := reader.read(MiB):
                 h.update(chunk)
         return h.hexdigest()

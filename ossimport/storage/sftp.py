@@ -453,7 +453,10 @@ class SFTPStorage(Storage):
         base = path.rstrip("/")
         for a in attrs:
             name = a.filename
-            if name in (".", "..") or is_temp_name(name):
+            if name in (".", ".."):
+                continue
+            if is_temp_name(name):
+                self._old_temp(dir_key + name, float(a.st_mtime or 0))
                 continue
             mode = a.st_mode or 0
             child = f"{base}/{name}"
