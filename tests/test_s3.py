@@ -726,3 +726,25 @@ def test_a_body_that_stalls_times_out(client: str) -> None:
             release.set()
         assert 0.4 < time.monotonic() - t0 < 5
         assert exc.value.code == "ConnectionError" and exc.value.retryable
+
+
+@pytest.mark.parametrize("client", ["lean", "boto3"], indirect=True)
+def test_a_bucket_with_dots_in_path_style_addresses(client: str, backend_factory: Any, tmp_path: Any) -> None:
+    """A dotted bucket cannot follow the BUCKET.ENDPOINT rule (the endpoint starts at the first
+    '.'), but where the endpoint is an IP or localhost, or in minio://HOST:PORT/BUCKET/, the
+    bucket is a path segment and its dots are unambiguous."""
+    import boto3
+    from helpers import run_json, write_tree
+
+    b = backend_factory("s3-moto")
+    bucket = f"my.data.{client}"
+    boto3.client("s3", endpoint_url=b.handle.endpoint, region_name="us-east-1", aws_access_key_id="AKIDTEST1234",
+                 aws_secret_access_key="SECRET/TEST5678").create_bucket(Bucket=bucket)
+    creds = "AKIDTEST1234:SECRET%2FTEST5678"
+    src = tmp_path / "src"
+    write_tree(src, {"a.txt": b"alpha", "d/b.txt": b"beta"})
+    for address in (f"s3://{creds}@{bucket}.127.0.0.1:{b.handle.port}/one/",
+                    f"minio://{creds}@127.0.0.1:{b.handle.port}/{bucket}/two/"):
+        assert run_json("cp", f"{src}/", address)["copied"] == 2
+        st = open_address(address)
+        assert (st.bucket, sorted(e.key for e in st.list())) == (bucket, ["a.txt", "d/b.txt"])
