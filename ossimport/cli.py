@@ -72,6 +72,16 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _timeout(text: str) -> float:
+    """Seconds, more than 0: a run without a timeout would wait for a stalled server for good."""
+    v = _nonneg_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a timeout must be more than 0 seconds (a stalled server would hang the run "
+            "for good); give a large value such as 3600 instead")
+    return v
+
+
 def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     """The options of the ads-cli table (plus ours). On subcommands their defaults are
     suppressed so that a value given before the command is not reset after it."""
@@ -99,9 +109,9 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
       help="re-admit directories an --exclude-dir matched; alone, keep only keys under matching directories")
     a("--bwlimit", type=_nonneg_float, metavar="MBPS", default=d(0.0), help="bandwidth limit in Mbit/s (0 = unlimited)")
     a("--https", action="store_true", default=d(False), help="talk to object stores over HTTPS (default HTTP)")
-    a("--connTimeout", "--conntimeout", "--conn-timeout", dest="conn_timeout", type=_nonneg_float, metavar="S",
+    a("--connTimeout", "--conntimeout", "--conn-timeout", dest="conn_timeout", type=_timeout, metavar="S",
       default=d(30.0), help="seconds to establish a connection (default 30)")
-    a("--timeout", type=_nonneg_float, metavar="S", default=d(120.0), help="seconds to wait for a response (default 120)")
+    a("--timeout", type=_timeout, metavar="S", default=d(120.0), help="seconds to wait for a response (default 120)")
     a("--anonymous", metavar="SIDE", default=d(None),
       help="no credentials for: 0 or src (source), 1 or dst (destination), both")
     a("--noperms", action="store_true", default=d(False), help="do not copy POSIX permissions")
@@ -228,8 +238,8 @@ def _storage_options(args: argparse.Namespace, side: str) -> StorageOptions:
         side == "dst" and anon in ("1", "dst", "destination"))
     return StorageOptions(
         https=args.https,
-        connect_timeout=args.conn_timeout or 30.0,
-        read_timeout=args.timeout or 120.0,
+        connect_timeout=args.conn_timeout,
+        read_timeout=args.timeout,
         anonymous=anonymous,
         max_pool=max(args.threads * 2, 10),
         follow_symlinks=args.copy_links,

@@ -232,6 +232,14 @@ def test_bad_option_values_are_one_line(work: Path) -> None:
     assert snapshot(work) == before
 
 
+@pytest.mark.parametrize("option", ["--timeout", "--connTimeout"])
+def test_a_zero_timeout_is_refused(work: Path, option: str) -> None:
+    """It used to become the default (120 s / 30 s) without a word."""
+    before = snapshot(work)
+    assert_one_line_error(run(work, option, "0", "cp", "src/", "dst/"), "a timeout must be more than 0 seconds")
+    assert snapshot(work) == before
+
+
 # ---- stores that say no ---------------------------------------------------------------------------------
 def test_wrong_secret_on_ceph(work: Path, backend_factory: Any) -> None:
     ceph = backend_factory("s3-ceph")
