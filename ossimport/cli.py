@@ -417,8 +417,9 @@ def _report(args: argparse.Namespace, stats: Stats, src_opts: StorageOptions) ->
         # not quiet-able: it explains an exit code and failures no FAILED line named
         first = next((f for f in stats.failures if not f.message.startswith("not tried")), None)
         code = first.code if first else "the error above"
-        print(f"ossimport: {stats.not_tried} more files were not tried: every request would fail with {code} "
-              "like the one above; fix that and run the command again", file=sys.stderr)
+        print(f"ossimport: {stats.not_tried} more files were not tried (or failed the same way while in flight): "
+              f"every request would fail with {code} like the one above; fix that and run the command again",
+              file=sys.stderr)
     summary = stats.summary()
     if args.json:
         summary["dryrun"] = bool(args.dryrun)

@@ -264,7 +264,7 @@ def test_oss_errors_are_mapped_and_hide_secrets(oss: Any, monkeypatch: pytest.Mo
     with open_storage(parse_address(addr), StorageOptions(connect_timeout=2)) as st, \
             pytest.raises(StorageError) as err:
         st.head("k")
-    assert (err.value.code, err.value.retryable) == ("RequestError", True)
+    assert (err.value.code, err.value.retryable) == ("ConnectionRefused", True)
 
 
 def test_oss_credentials_from_env_sts_and_anonymous(oss: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -443,5 +443,5 @@ def test_http_single_url_and_connection_errors(web: Any) -> None:
     dead = http_storage(f"http://127.0.0.1:{closed_port()}/x/y?token=SECRETSIG", connect_timeout=2)
     with pytest.raises(StorageError) as err:
         dead.head("y")
-    assert (err.value.code, err.value.retryable) == ("RequestError", True)
+    assert (err.value.code, err.value.retryable) == ("ConnectionRefused", True)
     assert "SECRETSIG" not in str(err.value) + dead.describe()

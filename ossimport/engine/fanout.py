@@ -190,10 +190,10 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
 
 # ---- the parent's side ----------------------------------------------------------------------------
 def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: Stats,
-            emit: Callable[[str, Entry, str], None], stopped: CancelToken,
+            emit: Callable[[str, Entry, str], None], outcome: Callable[[str, str], str], stopped: CancelToken,
             handle: Callable[[Item], None], work: Callable[[], None]) -> None:
     """The parent's thread for one helper: hands it items from `q` when it asks, applies its
-    reports, and takes over its items (and then its share of `q`) if it dies. Consumes exactly one
+    reports (each event as `outcome(event, detail)` says it is to be reported), and takes over its items (and then its share of `q`) if it dies. Consumes exactly one
     `done` marker from `q`, like a copy thread."""
     got_done = False
     handed = 0
@@ -216,7 +216,7 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
                 handed += len(batch)
                 helper.conn.send(batch or None)
             elif message[0] == "report":
-                _apply(helper, message[1], message[2], message[3], stats, emit)
+                _apply(helper, message[1], message[2], message[3], stats, emit, outcome)
             elif message[0] == "done":
                 log.debug("copy process %d handled %d files", helper.pid, handed)
                 break
@@ -240,12 +240,12 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
 
 def _apply(helper: Helper, events: list[Event], delta: dict[str, int],
            failures: list[tuple[str, str, str]], stats: Stats,
-           emit: Callable[[str, Entry, str], None]) -> None:
+           emit: Callable[[str, Entry, str], None], outcome: Callable[[str, str], str]) -> None:
     stats.merge(delta, failures)
     for event, key, size, detail in events:
         if event in TERMINAL:
             helper.held.pop(key, None)
-        emit(event, Entry(key, size, 0.0), detail)
+        emit(outcome(event, detail), Entry(key, size, 0.0), detail)
 
 
 def stop_all(helpers: list[Helper]) -> None:

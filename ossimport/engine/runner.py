@@ -29,7 +29,7 @@ from ossimport.engine.planner import Planner
 from ossimport.engine.policy import Action
 from ossimport.engine.stats import Stats
 from ossimport.engine.transfer import Transfer
-from ossimport.errors import FATAL_CODES, OssimportError, StorageError
+from ossimport.errors import FATAL_CODES, UNREACHABLE_CODES, OssimportError, StorageError
 from ossimport.storage.base import Entry, Storage
 
 __all__ = ["Item", "Listener", "RunOptions", "Runner"]
@@ -61,7 +61,11 @@ class Runner:
         self._deleter = Deleter(src, dst, opts, self.stats, self._emit, self.cancel)
         self._planner = Planner(src, dst, opts, self.stats, self._emit, self.cancel, self._deleter)
         self._errors: list[BaseException] = []
-        self._fatal: StorageError | None = None  # a failure every further request would repeat
+        # the code of a failure every further request would repeat (wrong keys, no such bucket, an
+        # endpoint never reached): the rest of the run fails without a request each
+        self._fatal: str | None = None
+        self._fatal_lock = threading.Lock()
+        self._reached = False  # an item succeeded: the stores can be reached
         self._helpers: list[fanout.Helper] | None = None  # forked copy processes, once started
         self._forked: list[int] = []  # their pids, told to stop with the run
         self._threads = [max(1, opts.threads)]  # copy threads per process, this one first
@@ -159,7 +163,8 @@ class Runner:
         workers = [threading.Thread(target=self._work, args=(q,), name=f"copy-{i}", daemon=True)
                    for i in range(self._threads[0] if helpers else max(1, self.opts.threads))]
         workers += [threading.Thread(target=fanout.forward, name=f"helper-{h.pid}", daemon=True,
-                                     args=(h, q, _DONE, self.stats, self._emit, self.cancel, self._handle,
+                                     args=(h, q, _DONE, self.stats, self._emit, self._helper_outcome,
+                                           self.cancel, self._handle,
                                            lambda: self._work(q)))
                     for h in helpers]
         for w in workers:
@@ -233,23 +238,54 @@ class Runner:
         if fatal is not None:
             # failed without a request: listeners that keep per-file records (jobs) get it
             # as a failure to retry; the CLI counts these instead of printing each
-            self.stats.fail(src.key, fatal.code, f"not tried after {fatal.code}", src.size)
-            self.stats.add(not_tried=1)
-            self._emit("not-tried", src, f"{fatal.code}: not tried after an earlier file failed with it")
+            self._not_tried(src, fatal, "not tried after an earlier file failed with it")
             return
         try:
             self._one(src, dst, dst_key)
+            self._reached = True
         except Cancelled:
             return  # abandoned mid-copy by a stop: not copied, not a failure
         except StorageError as exc:
-            if exc.code in FATAL_CODES and self._fatal is None:
-                self._fatal = exc
+            if self._stops_the_run(exc.code) == "again":
+                # in flight when an earlier file failed this way: counted with the files not
+                # tried, not a line of its own (one wrong key, one FAILED line)
+                self._not_tried(src, exc.code, "failed like an earlier file", str(exc))
+                return
             self.stats.fail(src.key, exc.code, str(exc), src.size)
             self._emit("failed", src, f"{exc.code}: {exc}")
         except Exception as exc:  # a bug or an unmapped library error: fail the file, not the run
             log.debug("unexpected error on %s", src.key, exc_info=True)
             self.stats.fail(src.key, type(exc).__name__, str(exc), src.size)
             self._emit("failed", src, f"{type(exc).__name__}: {exc}")
+
+    def _stops_the_run(self, code: str) -> str:
+        """"first" when a failure with `code` is the first that every further request would
+        repeat (it stops the run), "again" when the run was stopped by a failure with the same
+        code, "" otherwise. An unreachable endpoint stops the run only while nothing has
+        succeeded yet: later, a refused connection is an outage that retries ride out."""
+        with self._fatal_lock:
+            if self._fatal is not None:
+                return "again" if code == self._fatal else ""
+            if code in FATAL_CODES or (code in UNREACHABLE_CODES and not self._reached):
+                self._fatal = code
+                return "first"
+            return ""
+
+    def _not_tried(self, src: Entry, code: str, why: str, message: str = "") -> None:
+        self.stats.fail(src.key, code, message or f"not tried after {code}", src.size)
+        self.stats.add(not_tried=1)
+        self._emit("not-tried", src, f"{code}: {why}")
+
+    def _helper_outcome(self, event: str, detail: str) -> str:
+        """The event to report for an outcome of a copy process (engine/fanout.py), which
+        decides like `_handle`: a failure like the one that stopped the run (in this process or
+        another) is one of the files not tried, so all processes together print one line."""
+        if event in ("copied", "skipped", "verified"):
+            self._reached = True
+        elif event == "failed" and self._stops_the_run(detail.partition(":")[0]) == "again":
+            self.stats.add(not_tried=1)  # failure details start with their code
+            return "not-tried"
+        return event
 
     def _one(self, src: Entry, dst: Entry | None, dst_key: str) -> None:
         if self.opts.verify_only:

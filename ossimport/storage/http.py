@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 import urllib3
 
-from ossimport.errors import NotFound, StorageError
+from ossimport.errors import TRANSPORT_REASONS, NotFound, StorageError, transport_code
 from ossimport.log import register_secret
 from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, StreamReader
 
@@ -306,7 +306,8 @@ def _status_error(where: str, status: int) -> StorageError:
 def _connection_error(where: str, exc: BaseException) -> StorageError:
     reason = getattr(exc, "reason", None) or exc  # MaxRetryError wraps the real cause
     text = f"{type(reason).__name__}: {reason}"[:300]
-    return StorageError(f"{where}: connection failed: {text}", code="RequestError", retryable=True)
+    code = transport_code(exc)
+    return StorageError(f"{where}: connection failed ({TRANSPORT_REASONS[code]}): {text}", code=code, retryable=True)
 
 
 def _register_query_secrets(query: str) -> None:
