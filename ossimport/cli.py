@@ -242,6 +242,7 @@ def _storage_options(args: argparse.Namespace, side: str) -> StorageOptions:
         read_timeout=args.timeout,
         anonymous=anonymous,
         max_pool=max(args.threads * 2, 10),
+        threads=args.threads,
         follow_symlinks=args.copy_links,
         keep_perms=not args.noperms,
     )

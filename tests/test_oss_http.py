@@ -340,6 +340,19 @@ FILES = {
 }
 
 
+def test_http_list_heads_urls_in_parallel_within_the_threads(web: Any) -> None:
+    """list() HEADs every URL for its size: --threads at a time, not one after the other."""
+    files = {f"k{i:02d}": bytes(i) for i in range(12)}
+    for key, data in files.items():
+        (web.www / "p").mkdir(exist_ok=True)
+        (web.www / "p" / http_backend._stored_name(key)).write_bytes(data)
+    lines = [f"http://127.0.0.1:{web.port}/p/ {k}" for k in files]
+    web.server.hold_heads = 4
+    st = http_storage(write_list(web, "p.list", lines), threads=4)
+    assert [(e.key, e.size) for e in st.list()] == [(k, len(v)) for k, v in files.items()]
+    assert web.server.most_heads_in_flight == 4
+
+
 def test_http_list_is_sorted_with_exact_sizes(web: Any) -> None:
     http_backend.seed(web, "r", {})  # creates nothing, list file is written below
     for key, data in FILES.items():

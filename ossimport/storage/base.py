@@ -82,6 +82,7 @@ class StorageOptions:
     read_timeout: float = 120.0
     anonymous: bool = False
     max_pool: int = 10  # connections to keep: at least the number of worker threads
+    threads: int = 10  # requests a listing may have in flight at once (the run's --threads)
     follow_symlinks: bool = False
     keep_perms: bool = True  # --noperms turns it off
     # keys of symbolic links that were not copied (file, directory, dangling links and loops):
