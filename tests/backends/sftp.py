@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from backends import unavailable
+
 NAME = "sftp"
 SSHD = "/usr/sbin/sshd"
 
@@ -40,7 +42,7 @@ def keygen(path: Path) -> Path:
 
 def start(tmp: Path) -> SSHD_Handle:
     if not os.path.exists(SSHD):
-        pytest.skip("sshd not installed: apt-get install openssh-server")
+        unavailable("sshd not installed: apt-get install openssh-server")
     host_key = keygen(tmp / "host_ed25519")
     client_key = keygen(tmp / "client_ed25519")
     authorized = tmp / "authorized_keys"
