@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from ossimport.engine.cancel import CancelToken
 
@@ -14,14 +15,16 @@ class TokenBucket:
     Callers ask for what they are about to send; a request larger than the burst is served in
     burst-sized slices so one large read cannot starve the others for long."""
 
-    def __init__(self, rate: float, burst: float | None = None) -> None:
+    def __init__(self, rate: float, burst: float | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = float(rate)
         # a quarter second of traffic keeps the limit smooth without costing throughput
         self.burst = float(burst) if burst else max(self.rate / 4, 64 * 1024)
+        self._clock, self._sleep = clock, sleep  # a test may run the bucket on a clock of its own
         self._tokens = self.burst
-        self._stamp = time.monotonic()
+        self._stamp = clock()
         self._lock = threading.Lock()
 
     def consume(self, amount: int, cancel: CancelToken | None = None) -> None:
@@ -31,7 +34,7 @@ class TokenBucket:
         while remaining > 0:
             take = min(remaining, self.burst)
             with self._lock:
-                now = time.monotonic()
+                now = self._clock()
                 self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
                 self._stamp = now
                 self._tokens -= take  # may go negative: the debt is paid by waiting below
@@ -40,7 +43,7 @@ class TokenBucket:
                 if cancel is not None:
                     cancel.sleep(wait)
                 else:
-                    time.sleep(wait)
+                    self._sleep(wait)
             remaining -= take
 
 
