@@ -43,6 +43,8 @@ _SFTP_RE = re.compile(
     r"(?::(?P<port>\d+))?:(?P<path>.*)$"
 )
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,254}$")
+# with path-style addressing the bucket is a path segment, so dots are unambiguous there
+_DOTTED_BUCKET_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_\-]|\.(?!\.)){0,253}[A-Za-z0-9]$")
 
 
 @dataclass(slots=True)
@@ -220,6 +222,27 @@ def _split_credentials(authority_and_rest: str, original: str) -> tuple[str, str
     return ak, sk, token, tail
 
 
+def _split_bucket(host: str) -> tuple[str, str, str]:
+    """BUCKET[.ENDPOINT] -> (bucket, ".", endpoint). The bucket ends at the first '.', except
+    where the rest from a later '.' on is an IP address or `localhost` (with a port or not):
+    `my.data.127.0.0.1:9000` is bucket `my.data` on 127.0.0.1:9000, addressed path-style."""
+    dots = [i for i, c in enumerate(host) if c == "."]
+    for i in dots[1:]:
+        rest = host[i + 1:]
+        name = rest[1:rest.index("]")] if rest.startswith("[") and "]" in rest else rest.rsplit(":", 1)[0]
+        if name == "localhost" or _is_ip(name):
+            return host[:i], ".", rest
+    return host.partition(".")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _object_store(name: str, rest: str, original: str, https: bool | None) -> Location:
     backend, flavour = SCHEMES[name]
     ak, sk, token, rest = _split_credentials(rest, original)
@@ -233,7 +256,7 @@ def _object_store(name: str, rest: str, original: str, https: bool | None) -> Lo
         is_dir = not key or key.endswith("/")
         path_style = True
     else:
-        bucket, dot, endpoint = host.partition(".")
+        bucket, dot, endpoint = _split_bucket(host)
         if dot and not endpoint:
             raise UsageError(
                 f"address {_mask(original)!r} has an empty endpoint after '{bucket}.'; write "
@@ -245,10 +268,11 @@ def _object_store(name: str, rest: str, original: str, https: bool | None) -> Lo
             )
         is_dir = not key or key.endswith("/")
         path_style = bool(endpoint) and is_ip_or_localhost(endpoint)
-    if not _BUCKET_RE.match(bucket):
+    if not (_BUCKET_RE.match(bucket) or (path_style and _DOTTED_BUCKET_RE.match(bucket))):
         raise UsageError(
             f"address {_mask(original)!r}: {bucket!r} is not a valid bucket name "
-            "(letters, digits, '-' and '_'; the endpoint follows the first '.')"
+            "(letters, digits, '-' and '_'; the endpoint follows the first '.'; a bucket with dots "
+            "needs a path-style address: minio://HOST:PORT/BUCKET/ or BUCKET.IP:PORT)"
         )
     if endpoint:
         check_endpoint(endpoint, original)

@@ -8,11 +8,14 @@ verified, 1 some files failed (each named on stderr), 2 bad input (one line sayi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ossimport import __version__
@@ -69,6 +72,16 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _timeout(text: str) -> float:
+    """Seconds, more than 0: a run without a timeout would wait for a stalled server for good."""
+    v = _nonneg_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a timeout must be more than 0 seconds (a stalled server would hang the run "
+            "for good); give a large value such as 3600 instead")
+    return v
+
+
 def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     """The options of the ads-cli table (plus ours). On subcommands their defaults are
     suppressed so that a value given before the command is not reset after it."""
@@ -96,9 +109,9 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
       help="re-admit directories an --exclude-dir matched; alone, keep only keys under matching directories")
     a("--bwlimit", type=_nonneg_float, metavar="MBPS", default=d(0.0), help="bandwidth limit in Mbit/s (0 = unlimited)")
     a("--https", action="store_true", default=d(False), help="talk to object stores over HTTPS (default HTTP)")
-    a("--connTimeout", "--conntimeout", "--conn-timeout", dest="conn_timeout", type=_nonneg_float, metavar="S",
+    a("--connTimeout", "--conntimeout", "--conn-timeout", dest="conn_timeout", type=_timeout, metavar="S",
       default=d(30.0), help="seconds to establish a connection (default 30)")
-    a("--timeout", type=_nonneg_float, metavar="S", default=d(120.0), help="seconds to wait for a response (default 120)")
+    a("--timeout", type=_timeout, metavar="S", default=d(120.0), help="seconds to wait for a response (default 120)")
     a("--anonymous", metavar="SIDE", default=d(None),
       help="no credentials for: 0 or src (source), 1 or dst (destination), both")
     a("--noperms", action="store_true", default=d(False), help="do not copy POSIX permissions")
@@ -138,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("--missing", metavar="FILE", help="write the keys missing at DST to FILE")
     vp.add_argument("--differ", metavar="FILE", help="write the keys whose size or content differ to FILE")
     vp.add_argument("--extra", metavar="FILE", help="write the keys only at DST to FILE")
+    vp.add_argument("--one-way", dest="one_way", action="store_true", default=False,
+                    help="only check that every SRC file is at DST: keys only at DST are not differences")
     vp.add_argument("src", metavar="SRC")
     vp.add_argument("dst", metavar="DST")
     return p
@@ -223,10 +238,11 @@ def _storage_options(args: argparse.Namespace, side: str) -> StorageOptions:
         side == "dst" and anon in ("1", "dst", "destination"))
     return StorageOptions(
         https=args.https,
-        connect_timeout=args.conn_timeout or 30.0,
-        read_timeout=args.timeout or 120.0,
+        connect_timeout=args.conn_timeout,
+        read_timeout=args.timeout,
         anonymous=anonymous,
         max_pool=max(args.threads * 2, 10),
+        threads=args.threads,
         follow_symlinks=args.copy_links,
         keep_perms=not args.noperms,
     )
@@ -317,13 +333,14 @@ def run_copy(args: argparse.Namespace) -> int:
         if not single:
             runner.start_helpers()  # forks: before the progress thread starts
         try:
-            with Progress(stats, enabled=not args.quiet and not args.json):
+            with _stopped_by_ctrl_c(runner), Progress(stats, enabled=not args.quiet and not args.json):
                 if single:
                     runner.run_items(_single_item(src, dst, src_key, dst_key, stats, policy.needs_destination))
                 else:
                     runner.run()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C: leave at once
             runner.stop()
+        if runner.cancelled:
             _report(args, stats, src_opts)
             print("ossimport: interrupted; run the same command again to resume", file=sys.stderr)
             return 130
@@ -332,6 +349,27 @@ def run_copy(args: argparse.Namespace) -> int:
     finally:
         src.close()
         dst.close()
+
+
+@contextlib.contextmanager
+def _stopped_by_ctrl_c(runner: Any) -> Iterator[None]:
+    """Ctrl-C (SIGINT) stops the run through its cancel token: the run returns within a moment,
+    whatever the backlog or bandwidth limit, and the caller reports and exits 130. A second
+    Ctrl-C raises KeyboardInterrupt as usual, in case something does not return."""
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if runner.cancelled:
+            raise KeyboardInterrupt
+        runner.stop()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (an embedding program)
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _single_item(src: Storage, dst: Storage, src_key: str, dst_key: str, stats: Stats,
@@ -380,8 +418,9 @@ def _report(args: argparse.Namespace, stats: Stats, src_opts: StorageOptions) ->
         # not quiet-able: it explains an exit code and failures no FAILED line named
         first = next((f for f in stats.failures if not f.message.startswith("not tried")), None)
         code = first.code if first else "the error above"
-        print(f"ossimport: {stats.not_tried} more files were not tried: every request would fail with {code} "
-              "like the one above; fix that and run the command again", file=sys.stderr)
+        print(f"ossimport: {stats.not_tried} more files were not tried (or failed the same way while in flight): "
+              f"every request would fail with {code} like the one above; fix that and run the command again",
+              file=sys.stderr)
     summary = stats.summary()
     if args.json:
         summary["dryrun"] = bool(args.dryrun)
@@ -431,12 +470,14 @@ class _KeyLists:
         self.counts = {"missing": 0, "differ": 0, "extra": 0, "errors": 0}
         self.files = {kind: open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
                       for kind in ("missing", "differ", "extra") if (path := getattr(args, kind))}
-        self.verbose = args.verbose
         self.quiet = args.quiet
+        self.one_way = args.one_way
         self._lock = threading.Lock()
 
     def on(self, event: str, entry: Entry, detail: str) -> None:
         if event == "extra":
+            if self.one_way:
+                return
             kind = "extra"
         elif event in ("failed", "not-tried"):
             code = detail.split(":", 1)[0]
@@ -447,7 +488,7 @@ class _KeyLists:
             self.counts[kind] += 1
             if kind in self.files:
                 self.files[kind].write(entry.key + "\n")
-        if not self.quiet and event != "not-tried" and (kind != "extra" or self.verbose):
+        if not self.quiet and event != "not-tried":
             from ossimport.log import redact
 
             _err_line(redact(f"{kind.upper()} {entry.key}" + (f": {detail}" if kind in ("differ", "errors") else "")))

@@ -7,6 +7,9 @@ line for the user; nothing here ever holds a secret in its message.
 
 from __future__ import annotations
 
+import errno
+import socket
+
 
 class OssimportError(Exception):
     """Base of every error we raise on purpose. `exit_code` is what the CLI returns."""
@@ -28,6 +31,51 @@ FATAL_CODES = frozenset({
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName",
     "NoCredentials", "MissingCredentials", "AuthenticationFailed", "HostKeyMismatch", "SSLError",
 })
+# Codes of a store that could not be reached at all (no connection was made). Retried like any
+# transport failure; but when nothing in a run has reached the store yet, they mean a mistyped or
+# dead endpoint, and the engine treats them as FATAL_CODES (one FAILED line, the rest not tried).
+UNREACHABLE_CODES = frozenset({"UnknownHost", "ConnectionRefused", "ConnectTimeout", "HostUnreachable"})
+
+
+TRANSPORT_REASONS = {
+    "UnknownHost": "unknown host",
+    "ConnectionRefused": "connection refused",
+    "ConnectTimeout": "no connection within the connect timeout",
+    "HostUnreachable": "no route to the host",
+    "ReadTimeout": "no answer within the timeout",
+    "ConnectionError": "the connection broke",
+}
+
+
+def transport_code(exc: BaseException) -> str:
+    """The code of a failure to talk to a store, from the OS error at its root (whichever
+    library wrapped it): UnknownHost, ConnectionRefused, ConnectTimeout, HostUnreachable,
+    ReadTimeout, or ConnectionError for the rest (a reset, an answer that broke off)."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 20:
+        e = todo.pop()
+        if e in seen:
+            continue
+        seen.append(e)
+        kwargs = getattr(e, "kwargs", None)  # botocore's errors keep the cause in kwargs["error"]
+        for nxt in (e.__cause__, e.__context__, getattr(e, "reason", None),
+                    kwargs.get("error") if isinstance(kwargs, dict) else None,
+                    getattr(e, "exception", None), *e.args):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+    names = {type(e).__name__ for e in seen}
+    if any(isinstance(e, socket.gaierror) for e in seen) or "NameResolutionError" in names:
+        return "UnknownHost"
+    if any(isinstance(e, ConnectionRefusedError) for e in seen):
+        return "ConnectionRefused"
+    if any(isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH) for e in seen):
+        return "HostUnreachable"
+    if names & {"ConnectTimeout", "ConnectTimeoutError"}:
+        return "ConnectTimeout"
+    if any(isinstance(e, TimeoutError) for e in seen) or names & {"ReadTimeout", "ReadTimeoutError", "Timeout"}:
+        return "ReadTimeout"
+    return "ConnectionError"
 
 
 class UsageError(OssimportError):

@@ -4,7 +4,8 @@ Backends under test are discovered from `tests/backends/*.py`. Each such module 
 
     NAME: str                                   e.g. "s3-moto"; the pytest id
     def start(tmp: pathlib.Path) -> object      start its real server(s) once per session; return a
-                                                handle. Call pytest.skip("reason") if it cannot run.
+                                                handle. Call backends.unavailable("reason") if it
+                                                cannot run (a skip; a failure under CI=true).
     def stop(handle) -> None                    stop everything start() started
     def address(handle, root: str) -> str       the CLI address of an empty directory named `root`
                                                 (unique per test), ending with '/'

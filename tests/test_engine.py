@@ -103,8 +103,49 @@ def test_retries_only_retryable_errors_with_growing_delays() -> None:
     assert len(calls) == 1
 
 
-def test_token_bucket_rate_across_threads() -> None:
-    bucket = TokenBucket(2_000_000)
+def test_token_bucket_waits_exactly_for_the_debt() -> None:
+    """On a clock of its own (sleeping advances it), the bucket lets the initial burst through
+    and then exactly `rate` bytes per second: 4 MB at 2 MB/s after a 0.5 MB burst is 1.75 s."""
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    bucket = TokenBucket(2_000_000, 500_000, clock=lambda: now[0], sleep=sleep)
+    for _ in range(40):
+        bucket.consume(100_000)
+    assert now[0] == pytest.approx(1.75)
+    assert slept and max(slept) <= 0.05 + 1e-9  # never more than one request's worth at a time
+    bucket.consume(600_000)  # larger than the burst: served in burst-sized slices
+    assert now[0] == pytest.approx(2.05)
+
+
+def test_a_cancel_ends_a_token_bucket_wait() -> None:
+    """At 1 kB/s a 1 MB request is a quarter of an hour of waiting; a stopped run ends it."""
+    from ossimport.engine.cancel import Cancelled, CancelToken
+
+    bucket, cancel = TokenBucket(1000), CancelToken()
+    waiter_done = threading.Event()
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            bucket.consume(1_000_000, cancel)
+        except Cancelled as exc:
+            outcome.append(exc)
+        waiter_done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    cancel.cancel()
+    assert waiter_done.wait(30) and len(outcome) == 1
+
+
+def test_token_bucket_holds_the_rate_across_threads() -> None:
+    """4 threads share one limit: together they cannot move 4 MB at 2 MB/s in less than 1.75 s
+    (a lower bound only: a busy machine may take longer, never shorter)."""
+    bucket = TokenBucket(2_000_000, 500_000)
     start = time.monotonic()
 
     def take() -> None:
@@ -116,9 +157,7 @@ def test_token_bucket_rate_across_threads() -> None:
         t.start()
     for t in threads:
         t.join(30)
-    elapsed = time.monotonic() - start
-    # 4 MB at 2 MB/s, less the initial burst of 0.5 MB
-    assert 1.5 <= elapsed <= 2.3, elapsed
+    assert time.monotonic() - start >= 1.75 * 0.99
 
 
 def test_source_growing_during_copy_is_never_recorded_as_copied(tmp_path: Path) -> None:

@@ -264,7 +264,7 @@ def test_oss_errors_are_mapped_and_hide_secrets(oss: Any, monkeypatch: pytest.Mo
     with open_storage(parse_address(addr), StorageOptions(connect_timeout=2)) as st, \
             pytest.raises(StorageError) as err:
         st.head("k")
-    assert (err.value.code, err.value.retryable) == ("RequestError", True)
+    assert (err.value.code, err.value.retryable) == ("ConnectionRefused", True)
 
 
 def test_oss_credentials_from_env_sts_and_anonymous(oss: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -338,6 +338,19 @@ FILES = {
     "z": b"z" * 70_000,
     "a0": b"0",
 }
+
+
+def test_http_list_heads_urls_in_parallel_within_the_threads(web: Any) -> None:
+    """list() HEADs every URL for its size: --threads at a time, not one after the other."""
+    files = {f"k{i:02d}": bytes(i) for i in range(12)}
+    for key, data in files.items():
+        (web.www / "p").mkdir(exist_ok=True)
+        (web.www / "p" / http_backend._stored_name(key)).write_bytes(data)
+    lines = [f"http://127.0.0.1:{web.port}/p/ {k}" for k in files]
+    web.server.hold_heads = 4
+    st = http_storage(write_list(web, "p.list", lines), threads=4)
+    assert [(e.key, e.size) for e in st.list()] == [(k, len(v)) for k, v in files.items()]
+    assert web.server.most_heads_in_flight == 4
 
 
 def test_http_list_is_sorted_with_exact_sizes(web: Any) -> None:
@@ -443,5 +456,5 @@ def test_http_single_url_and_connection_errors(web: Any) -> None:
     dead = http_storage(f"http://127.0.0.1:{closed_port()}/x/y?token=SECRETSIG", connect_timeout=2)
     with pytest.raises(StorageError) as err:
         dead.head("y")
-    assert (err.value.code, err.value.retryable) == ("RequestError", True)
+    assert (err.value.code, err.value.retryable) == ("ConnectionRefused", True)
     assert "SECRETSIG" not in str(err.value) + dead.describe()

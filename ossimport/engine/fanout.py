@@ -9,10 +9,11 @@ forwarder thread per helper. A helper is forked before any thread is started, as
 items whenever it runs short, copies them with a Runner of its own over fresh Storage instances
 (sockets and SSH sessions are never shared across a fork), and every few milliseconds sends back
 the events of what it finished and the change in its counters, so that progress, FAILED lines,
-job audit records and the summary are the same as with one process. A helper ignores Ctrl-C (the
-parent stops handing out items and the helper finishes what it holds); if it dies, the items it
-held are copied again by the parent; if the parent dies, the helper finds its pipe closed and
-exits.
+job audit records and the summary are the same as with one process. A helper ignores Ctrl-C: the
+parent decides, and when its run is stopped it sends each helper SIGTERM, which stops the
+helper's run the same way (nothing new starts, copies in hand are abandoned). If a helper dies,
+the items it held are copied again by the parent; if the parent dies, the helper finds its pipe
+closed and exits.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
+from ossimport.engine.cancel import CancelToken
 from ossimport.engine.stats import Stats
 from ossimport.storage.base import Entry, Storage
 
@@ -110,6 +112,14 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
 
     runner: Any = None
     parent_gone = threading.Event()
+    stopped = CancelToken()
+
+    def on_term(signum: int, frame: Any) -> None:  # the parent's run was stopped
+        stopped.cancel()
+        if runner is not None:
+            runner.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
 
     def send(message: tuple[Any, ...]) -> None:
         if parent_gone.is_set():
@@ -162,6 +172,8 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
 
     my_src, my_dst = src.reopen(), dst.reopen()
     runner = make_runner(my_src, my_dst, stats, threads, listener)
+    if stopped.cancelled:  # SIGTERM came before the runner existed
+        runner.stop()
     thread = threading.Thread(target=reporter, name="report", daemon=True)
     thread.start()
     try:
@@ -178,10 +190,10 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
 
 # ---- the parent's side ----------------------------------------------------------------------------
 def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: Stats,
-            emit: Callable[[str, Entry, str], None], stopped: threading.Event,
+            emit: Callable[[str, Entry, str], None], outcome: Callable[[str, str], str], stopped: CancelToken,
             handle: Callable[[Item], None], work: Callable[[], None]) -> None:
     """The parent's thread for one helper: hands it items from `q` when it asks, applies its
-    reports, and takes over its items (and then its share of `q`) if it dies. Consumes exactly one
+    reports (each event as `outcome(event, detail)` says it is to be reported), and takes over its items (and then its share of `q`) if it dies. Consumes exactly one
     `done` marker from `q`, like a copy thread."""
     got_done = False
     handed = 0
@@ -190,7 +202,7 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
             message = helper.conn.recv()
             if message[0] == "more":
                 batch: list[Item] = []
-                while not got_done and not stopped.is_set() and len(batch) < BATCH:
+                while not got_done and not stopped.cancelled and len(batch) < BATCH:
                     try:
                         item = q.get() if not batch else q.get_nowait()
                     except queue.Empty:
@@ -204,7 +216,7 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
                 handed += len(batch)
                 helper.conn.send(batch or None)
             elif message[0] == "report":
-                _apply(helper, message[1], message[2], message[3], stats, emit)
+                _apply(helper, message[1], message[2], message[3], stats, emit, outcome)
             elif message[0] == "done":
                 log.debug("copy process %d handled %d files", helper.pid, handed)
                 break
@@ -228,12 +240,12 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
 
 def _apply(helper: Helper, events: list[Event], delta: dict[str, int],
            failures: list[tuple[str, str, str]], stats: Stats,
-           emit: Callable[[str, Entry, str], None]) -> None:
+           emit: Callable[[str, Entry, str], None], outcome: Callable[[str, str], str]) -> None:
     stats.merge(delta, failures)
     for event, key, size, detail in events:
         if event in TERMINAL:
             helper.held.pop(key, None)
-        emit(event, Entry(key, size, 0.0), detail)
+        emit(outcome(event, detail), Entry(key, size, 0.0), detail)
 
 
 def stop_all(helpers: list[Helper]) -> None:

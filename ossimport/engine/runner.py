@@ -1,39 +1,38 @@
-"""Wires a listing (or an explicit list of keys) to a pool of copy threads.
+"""The execution stage of a run: a pool of copy threads (and copy processes) working through the
+items the planner hands out.
 
-lister thread -> bounded queue -> `threads` workers, so copying starts while listing continues
-and memory stays flat however many objects there are. Destination-only keys ("extras") are
-spooled to a temporary file and deleted only after the copy phase, and only when nothing failed
-(as rclone does: an incomplete listing must never turn into deletions).
-
-One exception, on file-system destinations (local, SFTP) with --delete-dst: an extra that stands
-in the way of a copy is deleted before that copy. A destination file `a` where the source now
-has a directory (`a/b` is copied), or destination files under `a/` where the source now has a
-file `a`: the listing proves the source does not have them as they are, so --delete-dst would
-delete them afterwards anyway, and until then the copy fails (PathConflict). Without --delete-dst
-that copy fails, one line per file.
+planner (listing + merge + policy) -> bounded queue -> `threads` workers -> deletion stage, so
+copying starts while listing continues and memory stays flat however many objects there are.
+One cancel token stops all three: `stop()` (Ctrl-C, a job's lease lost) sets it, the planner
+draws no further key, no worker starts a further item, copies in hand are abandoned at their
+next chunk or bandwidth-limit wait (their temp files and multipart uploads removed on the way
+out), nothing more is deleted, and the run returns within a short grace period whatever is
+still in flight.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
-import tempfile
+import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import IO
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 from ossimport.engine import fanout
-from ossimport.engine.listing import Filter, KeyRange, Pair, checked_order, merge, ranged
-from ossimport.engine.policy import Action, Policy
+from ossimport.engine.cancel import Cancelled, CancelToken
+from ossimport.engine.deletion import Deleter, Spool
+from ossimport.engine.options import Item, Listener, RunOptions
+from ossimport.engine.planner import Planner
+from ossimport.engine.policy import Action
 from ossimport.engine.stats import Stats
-from ossimport.engine.transfer import Transfer, TransferOptions
-from ossimport.errors import FATAL_CODES, OssimportError, StorageError
+from ossimport.engine.transfer import Transfer
+from ossimport.errors import FATAL_CODES, UNREACHABLE_CODES, OssimportError, StorageError
 from ossimport.storage.base import Entry, Storage
+
+__all__ = ["Item", "Listener", "RunOptions", "Runner"]
 
 log = logging.getLogger("ossimport")
 
@@ -44,47 +43,31 @@ _DONE = object()
 # directory; 16 threads creating 2,000 files spread over 20 directories take half the CPU and
 # time they take in directory order here.
 WINDOW = 1024
-# destinations where a file `a` and a file `a/b` cannot both exist
-_FILE_SYSTEMS = frozenset({"local", "sftp"})
-
-
-@dataclass
-class RunOptions:
-    policy: Policy = field(default_factory=Policy)
-    threads: int = 10
-    # processes sharing the copies (engine/fanout.py); the threads are split among them. Only
-    # for a run that lists (run()); 1 = this process alone
-    processes: int = 1
-    dryrun: bool = False
-    delete_src: bool = False  # move: remove each source after its verified copy
-    delete_dst: bool = False  # remove destination keys the source does not have
-    # audit: compare only, copy nothing; a missing or different destination is a failure
-    verify_only: bool = False
-    verify_checksum: bool = False  # audit by content checksum, not only size
-    filter: Filter = field(default_factory=Filter)
-    key_range: KeyRange = field(default_factory=KeyRange)
-    transfer: TransferOptions = field(default_factory=TransferOptions)
-
-
-# (source entry, destination entry or None, destination key)
-Item = tuple[Entry, Entry | None, str]
-Listener = Callable[[str, Entry, str], None]  # (event, entry, detail): "copied", "failed", ...
+# after a stop, how long the run waits for copies in flight to notice it (a request in flight
+# ends only with its answer or the timeout); then it returns and leaves them to the process exit
+CANCEL_GRACE = 1.0
 
 
 class Runner:
     def __init__(self, src: Storage, dst: Storage, opts: RunOptions, stats: Stats | None = None,
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None, cancel: CancelToken | None = None) -> None:
         self.src = src
         self.dst = dst
         self.opts = opts
         self.stats = stats or Stats()
         self.listener = listener
-        self.transfer = Transfer(src, dst, opts.transfer, self.stats)
-        self._stop = threading.Event()
+        self.cancel = cancel or CancelToken()
+        self.transfer = Transfer(src, dst, opts.transfer, self.stats, self.cancel)
+        self._deleter = Deleter(src, dst, opts, self.stats, self._emit, self.cancel)
+        self._planner = Planner(src, dst, opts, self.stats, self._emit, self.cancel, self._deleter)
         self._errors: list[BaseException] = []
-        self._fatal: StorageError | None = None  # a failure every further request would repeat
-        self._spooled = 0  # extras written to the spool, to be deleted after the copy phase
+        # the code of a failure every further request would repeat (wrong keys, no such bucket, an
+        # endpoint never reached): the rest of the run fails without a request each
+        self._fatal: str | None = None
+        self._fatal_lock = threading.Lock()
+        self._reached = False  # an item succeeded: the stores can be reached
         self._helpers: list[fanout.Helper] | None = None  # forked copy processes, once started
+        self._forked: list[int] = []  # their pids, told to stop with the run
         self._threads = [max(1, opts.threads)]  # copy threads per process, this one first
 
     # ---- entry points ---------------------------------------------------------------------------
@@ -118,18 +101,25 @@ class Runner:
             return Runner(src, dst, opts, stats, listener)
 
         self._helpers = fanout.start(o.processes - 1, self.src, self.dst, self._threads[1:], make_runner)
+        self._forked = [h.pid for h in self._helpers]
         log.info("copying with %d processes (threads: %s)", o.processes, "+".join(map(str, self._threads)))
 
     def run(self) -> Stats:
         """Compare the two roots by listing and copy what the policy says."""
         self.start_helpers()
-        with tempfile.TemporaryFile("w+", encoding="utf-8") as extras:
-            self._execute(self._items_from_listing(extras))
+        extras = Spool()
+        try:
+            self._execute(self._planner.from_listing(extras))
+            if self.cancel.cancelled:
+                return self.stats
             for st in (self.src, self.dst):
                 for problem in st.list_errors:
                     self.stats.fail("", "ListingIncomplete", f"{st.describe()}: {problem}")
                     self._emit("failed", Entry("", 0, 0.0), f"listing of {st.describe()} incomplete: {problem}")
-            self._delete_extras(extras)
+            self._deleter.extras(extras, failed=bool(self.stats.failed or self._errors))
+            self._deleter.old_temps()
+        finally:
+            extras.close()
         return self.stats
 
     def run_items(self, items: Iterable[Item]) -> Stats:
@@ -144,140 +134,37 @@ class Runner:
         if not entries:
             return self.stats
         self.stats.add(found=len(entries), found_bytes=sum(e.size for e in entries))
-        needs_dst = self.opts.policy.needs_destination or self.opts.verify_only
-        if not needs_dst:
-            self._execute((e, None, e.key) for e in entries)
-            return self.stats
-        kr = KeyRange(entries[0].key, entries[-1].key)
-        dst = checked_order(ranged(self.dst.list(start_after=kr.start_after()), kr), self.dst.describe())
-        self._execute((s, d, s.key) for s, d in merge(entries, dst) if s is not None)
+        self._execute(self._planner.from_manifest(entries))
         return self.stats
 
     def stop(self) -> None:
-        """Ask the run to finish early (Ctrl-C): no new copies start."""
-        self._stop.set()
+        """Stop the run (Ctrl-C, a job's lease lost): nothing new starts, copies in hand are
+        abandoned, and the copy processes are told the same."""
+        self.cancel.cancel()
+        for pid in self._forked:
+            try:
+                os.kill(pid, signal.SIGTERM)  # a helper's SIGTERM stops its runner (fanout.py)
+            except ProcessLookupError:
+                pass
 
-    # ---- listing side ---------------------------------------------------------------------------
-    def _listing(self, st: Storage, count: bool) -> Iterator[Entry]:
-        kr, flt = self.opts.key_range, self.opts.filter
-        for e in checked_order(ranged(st.list(start_after=kr.start_after()), kr), st.describe()):
-            if count:
-                self.stats.add(found=1, found_bytes=e.size)
-            if flt.active and not flt.admits(e.key):
-                if count:
-                    self.stats.add(excluded=1)
-                continue
-            yield e
-
-    def _items_from_listing(self, extras: IO[str]) -> Iterator[Item]:
-        src = self._listing(self.src, count=True)
-        pairs: Iterable[Pair]
-        if self.opts.policy.needs_destination or self.opts.delete_dst or self.opts.verify_only:
-            pairs = merge(src, self._listing(self.dst, count=False))
-        else:
-            pairs = ((s, None) for s in src)
-        if self.opts.delete_dst and not self.opts.verify_only and self.dst.scheme in _FILE_SYSTEMS:
-            yield from self._clearing_the_way(pairs, extras)
-            return
-        for s, d in pairs:
-            if s is None:
-                assert d is not None
-                self._extra(d)
-                if self.opts.delete_dst:
-                    self._spool(extras, d.key)
-                continue
-            yield s, d, s.key
-
-    def _extra(self, d: Entry) -> None:
-        self.stats.add(extra=1)
-        self._emit("extra", d, d.key)
-
-    def _spool(self, extras: IO[str], key: str) -> None:
-        extras.write(json.dumps(key) + "\n")
-        self._spooled += 1
-
-    def _clearing_the_way(self, pairs: Iterable[Pair], extras: IO[str]) -> Iterator[Item]:
-        """The items of a merged listing (with --delete-dst onto a file system), deleting first
-        the extras that would block a copy: a destination file that is a directory of a copied
-        key, or the destination files under a copied file's name.
-
-        Keys that may still turn out to be such a directory are kept on a stack until the merge
-        has passed every key under them: a source file missing at the destination is handed out
-        only then (after the extras under its name are gone), a destination extra spooled only
-        then (unless it was deleted already). The stack holds only keys that are prefixes of the
-        current one (`a`, `a.old`, `a.old/x`), so memory stays flat."""
-        stack: list[_Pending] = []
-
-        def close(key: str | None) -> Iterator[Item]:
-            # every key under stack[-1].key/ sorts in [key + "/", key + "0"): past it, none follows
-            while stack and (key is None or key >= stack[-1].end):
-                done = stack.pop()
-                if done.item is not None:
-                    yield done.item
-                elif not done.cleared:
-                    self._spool(extras, done.key)
-
-        try:
-            for s, d in pairs:
-                key = s.key if s is not None else d.key if d is not None else ""
-                yield from close(key)
-                if d is not None and s is None:
-                    self._extra(d)
-                cleared = False
-                for p in stack:
-                    if not key.startswith(p.key + "/"):
-                        continue
-                    if p.item is None and s is not None and not p.cleared:
-                        # the destination file p.key is where the source now has a directory
-                        p.cleared = self._clear(p.key, key)
-                    elif p.item is not None and s is None and not cleared:
-                        # a destination file under p.key/, where the source now has a file p.key
-                        cleared = self._clear(key, p.key)
-                if s is None:
-                    if not cleared:
-                        stack.append(_Pending(key, key + "0"))
-                elif d is None:
-                    stack.append(_Pending(key, key + "0", item=(s, None, key)))
-                else:
-                    yield s, d, key
-        except OssimportError:
-            yield from close(None)  # what was listed before a failure is still copied
-            raise
-        yield from close(None)
-
-    def _clear(self, extra: str, blocked: str) -> bool:
-        """Delete the destination extra `extra` now, before the copy of `blocked` it stands in the
-        way of. Not while the source listing has left anything out (then it is not known that
-        the source has no `extra`): the copy fails instead. True when it was deleted or tried."""
-        if self.src.list_errors or self._stop.is_set():
-            return False
-        log.debug("deleting %s first: it is in the way of %s", extra, blocked)
-        try:
-            if not self.opts.dryrun:
-                self.dst.delete(extra)
-        except StorageError as exc:
-            self.stats.fail(extra, exc.code, f"delete failed: {exc}")
-            self._emit("failed", Entry(extra, 0, 0.0), f"{exc.code}: delete failed (it is in the way of "
-                                                       f"{blocked}): {exc}")
-            return True  # not again for the next key; the failure also cancels the other deletions
-        self.stats.add(deleted=1)
-        self._emit("deleted", Entry(extra, 0, 0.0), extra)
-        return True
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.cancelled
 
     # ---- the pipeline -----------------------------------------------------------------------------
     def _execute(self, items: Iterator[Item]) -> None:
         # SimpleQueue: put and get are C calls, ~15 us per file cheaper than queue.Queue, whose
         # Conditions wake threads through Python code. It has no bound, so the lister waits
         # (in short sleeps) once `limit` items are queued until half are taken: memory stays flat.
-        if not (self.opts.verify_only or self.opts.delete_src):
-            items = self._skipping_identical(items)
+        items = self._planner.needing_work(items)
         q: queue.SimpleQueue[object] = queue.SimpleQueue()
         limit = max(64, self.opts.threads * 4)
         helpers, self._helpers = self._helpers or [], []  # each run hands its items out once
         workers = [threading.Thread(target=self._work, args=(q,), name=f"copy-{i}", daemon=True)
                    for i in range(self._threads[0] if helpers else max(1, self.opts.threads))]
         workers += [threading.Thread(target=fanout.forward, name=f"helper-{h.pid}", daemon=True,
-                                     args=(h, q, _DONE, self.stats, self._emit, self._stop, self._handle,
+                                     args=(h, q, _DONE, self.stats, self._emit, self._helper_outcome,
+                                           self.cancel, self._handle,
                                            lambda: self._work(q)))
                     for h in helpers]
         for w in workers:
@@ -285,19 +172,19 @@ class Runner:
         threads = max(1, self.opts.threads)
         window: list[Item] = []
 
+        cancel = self.cancel
+
         def feed(batch: list[Item]) -> None:
             for item in _interleaved(batch) if threads > 1 else batch:
-                if self._stop.is_set():
+                if cancel.cancelled:
                     return
                 if q.qsize() >= limit:
-                    while q.qsize() > limit // 2 and not self._stop.is_set():
+                    while q.qsize() > limit // 2 and not cancel.cancelled:
                         time.sleep(0.005)
                 q.put(item)
 
         try:
             for item in items:
-                if self._stop.is_set():
-                    break
                 window.append(item)
                 # a full window is handed out interleaved; a part of one when the workers run short
                 if len(window) >= WINDOW or q.qsize() < threads:
@@ -312,53 +199,93 @@ class Runner:
             self.stats.listing_done = True
             for _ in workers:
                 q.put(_DONE)
-            for w in workers:
-                w.join()
-            self.transfer.close()
+            if self._joined(workers):
+                self.transfer.close()
 
-    def _skipping_identical(self, items: Iterator[Item]) -> Iterator[Item]:
-        """The items that need work: a pair the policy skips from the listings alone (same size
-        and mtime) is counted here, without a hand-off to a copy thread or process. A no-op
-        sync of 100,000 files is all such pairs."""
-        decide, skip = self.opts.policy.decide, Action.SKIP
-        for item in items:
-            src, dst, dst_key = item
-            if dst is not None and decide(src, dst) is skip:
-                self.stats.add(skipped=1)
-                self._emit("skipped", src, dst_key)
-            else:
-                yield item
+    def _joined(self, workers: list[threading.Thread]) -> bool:
+        """Wait for the workers; after a stop, for CANCEL_GRACE at most (a copy in flight notices
+        the stop at its next chunk, a request in flight only at its answer). False when some were
+        left running: the process exit ends them (daemon threads), and what they leave behind
+        are temp files that the next run removes."""
+        deadline: float | None = None
+        for w in workers:
+            while True:
+                w.join(0.05 if deadline is None else max(0.0, deadline - time.monotonic()))
+                if not w.is_alive():
+                    break
+                if self.cancel.cancelled:
+                    now = time.monotonic()
+                    if deadline is None:
+                        deadline = now + CANCEL_GRACE
+                    elif now >= deadline:
+                        log.info("stopped with copies still in flight")
+                        return False
+        return True
 
     def _work(self, q: queue.SimpleQueue[object]) -> None:
         while True:
             item = q.get()
             if item is _DONE:
                 return
-            if not self._stop.is_set():
-                self._handle(item)  # type: ignore[arg-type]
+            self._handle(item)  # type: ignore[arg-type]
 
     def _handle(self, item: Item) -> None:
         """One item, its outcome counted and reported: never raises."""
+        if self.cancel.cancelled:
+            return  # a stopped run starts nothing new: the item is neither copied nor failed
         src, dst, dst_key = item
         fatal = self._fatal
         if fatal is not None:
             # failed without a request: listeners that keep per-file records (jobs) get it
             # as a failure to retry; the CLI counts these instead of printing each
-            self.stats.fail(src.key, fatal.code, f"not tried after {fatal.code}", src.size)
-            self.stats.add(not_tried=1)
-            self._emit("not-tried", src, f"{fatal.code}: not tried after an earlier file failed with it")
+            self._not_tried(src, fatal, "not tried after an earlier file failed with it")
             return
         try:
             self._one(src, dst, dst_key)
+            self._reached = True
+        except Cancelled:
+            return  # abandoned mid-copy by a stop: not copied, not a failure
         except StorageError as exc:
-            if exc.code in FATAL_CODES and self._fatal is None:
-                self._fatal = exc
+            if self._stops_the_run(exc.code) == "again":
+                # in flight when an earlier file failed this way: counted with the files not
+                # tried, not a line of its own (one wrong key, one FAILED line)
+                self._not_tried(src, exc.code, "failed like an earlier file", str(exc))
+                return
             self.stats.fail(src.key, exc.code, str(exc), src.size)
             self._emit("failed", src, f"{exc.code}: {exc}")
         except Exception as exc:  # a bug or an unmapped library error: fail the file, not the run
             log.debug("unexpected error on %s", src.key, exc_info=True)
             self.stats.fail(src.key, type(exc).__name__, str(exc), src.size)
             self._emit("failed", src, f"{type(exc).__name__}: {exc}")
+
+    def _stops_the_run(self, code: str) -> str:
+        """"first" when a failure with `code` is the first that every further request would
+        repeat (it stops the run), "again" when the run was stopped by a failure with the same
+        code, "" otherwise. An unreachable endpoint stops the run only while nothing has
+        succeeded yet: later, a refused connection is an outage that retries ride out."""
+        with self._fatal_lock:
+            if self._fatal is not None:
+                return "again" if code == self._fatal else ""
+            if code in FATAL_CODES or (code in UNREACHABLE_CODES and not self._reached):
+                self._fatal = code
+                return "first"
+            return ""
+
+    def _not_tried(self, src: Entry, code: str, why: str, message: str = "") -> None:
+        self.stats.fail(src.key, code, message or f"not tried after {code}", src.size)
+        self.stats.add(not_tried=1)
+        self._emit("not-tried", src, f"{code}: {why}")
+
+    def _helper_outcome(self, event: str, detail: str) -> str:
+        """The event to report for an outcome of a copy process (engine/fanout.py), which
+        decides like `_handle`: a failure like the one that stopped the run (in this process or
+        another) is one of the files not tried, so all processes together print one line."""
+        if event in ("copied", "skipped", "verified"):
+            self._reached = True
+        elif event == "failed" and self._stops_the_run(detail.partition(":")[0]) == "again":
+            self.stats.add(not_tried=1)  # failure details start with their code
+            return "not-tried"
+        return event
 
     def _one(self, src: Entry, dst: Entry | None, dst_key: str) -> None:
         if self.opts.verify_only:
@@ -402,50 +329,10 @@ class Runner:
         self.stats.add(skipped=1)
         self._emit("verified", src, src.key)
 
-    def _delete_extras(self, extras: IO[str]) -> None:
-        if not self.opts.delete_dst or not self._spooled:
-            return
-        if self.stats.failed or self._errors or self._stop.is_set():
-            log.error("not deleting %d extra destination files because there were errors", self._spooled)
-            return
-        extras.seek(0)
-        self._delete_keys(json.loads(line) for line in extras)
-
-    def _delete_keys(self, keys: Iterator[str]) -> None:
-        slots = threading.BoundedSemaphore(max(1, self.opts.threads) * 4)  # bounded, like the copy queue
-
-        def delete(key: str) -> None:
-            try:
-                if not self.opts.dryrun:
-                    self.dst.delete(key)
-                self.stats.add(deleted=1)
-                self._emit("deleted", Entry(key, 0, 0.0), key)
-            except StorageError as exc:
-                self.stats.fail(key, exc.code, f"delete failed: {exc}")
-                self._emit("failed", Entry(key, 0, 0.0), f"{exc.code}: delete failed: {exc}")
-            finally:
-                slots.release()
-
-        with ThreadPoolExecutor(max(1, self.opts.threads)) as pool:
-            for key in keys:
-                slots.acquire()
-                pool.submit(delete, key)
-
     def _emit(self, event: str, entry: Entry, detail: str) -> None:
         if self.listener is not None:
             self.listener(event, entry, detail)
 
-
-@dataclass(slots=True)
-class _Pending:
-    """A key the merge may still find to be a directory on the other side (see
-    `Runner._clearing_the_way`): a source file waiting to be handed out (`item`), or a destination
-    extra waiting to be spooled (`cleared`: already deleted, or tried)."""
-
-    key: str
-    end: str  # key + "0": the first key after every key under key/
-    item: Item | None = None
-    cleared: bool = False
 
 
 def _interleaved(batch: list[Item]) -> list[Item]:

@@ -9,6 +9,7 @@ import hashlib
 from collections.abc import Callable
 from typing import BinaryIO
 
+from ossimport.engine.cancel import CancelToken
 from ossimport.engine.throttle import TokenBucket
 from ossimport.storage.base import CRC64, MD5
 
@@ -48,7 +49,8 @@ class Hasher:
 
 
 class MeteredReader:
-    """A read-only file object over `raw` that hashes, throttles and counts what passes."""
+    """A read-only file object over `raw` that hashes, throttles and counts what passes, and
+    raises Cancelled once `cancel` is set."""
 
     def __init__(
         self,
@@ -57,8 +59,10 @@ class MeteredReader:
         hasher: Hasher | None = None,
         bucket: TokenBucket | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        cancel: CancelToken | None = None,
     ) -> None:
         self.raw = raw
+        self.cancel = cancel
         self.hasher = hasher
         self.bucket = bucket
         self.on_bytes = on_bytes
@@ -70,9 +74,11 @@ class MeteredReader:
             while chunk := self.read(1024 * 1024):
                 chunks.append(chunk)
             return b"".join(chunks)
+        if self.cancel is not None:
+            self.cancel.check()  # a stopped run abandons a copy between two chunks
         if self.bucket is not None:
             # ask for the tokens before reading so the limit holds for the bytes we pass on
-            self.bucket.consume(n)
+            self.bucket.consume(n, self.cancel)
         data = self.raw.read(n)
         if data:
             self.count += len(data)

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from ossimport.engine.cancel import CancelToken
 from ossimport.engine.stats import Stats
 from ossimport.engine.stream import Hasher, MeteredReader
 from ossimport.engine.throttle import TokenBucket
@@ -54,11 +55,13 @@ class TransferOptions:
 class Transfer:
     """Copies entries from `src` to `dst`. Thread-safe: one instance serves all worker threads."""
 
-    def __init__(self, src: Storage, dst: Storage, opts: TransferOptions, stats: Stats) -> None:
+    def __init__(self, src: Storage, dst: Storage, opts: TransferOptions, stats: Stats,
+                 cancel: CancelToken | None = None) -> None:
         self.src = src
         self.dst = dst
         self.opts = opts
         self.stats = stats
+        self.cancel = cancel or CancelToken()  # a stopped run abandons its copies mid-stream
         self._parts: ThreadPoolExecutor | None = None
         self._parts_lock = threading.Lock()
         self._server_side = (
@@ -75,7 +78,7 @@ class Transfer:
         """Copy `entry` to `dst_key` with retries; returns the destination entry. Raises
         StorageError with a code users know (SIZE_NOT_MATCH, SOURCE_DELETED, ...)."""
         return with_retries(lambda: self._copy_once(entry, dst_key), attempts=self.opts.attempts,
-                            what=entry.key)
+                            what=entry.key, sleep=self.cancel.sleep)
 
     def same_content(self, s: Entry, d: Entry) -> bool:
         """Whether two entries of the same size hold the same bytes (--checksum, and the proof a
@@ -134,7 +137,7 @@ class Transfer:
         hasher = None
         if names or not self._kernel_copy:
             hasher = Hasher(names) if names else None
-            reader = MeteredReader(raw, hasher=hasher, bucket=self.opts.bucket, on_bytes=self.stats.moved)
+            reader = MeteredReader(raw, hasher=hasher, bucket=self.opts.bucket, cancel=self.cancel, on_bytes=self.stats.moved)
         try:
             result = self.dst.put(dst_key, reader, entry.size, mtime=entry.mtime, mode=self._mode(entry),
                                   content_md5=known)
@@ -191,7 +194,7 @@ class Transfer:
             if failed.is_set():
                 raise StorageError(f"{entry.key!r}: part {number} not sent: another part failed", code="Cancelled")
             with self.src.open(entry.key, offset, offset + length) as raw:
-                reader = MeteredReader(raw, bucket=self.opts.bucket, on_bytes=self.stats.moved)
+                reader = MeteredReader(raw, bucket=self.opts.bucket, cancel=self.cancel, on_bytes=self.stats.moved)
                 data = reader.read(length + 1)
             if len(data) != length:
                 raise SourceChanged(f"{entry.key!r}: part {number} read {len(data)} bytes, expected {length}")
@@ -213,7 +216,7 @@ class Transfer:
                     raise StorageError(f"{entry.key!r}: range at {offset} not read: another failed", code="Cancelled")
                 pos = offset
                 with self.src.open(entry.key, offset, offset + length) as raw:
-                    reader = MeteredReader(raw, bucket=self.opts.bucket, on_bytes=self.stats.moved)
+                    reader = MeteredReader(raw, bucket=self.opts.bucket, cancel=self.cancel, on_bytes=self.stats.moved)
                     while pos < offset + length and (chunk := reader.read(min(MiB, offset + length - pos))):
                         writer.write_at(pos, chunk)
                         pos += len(chunk)
@@ -336,7 +339,7 @@ class Transfer:
     def _read_digests(self, st: Storage, key: str, names: set[str]) -> dict[str, str]:
         hasher = Hasher(names)
         with st.open(key) as f:
-            reader = MeteredReader(f, hasher=hasher, bucket=self.opts.bucket)
+            reader = MeteredReader(f, hasher=hasher, bucket=self.opts.bucket, cancel=self.cancel)
             while reader.read(MiB):
                 pass
         return hasher.digests()

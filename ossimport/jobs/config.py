@@ -593,6 +593,7 @@ class JobConfig:
         """(source, destination) options: symlinks, connection pool and list-file columns."""
         pool = max(10, sys.workerTaskThreadNum * 2)  # part uploads run beside whole-file copies
         src = StorageOptions(https=bool(_split_domain(self.srcDomain)[0]), max_pool=pool,
+                             threads=sys.workerTaskThreadNum,
                              follow_symlinks=self.isAllowSymbolicLink, http_prefix_column=self.httpPrefixColumn,
                              http_key_column=self.relativePathColumn)
         dst = StorageOptions(https=bool(_split_domain(self.destDomain)[0]), max_pool=pool)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class StorageOptions:
     read_timeout: float = 120.0
     anonymous: bool = False
     max_pool: int = 10  # connections to keep: at least the number of worker threads
+    threads: int = 10  # requests a listing may have in flight at once (the run's --threads)
     follow_symlinks: bool = False
     keep_perms: bool = True  # --noperms turns it off
     # keys of symbolic links that were not copied (file, directory, dangling links and loops):
@@ -173,6 +175,10 @@ class Storage(ABC):
         # what a listing had to leave out (an unreadable directory, a failed HEAD): the listing is
         # incomplete, so the engine reports these and refuses to delete destination extras
         self.list_errors: list[str] = []
+        # temporary files of writes that an earlier run never finished (killed, a second
+        # Ctrl-C), met by a listing of a file system: the engine removes them after the copy phase
+        self.old_temps: list[str] = []
+        self.opened = time.time()  # what "earlier" means: temp files last written before this
 
     # ---- required ---------------------------------------------------------------------------
     @abstractmethod
@@ -314,6 +320,12 @@ class Storage(ABC):
         """A listing had to leave something out: logged, and kept in `list_errors`."""
         log.warning("cannot list %s", message)
         self.list_errors.append(message)
+
+    def _old_temp(self, key: str, mtime: float) -> None:
+        """A listing met our temp file `key` (listings hide them): kept for removal when it was
+        last written before this storage was opened, so a concurrent run's write is left alone."""
+        if mtime < self.opened and len(self.old_temps) < 100_000:
+            self.old_temps.append(key)
 
     def _skipped(self, key: str, reason: str) -> None:
         """A symbolic link not copied: recorded for --recordName."""

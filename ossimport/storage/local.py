@@ -388,6 +388,8 @@ class LocalStorage(Storage):
             return
         for de in found:
             if is_temp_name(de.name):
+                with contextlib.suppress(OSError):
+                    self._old_temp(dir_key + de.name, de.stat(follow_symlinks=False).st_mtime)
                 continue
             try:
                 if de.is_symlink():

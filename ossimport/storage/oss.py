@@ -23,7 +23,7 @@ import urllib3.exceptions
 from oss2 import exceptions as oss_exc
 from oss2.models import PartInfo
 
-from ossimport.errors import NotFound, StorageError, VerifyFailed
+from ossimport.errors import TRANSPORT_REASONS, NotFound, StorageError, VerifyFailed, transport_code
 from ossimport.log import register_secret
 from ossimport.storage.base import (
     CRC64,
@@ -347,8 +347,7 @@ def map_error(exc: BaseException, context: str) -> StorageError:
         return VerifyFailed(f"{context}: CRC64 of the data differs between client and server "
                             f"(request {exc.request_id or '?'})")
     if isinstance(exc, oss_exc.RequestError):
-        return StorageError(f"{context}: connection failed: {_short(exc.exception)}", code="RequestError",
-                            retryable=True)
+        return _transport_error(context, exc, exc.exception)
     if isinstance(exc, oss_exc.ServerError):
         code = exc.code or _STATUS_CODES.get(exc.status, f"HTTP{exc.status}")
         text = f"{context}: {code} (HTTP {exc.status})"
@@ -363,8 +362,14 @@ def map_error(exc: BaseException, context: str) -> StorageError:
     if isinstance(exc, oss_exc.OssError):  # ClientError and friends: our request was wrong
         return StorageError(f"{context}: {exc.body}", code="ClientError")
     if isinstance(exc, requests.RequestException | urllib3.exceptions.HTTPError | OSError):
-        return StorageError(f"{context}: connection failed: {_short(exc)}", code="RequestError", retryable=True)
+        return _transport_error(context, exc, exc)
     return StorageError(f"{context}: {type(exc).__name__}: {exc}", code="StorageError")
+
+
+def _transport_error(context: str, exc: BaseException, cause: BaseException) -> StorageError:
+    code = transport_code(exc)
+    return StorageError(f"{context}: connection failed ({TRANSPORT_REASONS[code]}): {_short(cause)}", code=code,
+                        retryable=True)
 
 
 _STATUS_CODES = {403: "AccessDenied", 404: "NoSuchKey", 412: "PreconditionFailed", 416: "InvalidRange"}

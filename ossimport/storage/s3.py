@@ -38,7 +38,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote, unquote_plus
 
-from ossimport.errors import NotFound, SourceChanged, StorageError, VerifyFailed
+from ossimport.errors import (
+    TRANSPORT_REASONS,
+    NotFound,
+    SourceChanged,
+    StorageError,
+    VerifyFailed,
+    transport_code,
+)
 from ossimport.storage.base import MD5, Abilities, Entry, Part, Storage, StorageOptions, StreamReader, Upload
 from ossimport.storage.s3wire import (
     RETRYABLE,
@@ -746,9 +753,10 @@ class S3Storage(Storage):
         elif is_tls_error(exc) or (botocore_exc is not None and isinstance(exc, botocore_exc.SSLError)):
             err = StorageError(f"{op} {where}: TLS failed with {endpoint}: {exc}", code="SSLError")
         elif isinstance(exc, OSError) or _is_transport_error(exc, botocore_exc):
+            code = transport_code(exc)
             err = StorageError(
-                f"{op} {where}: cannot reach {endpoint} ({type(exc).__name__}); check the endpoint, "
-                "the network and --https", code="ConnectionError", retryable=True,
+                f"{op} {where}: cannot reach {endpoint} ({TRANSPORT_REASONS[code]}, {type(exc).__name__}); "
+                "check the endpoint, the network and --https", code=code, retryable=True,
             )
         elif botocore_exc is not None and isinstance(exc, botocore_exc.BotoCoreError):
             err = StorageError(f"{op} {where}: {type(exc).__name__}: {exc}", code=type(exc).__name__)

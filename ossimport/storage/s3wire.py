@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import quote
 
 __all__ = [
-    "RETRYABLE", "S3_NS", "BadAnswer", "Connection", "Disconnected", "Response", "ServerError", "WireClient",
+    "RETRYABLE", "S3_NS", "BadAnswer", "ConnectTimeout", "Connection", "Disconnected", "Response", "ServerError", "WireClient",
     "answer_fields", "ca_bundle", "child_texts", "date_seconds", "error_from_answer", "is_tls_error",
     "iso_seconds", "local_name", "md5_b64", "split_host_port", "whole_seconds", "xml_escape", "xml_root",
 ]
@@ -67,6 +67,10 @@ class BadAnswer(ConnectionError):
 
 class Disconnected(BadAnswer):
     """The connection was closed before any answer (a pooled connection the server dropped)."""
+
+
+class ConnectTimeout(TimeoutError):
+    """No connection within the connect timeout (a read timeout is a plain TimeoutError)."""
 
 
 class ServerError(Exception):
@@ -290,7 +294,10 @@ class WireClient:
     # ---- connections -------------------------------------------------------------------------
     def _connect(self) -> Connection:
         connect_timeout, read_timeout = self._timeouts
-        sock = socket.create_connection(self._addr, connect_timeout)
+        try:
+            sock = socket.create_connection(self._addr, connect_timeout)
+        except TimeoutError as exc:
+            raise ConnectTimeout(f"no connection to {self.host} within {connect_timeout} s") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._ssl is not None:

@@ -28,7 +28,7 @@ import paramiko
 from paramiko.sftp import CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_READ, CMD_STATUS, int64
 from paramiko.sftp_file import SFTPFile
 
-from ossimport.errors import NotFound, StorageError, UnsafeKey
+from ossimport.errors import NotFound, StorageError, UnsafeKey, transport_code
 from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, Writer, check_key
 from ossimport.storage.local import Node, is_temp_name, read_exact, sorted_walk, stale_temps, temp_name
 
@@ -180,12 +180,13 @@ class SFTPStorage(Storage):
         except socket.gaierror as e:
             ssh.close()
             raise StorageError(f"cannot resolve SFTP host {self.host!r}: {e.strerror}",
-                               code="ConnectionError") from None
+                               code="UnknownHost", retryable=True) from None
         except (OSError, EOFError) as e:
             ssh.close()
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            code = transport_code(e)
             raise StorageError(f"cannot connect to SFTP server {self.host}:{self.port}: {reason}",
-                               code="ConnectionError", retryable=True) from None
+                               code="ConnectTimeout" if code == "ReadTimeout" else code, retryable=True) from None
         transport = ssh.get_transport()
         if transport is not None:
             transport.set_keepalive(30)  # long single-file copies must not look idle to NAT boxes
@@ -453,7 +454,10 @@ class SFTPStorage(Storage):
         base = path.rstrip("/")
         for a in attrs:
             name = a.filename
-            if name in (".", "..") or is_temp_name(name):
+            if name in (".", ".."):
+                continue
+            if is_temp_name(name):
+                self._old_temp(dir_key + name, float(a.st_mtime or 0))
                 continue
             mode = a.st_mode or 0
             child = f"{base}/{name}"

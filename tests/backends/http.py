@@ -31,7 +31,19 @@ class RangeHandler(BaseHTTPRequestHandler):
         pass  # keep test output clean
 
     def do_HEAD(self) -> None:
-        self._serve(body=False)
+        server = self.server
+        with server.heads:
+            server.heads_in_flight += 1
+            server.most_heads_in_flight = max(server.most_heads_in_flight, server.heads_in_flight)
+            server.heads.notify_all()
+            # hold_heads: answer once that many HEADs are in flight together (1 s at most), so a
+            # test sees how many a client sends at once
+            server.heads.wait_for(lambda: server.heads_in_flight >= server.hold_heads, timeout=1.0)
+        try:
+            self._serve(body=False)
+        finally:
+            with server.heads:
+                server.heads_in_flight -= 1
 
     def do_GET(self) -> None:
         self._serve(body=True)
@@ -113,6 +125,10 @@ class _Server(ThreadingHTTPServer):
         self.requests = 0
         self.connections = 0  # accepted TCP connections: tests check keep-alive reuse
         self.honour_range = True  # False: answer every GET with the whole file (200), as some servers do
+        self.heads = threading.Condition()
+        self.heads_in_flight = 0
+        self.most_heads_in_flight = 0
+        self.hold_heads = 0
 
         self.open_sockets: set[socket.socket] = set()
 

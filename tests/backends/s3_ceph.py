@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from servers.ceph import CephRGW, CephUnavailable
+
+from backends import unavailable
 
 NAME = "s3-ceph"
 BUCKET = "ossimport-test"
@@ -17,7 +18,7 @@ _failure: BaseException | None = None
 def start(tmp: Path) -> CephRGW:
     global _failure
     if isinstance(_failure, CephUnavailable):
-        pytest.skip(str(_failure))
+        unavailable(str(_failure))
     if _failure is not None:
         raise RuntimeError(f"Ceph RGW failed to start earlier: {_failure}")
     rgw = CephRGW()
@@ -26,7 +27,7 @@ def start(tmp: Path) -> CephRGW:
         rgw.create_bucket(BUCKET)
     except CephUnavailable as exc:
         _failure = exc
-        pytest.skip(str(exc))
+        unavailable(str(exc))
     except BaseException as exc:
         _failure = exc
         rgw.stop()

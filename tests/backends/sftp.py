@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from backends import unavailable
+
 NAME = "sftp"
 SSHD = "/usr/sbin/sshd"
 
@@ -43,7 +45,7 @@ def start(tmp: Path, extra_config: Sequence[str] = ()) -> SSHD_Handle:
     """`extra_config`: more sshd_config lines; one replaces the default line of its keyword (e.g.
     `Subsystem sftp internal-sftp -l INFO`, `SetEnv PATH=...`)."""
     if not os.path.exists(SSHD):
-        pytest.skip("sshd not installed: apt-get install openssh-server")
+        unavailable("sshd not installed: apt-get install openssh-server")
     host_key = keygen(tmp / "host_ed25519")
     client_key = keygen(tmp / "client_ed25519")
     authorized = tmp / "authorized_keys"
