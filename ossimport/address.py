@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote
@@ -113,6 +114,24 @@ class Location:
             return replace(self, path=(parent or "/") + "/", is_dir=True, query=query), name
         parent, _, name = self.prefix.rpartition("/")
         return replace(self, prefix=f"{parent}/" if parent else "", is_dir=True), name
+
+    def place(self) -> tuple[tuple[str, ...], str]:
+        """(the store, the path inside it, without a trailing '/'): two Locations name the same
+        data when both are equal. A store is the backend plus endpoint and bucket (a default
+        endpoint stands for its provider), an SFTP server its host and port (and the user, whose
+        home a relative path starts from); local paths are resolved (symlinks, '..')."""
+        if self.backend == "local":
+            return ("local",), os.path.realpath(self.path).rstrip("/")
+        if self.backend == "sftp":
+            path = self.path
+            home = path == "~" or path.startswith("~/") or not path.startswith("/")
+            path = posixpath.normpath("/" + path.removeprefix("~").lstrip("/")).rstrip("/")
+            server = ("sftp", self.host.lower(), str(self.port or 22))
+            return (*server, self.user) if home else server, path
+        if self.backend == "http":
+            return ("http",), self.path
+        endpoint = self.endpoint.lower() or f"{self.flavour} default"
+        return (self.backend, endpoint, self.bucket), ("/" + self.prefix).rstrip("/")
 
     def child(self, name: str) -> Location:
         """The single-object Location of `name` inside this directory Location."""

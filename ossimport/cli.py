@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from ossimport.errors import OssimportError, UsageError
 
 if TYPE_CHECKING:
     from ossimport.address import Location
+    from ossimport.engine.listing import Filter
     from ossimport.engine.stats import Stats
     from ossimport.storage.base import Entry, Storage, StorageOptions
 
@@ -254,18 +256,50 @@ def _locations(args: argparse.Namespace) -> tuple[Location, Location]:
         if dst.backend == "local" and os.path.isdir(dst.path):
             raise UsageError(f"SRC is a directory: end DST with '/' too ({dst.path}/)")
         raise UsageError("SRC is a directory (ends with '/'): DST must end with '/' too")
-    if src.backend == dst.backend == "local":
-        a, b = os.path.realpath(src.path), os.path.realpath(dst.path)
-        if a == b:
-            raise UsageError("SRC and DST are the same directory")
-        if src.is_dir and (b + "/").startswith(a.rstrip("/") + "/"):
-            raise UsageError("DST is inside SRC: choose a destination outside the source directory")
+    _refuse_overlap(src, dst, _filter(args))
     return src, dst
+
+
+def _filter(args: argparse.Namespace) -> Filter:
+    from ossimport.engine.listing import Filter
+
+    return Filter(args.exclude, args.include, args.exclude_dir, args.include_dir)
+
+
+def _refuse_overlap(src: Location, dst: Location, flt: Filter) -> None:
+    """SRC and DST in the same store, one inside the other: a copy would copy its own output
+    again, and --delete-dst would delete the source (it is an extra of DST). Allowed only when the
+    filter provably keeps the inner one out of both listings, as rclone does."""
+    (src_store, a), (dst_store, b) = src.place(), dst.place()
+    if src.backend == "http" or src_store != dst_store:
+        return
+    if not src.is_dir:  # one object: only onto itself
+        _, name = src.split_object()
+        if a == (b + "/" + name if dst.is_dir else b):
+            raise UsageError(f"SRC and DST are the same file ({src.display()}): nothing to copy")
+        return
+    if a == b:
+        raise UsageError(f"SRC and DST are the same directory ({src.display()}): choose another DST")
+    if (b + "/").startswith(a + "/"):
+        inner = b[len(a) + 1:] + "/"
+        what = (f"DST is inside SRC ({dst.display()} in {src.display()}): the copy would copy its own output "
+                "again. Choose a DST outside SRC")
+    elif (a + "/").startswith(b + "/"):
+        inner = a[len(b) + 1:] + "/"
+        what = (f"SRC is inside DST ({src.display()} in {dst.display()}): sync would count SRC among DST's files "
+                "and --delete-dst would delete it. Choose a DST that does not contain SRC")
+    else:
+        return
+    if not flt.keeps_out(inner):
+        import shlex
+
+        raise UsageError(f"{what}, or keep '{inner}' out of both listings with "
+                         f"--exclude {shlex.quote('^' + re.escape(inner))}")
 
 
 def run_copy(args: argparse.Namespace) -> int:
     from ossimport.engine.fanout import auto_processes
-    from ossimport.engine.listing import Filter, KeyRange
+    from ossimport.engine.listing import KeyRange
     from ossimport.engine.policy import Policy
     from ossimport.engine.runner import Runner, RunOptions
     from ossimport.engine.stats import Stats
@@ -292,7 +326,7 @@ def run_copy(args: argparse.Namespace) -> int:
         dryrun=args.dryrun,
         delete_src=args.delete_src,
         delete_dst=args.delete_dst,
-        filter=Filter(args.exclude, args.include, args.exclude_dir, args.include_dir),
+        filter=_filter(args),
         key_range=KeyRange(args.start, args.end),
         transfer=TransferOptions(
             multipart_threshold=args.multipart_threshold,
@@ -360,10 +394,15 @@ def _listener(args: argparse.Namespace) -> Any:
             where = f" {entry.key}" if entry.key else ""
             _err_line(redact(f"FAILED{where}: {detail}"))
         elif args.verbose:
-            verb = "would " + event if args.dryrun else event
+            verb = _WOULD.get(event, "would " + event) if args.dryrun else event
             log.info("%s %s", verb, entry.key)
 
     return on
+
+
+# what a dry run says instead of the event it did not carry out
+_WOULD = {"copied": "would copy", "deleted": "would delete", "deleted-source": "would delete source",
+          "skipped": "would skip"}
 
 
 def _report(args: argparse.Namespace, stats: Stats, src_opts: StorageOptions) -> None:
@@ -391,8 +430,9 @@ def _report(args: argparse.Namespace, stats: Stats, src_opts: StorageOptions) ->
         return
     secs = stats.elapsed
     dry = " (dry run: nothing written)" if args.dryrun else ""
+    deleted = f"would delete {stats.would_delete}" if args.dryrun else f"deleted {stats.deleted}"
     print(f"found {stats.found}, excluded {stats.excluded}, skipped {stats.skipped}, copied {stats.copied} "
-          f"({human_bytes(stats.copied_bytes)}), extra {stats.extra}, deleted {stats.deleted}, "
+          f"({human_bytes(stats.copied_bytes)}), extra {stats.extra}, {deleted}, "
           f"failed {stats.failed} in {secs:.2f}s ({stats.copied / secs:.1f} files/s, "
           f"{human_bytes(stats.copied_bytes / secs)}/s){dry}")
 
@@ -459,7 +499,7 @@ class _KeyLists:
 
 def run_verify(args: argparse.Namespace) -> int:
     from ossimport.engine.fanout import auto_processes
-    from ossimport.engine.listing import Filter, KeyRange
+    from ossimport.engine.listing import KeyRange
     from ossimport.engine.runner import Runner, RunOptions
     from ossimport.engine.stats import Stats
     from ossimport.engine.transfer import TransferOptions
@@ -473,7 +513,7 @@ def run_verify(args: argparse.Namespace) -> int:
         processes=args.processes or auto_processes(args.threads),
         verify_only=True,
         verify_checksum=args.checksum,
-        filter=Filter(args.exclude, args.include, args.exclude_dir, args.include_dir),
+        filter=_filter(args),
         key_range=KeyRange(args.start, args.end),
         transfer=TransferOptions(checksum=args.checksum),
     )

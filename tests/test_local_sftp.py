@@ -204,10 +204,15 @@ def test_unsafe_keys_are_refused(fs: FS, key: str) -> None:
         put_bytes(st, key, b"evil")
     with pytest.raises(UnsafeKey):
         st.open_writer(key, 4)
-    with pytest.raises(UnsafeKey):
+    if "\\" in key:  # a backslash is refused in names to be made; an existing file may have one
         st.delete(key)
-    with pytest.raises(UnsafeKey):
-        st.head(key)
+        with pytest.raises(NotFound):
+            st.head(key)
+    else:
+        with pytest.raises(UnsafeKey):
+            st.delete(key)
+        with pytest.raises(UnsafeKey):
+            st.head(key)
     assert sorted(os.listdir(fs.dir.parent)) == before
     assert all_files(fs.dir) == []
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import IO
 
 from ossimport.engine import fanout
-from ossimport.engine.listing import Filter, KeyRange, Pair, checked_order, merge, ranged
+from ossimport.engine.listing import Filter, KeyRange, Pair, as_file_tree, checked_order, merge, ranged
 from ossimport.engine.policy import Action, Policy
 from ossimport.engine.stats import Stats
 from ossimport.engine.transfer import Transfer, TransferOptions
@@ -171,6 +171,8 @@ class Runner:
 
     def _items_from_listing(self, extras: IO[str]) -> Iterator[Item]:
         src = self._listing(self.src, count=True)
+        if self.dst.scheme in _FILE_SYSTEMS and not self.opts.verify_only:
+            src = as_file_tree(src, self._not_a_file)
         pairs: Iterable[Pair]
         if self.opts.policy.needs_destination or self.opts.delete_dst or self.opts.verify_only:
             pairs = merge(src, self._listing(self.dst, count=False))
@@ -253,16 +255,22 @@ class Runner:
             return False
         log.debug("deleting %s first: it is in the way of %s", extra, blocked)
         try:
-            if not self.opts.dryrun:
-                self.dst.delete(extra)
+            self._delete(self.dst, Entry(extra, 0, 0.0), "deleted")
         except StorageError as exc:
             self.stats.fail(extra, exc.code, f"delete failed: {exc}")
             self._emit("failed", Entry(extra, 0, 0.0), f"{exc.code}: delete failed (it is in the way of "
                                                        f"{blocked}): {exc}")
             return True  # not again for the next key; the failure also cancels the other deletions
-        self.stats.add(deleted=1)
-        self._emit("deleted", Entry(extra, 0, 0.0), extra)
         return True
+
+    def _delete(self, st: Storage, entry: Entry, event: str) -> None:
+        """Delete `entry` from `st` and count it; a dry run only counts it, as would_delete."""
+        if self.opts.dryrun:
+            self.stats.add(would_delete=1)
+        else:
+            st.delete(entry.key)
+            self.stats.add(deleted=1)
+        self._emit(event, entry, entry.key)
 
     # ---- the pipeline -----------------------------------------------------------------------------
     def _execute(self, items: Iterator[Item]) -> None:
@@ -315,6 +323,27 @@ class Runner:
             for w in workers:
                 w.join()
             self.transfer.close()
+
+    def _not_a_file(self, src: Entry, child: str) -> None:
+        """A source key a file-system destination cannot hold as a file (see `as_file_tree`)."""
+        dst_key = src.key
+        if not child:  # a directory marker: the directory is made by the files in it
+            if src.size:
+                log.warning("not copying the %d bytes of the directory marker %s: a file system keeps a "
+                            "directory, not content, under that name", src.size, dst_key)
+            self.stats.add(skipped=1)
+            self._emit("skipped", src, dst_key)
+            return
+        try:
+            self.dst.check_name(dst_key)  # a name the destination refuses anyway (`..`) says so
+        except StorageError as exc:
+            code, message = exc.code, str(exc)
+        else:
+            code = "PathConflict"
+            message = (f"{dst_key} is a file and also a directory at the source (it holds {child}): a file "
+                       "system cannot hold both, so the directory was copied and this file was not; rename one")
+        self.stats.fail(src.key, code, message, src.size)
+        self._emit("failed", src, f"{code}: {message}")
 
     def _skipping_identical(self, items: Iterator[Item]) -> Iterator[Item]:
         """The items that need work: a pair the policy skips from the listings alone (same size
@@ -372,15 +401,13 @@ class Runner:
             self.stats.add(skipped=1)
             self._emit("skipped", src, dst_key)
         else:
+            self.dst.check_name(dst_key)
             if not self.opts.dryrun:
                 self.transfer.copy(src, dst_key)
             self.stats.add(copied=1, copied_bytes=src.size)
             self._emit("copied", src, dst_key)
         if self.opts.delete_src:
-            if not self.opts.dryrun:
-                self.src.delete(src.key)
-            self.stats.add(deleted=1)
-            self._emit("deleted-source", src, src.key)
+            self._delete(self.src, src, "deleted-source")
 
     def _verify_one(self, src: Entry, dst: Entry | None) -> None:
         if dst is None:
@@ -407,10 +434,7 @@ class Runner:
 
         def delete(key: str) -> None:
             try:
-                if not self.opts.dryrun:
-                    self.dst.delete(key)
-                self.stats.add(deleted=1)
-                self._emit("deleted", Entry(key, 0, 0.0), key)
+                self._delete(self.dst, Entry(key, 0, 0.0), "deleted")
             except StorageError as exc:
                 self.stats.fail(key, exc.code, f"delete failed: {exc}")
                 self._emit("failed", Entry(key, 0, 0.0), f"{exc.code}: delete failed: {exc}")

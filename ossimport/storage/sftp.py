@@ -29,7 +29,16 @@ from paramiko.sftp import CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_READ, 
 from paramiko.sftp_file import SFTPFile
 
 from ossimport.errors import NotFound, StorageError, UnsafeKey
-from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, Writer, check_key
+from ossimport.storage.base import (
+    Abilities,
+    Entry,
+    Storage,
+    StorageOptions,
+    Writer,
+    check_key,
+    check_relative,
+    check_utf8,
+)
 from ossimport.storage.local import Node, is_temp_name, read_exact, sorted_walk, stale_temps, temp_name
 
 if TYPE_CHECKING:
@@ -327,8 +336,13 @@ class SFTPStorage(Storage):
             conn.ssh.close()
 
     # ---- paths ------------------------------------------------------------------------------
-    def _path(self, key: str) -> str:
-        return posixpath.join(self.root, check_key(key))
+    def _path(self, key: str, new: bool = True) -> str:
+        """The server path of `key`: the path rules of a name to be created, or of one that exists
+        (a name the server listed, which may hold a backslash)."""
+        return posixpath.join(self.root, check_key(key) if new else check_relative(key))
+
+    def check_name(self, key: str) -> None:
+        check_utf8(check_key(key))  # paramiko sends names as UTF-8
 
     def _ensure_root(self, sftp: paramiko.SFTPClient) -> str:
         if self._root_real is None:
@@ -484,7 +498,7 @@ class SFTPStorage(Storage):
 
     # ---- single objects ---------------------------------------------------------------------
     def head(self, key: str) -> Entry:
-        path = self._path(key)
+        path = self._path(key, new=False)
         sftp = self._sftp()
         with self._errors("stat", path):
             a = sftp.stat(path)
@@ -493,7 +507,7 @@ class SFTPStorage(Storage):
         return _to_entry(key, a)
 
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
-        path = self._path(key)
+        path = self._path(key, new=False)
         sftp = self._sftp()
         with self._errors("open", path):
             f = self._file(sftp, path, "rb")
@@ -611,7 +625,7 @@ class SFTPStorage(Storage):
         return removed
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
+        path = self._path(key, new=False)
         sftp = self._sftp()
         parent = posixpath.dirname(path)
         if not self._ensure_dir(sftp, parent, key, create=False):

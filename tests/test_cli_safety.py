@@ -1,0 +1,160 @@
+"""What a new user runs into (issue 14): overlapping SRC and DST, dry-run deletions, key ranges
+that cannot match, names one side cannot hold, a file beside a directory of the same name.
+Every run is the real CLI in its own process against real servers (moto S3, a private sshd)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import run_cli, run_json, write_tree
+from test_bad_input import assert_one_line_error, put_raw, raw_keys
+
+from ossimport.address import parse_address
+
+
+def files_of(top: Path) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), top): Path(d, f).read_bytes() for d, _, fs in os.walk(top) for f in fs}
+
+
+# ---- item 2: SRC and DST overlap ------------------------------------------------------------------
+def test_sync_delete_dst_into_the_parent_of_src_is_refused_locally(tmp_path: Path) -> None:
+    """The report: `--exclude '^a$' --delete-dst sync ov/sub/ ov/` deleted ov/sub/a for good."""
+    ov = tmp_path / "ov"
+    write_tree(ov, {"sub/a": b"a", "sub/b": b"b", "x": b"x"})
+    before = files_of(ov)
+    proc = run_cli("--exclude", "^a$", "--delete-dst", "sync", f"{ov}/sub/", f"{ov}/")
+    assert_one_line_error(proc, "SRC is inside DST", "--delete-dst would delete it", "--exclude '^sub/'")
+    assert files_of(ov) == before
+    # a DST spelled through a symbolic link is the same directory
+    (tmp_path / "alias").symlink_to(ov)
+    proc = run_cli("--delete-dst", "sync", f"{ov}/sub/", f"{tmp_path}/alias/")
+    assert_one_line_error(proc, "SRC is inside DST")
+    assert files_of(ov) == before
+
+    # the way out the message names: a filter that keeps sub/ out of both listings
+    out = run_json("--exclude", "^sub/", "--delete-dst", "sync", f"{ov}/sub/", f"{ov}/")
+    assert (out["copied"], out["deleted"]) == (2, 1)  # a and b copied up, x deleted
+    assert files_of(ov) == {"sub/a": b"a", "sub/b": b"b", "a": b"a", "b": b"b"}
+
+
+def test_overlapping_prefixes_in_one_bucket_are_refused(backend_factory: Any) -> None:
+    s3 = backend_factory("s3-moto")
+    base = s3.address(s3.new_root())  # s3://AK:SK@bucket.127.0.0.1:PORT/ROOT/
+    files = {"sub/a": b"a", "sub/b": b"b", "x": b"x"}
+    put_raw(base, files)
+    loc = parse_address(base)
+    # the same bucket written the MinIO way: the same store
+    minio = f"minio://AKIDTEST1234:SECRET%2FTEST5678@{loc.endpoint}/{loc.bucket}/{loc.prefix}"
+    for args, needle in (
+            (["--delete-dst", "sync", base + "sub/", base], "SRC is inside DST"),
+            (["--delete-dst", "sync", base + "sub/", minio], "SRC is inside DST"),
+            (["cp", base, base + "sub/"], "DST is inside SRC"),
+            (["sync", minio, base + "sub/"], "DST is inside SRC"),
+            (["cp", base, minio], "SRC and DST are the same directory"),
+            (["cp", base + "x", base], "SRC and DST are the same file")):
+        line = assert_one_line_error(run_cli(*args), needle)
+        assert "SECRET" not in line
+        assert raw_keys(base) == {k: len(v) for k, v in files.items()}, args
+
+    # excluding the inner prefix makes the copy safe: sub/ is not copied into itself
+    out = run_json("--exclude-dir", "^sub$", "cp", base, base + "sub/")
+    assert (out["copied"], out["excluded"]) == (1, 2)
+    assert raw_keys(base) == {"sub/a": 1, "sub/b": 1, "x": 1, "sub/x": 1}
+    # another prefix beside it is no overlap
+    assert run_json("cp", base + "sub/", base + "other/")["copied"] == 3
+
+
+def test_overlapping_sftp_paths_are_refused(backend_factory: Any) -> None:
+    sftp = backend_factory("sftp")
+    base = sftp.address(sftp.new_root())
+    top = Path(parse_address(base).path)
+    write_tree(top, {"sub/a": b"a", "x": b"x"})
+    proc = run_cli("--delete-dst", "sync", base + "sub/", base, env=sftp.env())
+    assert_one_line_error(proc, "SRC is inside DST")
+    proc = run_cli("cp", base, base + "sub/", env=sftp.env())
+    assert_one_line_error(proc, "DST is inside SRC")
+    assert files_of(top) == {"sub/a": b"a", "x": b"x"}
+
+
+# ---- item 7: a dry run deletes nothing and says so ----------------------------------------------------
+def test_dryrun_delete_src_counts_would_delete(tmp_path: Path, backend_factory: Any) -> None:
+    """Seed 000's 'rm' recipe: `--dryrun --deleteSrc cp SRC/ DST/`."""
+    s3 = backend_factory("s3-moto")
+    src = tmp_path / "src"
+    write_tree(src, {f"f{i}": b"x" for i in range(13)})
+    dst = s3.address(s3.new_root())
+    out = run_json("--dryrun", "--deleteSrc", "cp", f"{src}/", dst)
+    assert (out["deleted"], out["would_delete"], out["copied"]) == (0, 13, 13)
+    proc = run_cli("-v", "--dryrun", "--deleteSrc", "cp", f"{src}/", dst)
+    assert proc.returncode == 0, proc.stderr
+    assert "would delete source f0" in proc.stderr and "deleted-source" not in proc.stderr
+    assert "would delete 13," in proc.stdout and "deleted 13" not in proc.stdout
+    assert len(files_of(src)) == 13 and raw_keys(dst) == {}
+
+
+# ---- item 8: --start/--end that cannot match ------------------------------------------------------------
+@pytest.mark.parametrize(("options", "needles"), [
+    (["--start=aa", "--end==ff"], ["--start 'aa'", "--end '=ff'", "write --end=ff"]),
+    (["--start", "m", "--end", "c"], ["--start 'm'", "--end 'c'"]),
+], ids=["guide-typo", "start-after-end"])
+def test_key_range_that_cannot_match_is_refused(tmp_path: Path, options: list[str], needles: list[str]) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {"aa": b"1", "bb": b"2"})
+    assert_one_line_error(run_cli("sync", *options, f"{src}/", f"{tmp_path}/dst/"), *needles)
+    assert not (tmp_path / "dst").exists()
+
+
+# ---- item 9: each key rule on the destination that needs it -------------------------------------------
+def test_local_names_an_object_store_can_hold_are_copied(tmp_path: Path, backend_factory: Any) -> None:
+    s3 = backend_factory("s3-moto")
+    src = tmp_path / "src"
+    write_tree(src, {"back\\slash": b"bs", "cafe\u0301": b"accent", "plain": b"p"})
+    bad = os.fsencode(src) + b"/bad\xff.txt"  # Latin-1, not UTF-8
+    with open(bad, "wb") as f:
+        f.write(b"latin")
+    dst = s3.address(s3.new_root())
+    proc = run_cli("--json", "cp", f"{src}/", dst)
+    assert proc.returncode == 1
+    fails = [ln for ln in proc.stderr.splitlines() if ln.startswith("FAILED")]
+    assert len(fails) == 1 and "InvalidObjectName" in fails[0] and "not valid UTF-8" in fails[0], proc.stderr
+    assert "b'bad\\xff.txt'" in fails[0] and "Traceback" not in proc.stderr
+    assert raw_keys(dst) == {"back\\slash": 2, "cafe\u0301": 6, "plain": 1}
+    # back to a file system, the backslash is the destination's rule: refused there, one line
+    proc = run_cli("cp", dst, f"{tmp_path}/back/")
+    assert proc.returncode == 1
+    [fail] = [ln for ln in proc.stderr.splitlines() if ln.startswith("FAILED")]
+    assert fail.startswith("FAILED back\\slash: InvalidObjectName: "), proc.stderr
+    assert files_of(tmp_path / "back") == {"cafe\u0301": b"accent", "plain": b"p"}
+
+
+# ---- item 10: a file beside a directory of the same name ------------------------------------------------
+@pytest.mark.parametrize("dst_name", ["local", "sftp"])
+def test_the_directory_wins_over_a_file_of_its_name(backend_factory: Any, dst_name: str) -> None:
+    s3, fs = backend_factory("s3-moto"), backend_factory(dst_name)
+    src = s3.address(s3.new_root())
+    put_raw(src, {"a": b"file a", "a!": b"bang", "a/b": b"ab", "a/c": b"ac", "m/": b"marker", "m/f": b"mf",
+                  "n/": b"", "z": b"z"})
+    for _ in range(3):  # the same outcome every time, whichever copy would run first
+        dst = fs.address(fs.new_root())
+        top = Path(parse_address(dst).path)
+        proc = run_cli("--json", "--threads", "8", "cp", src, dst, env=fs.env())
+        assert proc.returncode == 1, proc.stderr
+        fails = [ln for ln in proc.stderr.splitlines() if ln.startswith("FAILED")]
+        assert len(fails) == 1 and fails[0].startswith("FAILED a: PathConflict: "), proc.stderr
+        assert "directory marker m/" in proc.stderr
+        assert files_of(top) == {"a!": b"bang", "a/b": b"ab", "a/c": b"ac", "m/f": b"mf", "z": b"z"}
+
+
+def test_refusals_name_a_usable_exclude(tmp_path: Path) -> None:
+    """The --exclude the overlap message suggests works when pasted back, names with spaces too."""
+    ov = tmp_path / "ov"
+    write_tree(ov, {"my dir/a": b"a", "x": b"x"})
+    line = assert_one_line_error(run_cli("sync", f"{ov}/my dir/", f"{ov}/"), "SRC is inside DST")
+    suggested = shlex.split(line.rpartition(" with ")[2])
+    assert suggested[0] == "--exclude"
+    out = run_json(*suggested, "sync", f"{ov}/my dir/", f"{ov}/")
+    assert out["copied"] == 1 and files_of(ov)["a"] == b"a"
