@@ -4,6 +4,7 @@ Forms (ads-cli grammar, see README "Addresses"):
   NAME://[AK:SK[:TOKEN]@]BUCKET[.ENDPOINT][/PREFIX]   NAME in s3 oss cos obs bos ks3 qiniu ufile aoss
   minio://[AK:SK[:TOKEN]@]HOST:PORT/BUCKET[/PREFIX]
   [user[:pass]@]host[:port]:path                       SFTP (no '://', has ':')
+  sftp://[user[:pass]@]host[:port]/path                SFTP, the path absolute (/~/path: from home)
   path                                                 local (no '://', no ':'), also file://path
   http(s)://host/path                                  one URL, read-only source
   list://PATH                                          a URL list file (read-only source)
@@ -168,6 +169,8 @@ def parse_address(text: str, *, https: bool | None = None) -> Location:
             if not rest:
                 raise UsageError("list:// needs the path of a URL list file, e.g. list:///data/urls.txt")
             return Location(backend="http", flavour="http", path=rest, is_dir=True)
+        if name == "sftp":
+            return _sftp_url(rest, text)
         if name not in SCHEMES:
             known = ", ".join(sorted(SCHEMES))
             raise UsageError(f"unknown storage type {name!r} in {_mask(text)!r}; use one of: {known}, or a local/SFTP path")
@@ -215,6 +218,28 @@ def _sftp(m: re.Match[str], text: str) -> Location:
         path=path,
         is_dir=path.endswith("/"),
     )
+
+
+_SFTP_URL_RE = re.compile(
+    r"^(?:(?P<user>[^:@/]+)(?::(?P<password>[^@/]*))?@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-]*)"
+    r"(?::(?P<port>\d+))?(?P<path>/.*)?$"
+)
+
+
+def _sftp_url(rest: str, text: str) -> Location:
+    """sftp://[user[:password]@]host[:port]/path: the path is absolute, as in curl and rclone;
+    /~/path is relative to the login's home directory."""
+    m = _SFTP_URL_RE.match(rest)
+    if m is None:
+        raise UsageError(f"address {_mask(text)!r} is not a valid SFTP URL sftp://[user[:password]@]host[:port]/path "
+                         "(escape '@' '/' ':' in a password as %40 %2F %3A)")
+    if not m["path"]:
+        raise UsageError(f"SFTP address {_mask(text)!r} has no path after the host; write sftp://user@host/dir/")
+    loc = _sftp(m, text)
+    if loc.path == "/~" or loc.path.startswith("/~/"):
+        loc.path = loc.path[1:]
+    return loc
 
 
 def _split_credentials(authority_and_rest: str, original: str) -> tuple[str, str, str, str]:

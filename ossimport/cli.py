@@ -48,7 +48,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 64m, 1g)") from None
 
 
-def _whole(minimum: int) -> Any:
+# every copy thread holds a connection and a buffer of up to a part: more than this exhausts
+# memory or the system's thread limit long before it adds speed
+MAX_THREADS = 1000
+MAX_PROCESSES = 64
+
+
+def _whole(minimum: int, maximum: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -56,6 +62,8 @@ def _whole(minimum: int) -> Any:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if v < minimum:
             raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is more than the {maximum} ossimport allows")
         return v
 
     return parse
@@ -81,8 +89,8 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     a = p.add_argument
     a("--start", "-s", metavar="KEY", default=d(""), help="first key to copy (inclusive)")
     a("--end", "-e", metavar="KEY", default=d(""), help="last key to copy (inclusive)")
-    a("--threads", "-p", type=_whole(1), metavar="N", default=d(10), help="concurrent transfers (default 10)")
-    a("--processes", type=_whole(0), metavar="N", default=d(0),
+    a("--threads", "-p", type=_whole(1, MAX_THREADS), metavar="N", default=d(10), help="concurrent transfers (default 10)")
+    a("--processes", type=_whole(0, MAX_PROCESSES), metavar="N", default=d(0),
       help="processes sharing the --threads (0 = cores + 1 up to 4, each with 4+ threads; 1 = one)")
     a("--dryrun", "--dry-run", action="store_true", default=d(False), help="list and count, copy and delete nothing")
     a("--delete-src", "--deleteSrc", dest="delete_src", action="store_true", default=d(False),
@@ -338,6 +346,8 @@ def run_copy(args: argparse.Namespace) -> int:
             bucket=TokenBucket(mbit_to_bytes(args.bwlimit)) if args.bwlimit > 0 else None,
         ),
     )
+    if args.record_name:
+        _check_writable(args.record_name, "--recordName")
     src_opts, dst_opts = _storage_options(args, "src"), _storage_options(args, "dst")
     src = open_storage(src_loc, src_opts)
     dst = open_storage(dst_loc, dst_opts)
@@ -345,7 +355,7 @@ def run_copy(args: argparse.Namespace) -> int:
         if src_loc.backend == "local" and not os.path.isdir(src_loc.path):
             raise UsageError(f"source directory {src_loc.path!r} does not exist")
         if getattr(args, "info", False):
-            return _info(src, opts)
+            return _info(src, opts, args.json)
         stats = Stats()
         runner = Runner(src, dst, opts, stats, listener=_listener(args))
         if not single:
@@ -366,6 +376,16 @@ def run_copy(args: argparse.Namespace) -> int:
     finally:
         src.close()
         dst.close()
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Refuse now a file the run could only fail to write at its end, after all the copying."""
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path!r}: cannot write it ({e.strerror or e}); give a file in an existing, "
+                         "writable directory") from None
 
 
 def _single_item(src: Storage, dst: Storage, src_key: str, dst_key: str, stats: Stats,
@@ -437,7 +457,7 @@ def _report(args: argparse.Namespace, stats: Stats, src_opts: StorageOptions) ->
           f"{human_bytes(stats.copied_bytes / secs)}/s){dry}")
 
 
-def _info(src: Storage, opts: Any) -> int:
+def _info(src: Storage, opts: Any, as_json: bool) -> int:
     from ossimport.progress import human_bytes
 
     count = total = 0
@@ -454,6 +474,10 @@ def _info(src: Storage, opts: Any) -> int:
         largest = max(largest, e.size)
         smallest = e.size if smallest is None else min(smallest, e.size)
     avg = total / count if count else 0
+    if as_json:
+        print(json.dumps({"count": count, "total_bytes": total, "min": smallest or 0, "max": largest,
+                          "avg": round(avg)}))
+        return 0
     print(f"count {count}, total {human_bytes(total)} ({total} bytes), min {smallest or 0}, max {largest}, "
           f"avg {avg:.0f} bytes")
     return 0

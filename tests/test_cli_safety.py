@@ -158,3 +158,69 @@ def test_refusals_name_a_usable_exclude(tmp_path: Path) -> None:
     assert suggested[0] == "--exclude"
     out = run_json(*suggested, "sync", f"{ov}/my dir/", f"{ov}/")
     assert out["copied"] == 1 and files_of(ov)["a"] == b"a"
+
+
+# ---- item 11: the smaller ones -----------------------------------------------------------------------
+def test_record_file_in_a_missing_directory_is_refused_before_copying(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {"a": b"a"})
+    (src / "link").symlink_to("a")
+    proc = run_cli("-rd", f"{tmp_path}/no/such/dir/links.txt", "cp", f"{src}/", f"{tmp_path}/dst/")
+    assert_one_line_error(proc, "--recordName", "no/such/dir/links.txt", "No such file or directory")
+    assert not (tmp_path / "dst").exists(), "nothing copied before the refusal"
+
+
+def test_too_many_threads_is_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("--threads=100000", "cp", f"{tmp_path}/", f"{tmp_path}/x/"),
+                          "--threads", "'100000' is more than the 1000")
+
+
+def test_info_honours_json(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {"a": b"x" * 10, "b/c": b"y" * 30, "d": b""})
+    out = run_json("cp", "--info", f"{src}/", f"{tmp_path}/dst/")
+    assert {k: out[k] for k in ("count", "total_bytes", "min", "max", "avg")} == \
+        {"count": 3, "total_bytes": 40, "min": 0, "max": 30, "avg": 13}
+    assert not (tmp_path / "dst").exists()
+
+
+def test_sftp_url_form_is_accepted(tmp_path: Path, backend_factory: Any) -> None:
+    """Seed 000 lists sftp as a NAME: sftp://user@host:port/absolute/path/."""
+    sftp = backend_factory("sftp")
+    loc = parse_address(sftp.address(sftp.new_root()))
+    url = f"sftp://{loc.user}@127.0.0.1:{loc.port}{loc.path}"
+    src = tmp_path / "src"
+    write_tree(src, {"a.txt": b"alpha", "d/b.txt": b"beta"})
+    assert run_json("cp", f"{src}/", url, env=sftp.env())["copied"] == 2
+    assert files_of(Path(loc.path)) == {"a.txt": b"alpha", "d/b.txt": b"beta"}
+    assert run_json("sync", url, f"{tmp_path}/back/", env=sftp.env())["copied"] == 2
+    assert_one_line_error(run_cli("cp", f"{src}/", "sftp://127.0.0.1"), "has no path after the host")
+
+
+def test_list_lines_without_a_scheme_are_named(tmp_path: Path) -> None:
+    listing = tmp_path / "urls.txt"
+    listing.write_text("example.invalid/ a.txt\n", encoding="utf-8")
+    proc = run_cli("cp", f"list://{listing}", f"{tmp_path}/dst/")
+    assert proc.returncode == 1
+    assert "FutureWarning" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "'example.invalid/' has no scheme; begin it with http:// or https://" in proc.stderr
+
+
+def test_audit_log_records_the_size_copied(tmp_path: Path, envs: list[Any]) -> None:
+    from jobenv import JobEnv
+    from test_jobs import local_keys
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tree(src, {"grows.txt": b"12345", "same.txt": b"same"})
+    env = JobEnv(tmp_path, {**local_keys("src", src), **local_keys("dest", dst)})
+    envs.append(env)
+    env.console("submit")
+    env.console("start", "--workers", "0")
+    env.wait_for(lambda: env.stat()["Is Scan Finished"], 60, "the scan")
+    (src / "grows.txt").write_bytes(b"1234567890")  # after the scan, before the copy
+    env.console("start", "--workers", "1")
+    st = env.wait_state({"SUCCEED", "FAILED"}, timeout=120)
+    assert st["JobState"] == "SUCCEED", env.log_tail()
+    audit = "".join((t / "audit.log").read_text() for t in env.task_dirs("succeed_tasks"))
+    assert "COPIED\tgrows.txt\t10\n" in audit and "COPIED\tsame.txt\t4\n" in audit, audit
+    assert (dst / "grows.txt").read_bytes() == b"1234567890"

@@ -402,10 +402,12 @@ class Runner:
             self._emit("skipped", src, dst_key)
         else:
             self.dst.check_name(dst_key)
+            copied = src
             if not self.opts.dryrun:
-                self.transfer.copy(src, dst_key)
-            self.stats.add(copied=1, copied_bytes=src.size)
-            self._emit("copied", src, dst_key)
+                # the size copied (and checked): a file may have grown or shrunk since it was listed
+                copied = replace(src, size=self.transfer.copy(src, dst_key).size)
+            self.stats.add(copied=1, copied_bytes=copied.size)
+            self._emit("copied", copied, dst_key)
         if self.opts.delete_src:
             self._delete(self.src, src, "deleted-source")
 
