@@ -119,6 +119,8 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     a("--checksum", "-c", action="store_true", default=d(False),
       help="decide 'changed' and verify copies by content checksum, not size and mtime")
     a("--update", "-u", action="store_true", default=d(False), help="copy only when the source is newer")
+    a("--trust-new-hosts", dest="trust_new_hosts", action="store_true", default=d(False),
+      help="record the key of an SFTP server not in known_hosts (check its fingerprint) instead of refusing it")
     a("--json", action="store_true", default=d(False), help="print the final summary as one JSON object")
     a("--multipart-threshold", dest="multipart_threshold", type=_size, metavar="SIZE", default=d(16 * MiB),
       help="files at least this large move in parallel parts (default 16m)")
@@ -239,6 +241,7 @@ def _storage_options(args: argparse.Namespace, side: str) -> StorageOptions:
         max_pool=max(args.threads * 2, 10),
         follow_symlinks=args.copy_links,
         keep_perms=not args.noperms,
+        trust_new_hosts=args.trust_new_hosts,
     )
 
 

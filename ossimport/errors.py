@@ -26,7 +26,7 @@ class OssimportError(Exception):
 # Transient trouble (connection refused, 5xx, timeouts) is not here: a days-long job rides it out.
 FATAL_CODES = frozenset({
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName",
-    "NoCredentials", "MissingCredentials", "AuthenticationFailed", "HostKeyMismatch", "SSLError",
+    "NoCredentials", "MissingCredentials", "AuthenticationFailed", "HostKeyMismatch", "UnknownHostKey", "SSLError",
 })
 
 

@@ -224,3 +224,25 @@ def test_audit_log_records_the_size_copied(tmp_path: Path, envs: list[Any]) -> N
     audit = "".join((t / "audit.log").read_text() for t in env.task_dirs("succeed_tasks"))
     assert "COPIED\tgrows.txt\t10\n" in audit and "COPIED\tsame.txt\t4\n" in audit, audit
     assert (dst / "grows.txt").read_bytes() == b"1234567890"
+
+
+def test_unknown_sftp_host_is_refused_until_trusted(tmp_path: Path, backend_factory: Any) -> None:
+    sftp = backend_factory("sftp")
+    addr = sftp.address(sftp.new_root())
+    top = Path(parse_address(addr).path)
+    known = tmp_path / "ssh" / "known_hosts"  # its directory does not exist yet: made on recording
+    env = {**sftp.env(), "SSH_KNOWN_HOSTS": str(known)}
+    src = tmp_path / "src"
+    write_tree(src, {"a.txt": b"alpha", "b.txt": b"beta"})
+    proc = run_cli("cp", f"{src}/", addr, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "UnknownHostKey" in proc.stderr and "--trust-new-hosts" in proc.stderr and "SHA256:" in proc.stderr
+    assert files_of(top) == {} and not known.exists()
+
+    proc = run_cli("--trust-new-hosts", "cp", f"{src}/", addr, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("was not known: recorded its ssh-ed25519 key") == 1, proc.stderr
+    assert known.read_text().split()[:2] == [f"[127.0.0.1]:{sftp.handle.port}", "ssh-ed25519"]
+    assert files_of(top) == {"a.txt": b"alpha", "b.txt": b"beta"}
+    again = run_cli("sync", f"{src}/", addr, env=env)  # known now: no flag, no warning
+    assert again.returncode == 0 and again.stderr == "", again.stderr

@@ -83,6 +83,8 @@ class StorageOptions:
     max_pool: int = 10  # connections to keep: at least the number of worker threads
     follow_symlinks: bool = False
     keep_perms: bool = True  # --noperms turns it off
+    # SFTP: record the key of a server not in known_hosts instead of refusing it (--trust-new-hosts)
+    trust_new_hosts: bool = False
     # keys of symbolic links that were not copied (file, directory, dangling links and loops):
     # the CLI's --recordName
     skipped_links: list[str] = field(default_factory=list)

@@ -8,9 +8,11 @@ directory we write into must resolve (server-side realpath) inside the root.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import getpass
+import hashlib
 import io
 import logging
 import os
@@ -51,13 +53,44 @@ REQUEST = 32768  # the read/write request every SFTP server takes (paramiko's de
 _CONNECTION_ERRORS = (socket.timeout, TimeoutError, ConnectionError, EOFError, paramiko.SSHException)
 
 
-class _LogUnknownHost(paramiko.MissingHostKeyPolicy):
-    """Accept a host we have never seen (like ssh with StrictHostKeyChecking=accept-new, but
-    without saving it), and say so. A *changed* known key is still refused by paramiko."""
+class _UnknownHost(paramiko.SSHException):
+    """The server's host key is in no known_hosts file we read."""
+
+    def __init__(self, hostname: str, key: paramiko.PKey) -> None:
+        super().__init__(f"unknown host {hostname}")
+        self.hostname, self.key = hostname, key
+
+
+class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+    """A host not in known_hosts is refused, as ssh does with StrictHostKeyChecking=yes; with
+    --trust-new-hosts its key is recorded in `path` first (StrictHostKeyChecking=accept-new). A
+    *changed* known key is refused by paramiko either way."""
+
+    def __init__(self, path: str, trust_new: bool) -> None:
+        self.path, self.trust_new = path, trust_new
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        log.warning("SFTP host %s is not in known_hosts; accepting its %s key %s",
-                    hostname, key.get_name(), key.get_fingerprint().hex())
+        if not self.trust_new:
+            raise _UnknownHost(hostname, key)
+        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())  # one append: processes recording at once do not mix lines
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StorageError(f"cannot record the host key of {hostname} in {self.path}: {e.strerror or e}",
+                               code="UnknownHostKey") from None
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        log.warning("SFTP host %s was not known: recorded its %s key %s in %s", hostname, key.get_name(),
+                    fingerprint(key), self.path)
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """The key's fingerprint as ssh and ssh-keygen -l show it: SHA256:<base64>."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
 class _Conn:
@@ -112,6 +145,7 @@ class SFTPStorage(Storage):
         self._password = location.password
         # read now: connecting is lazy and the environment may differ by then
         self._key_path = os.environ.get("SSH_PRIVATE_KEY_PATH") or None
+        self._known_hosts = os.environ.get("SSH_KNOWN_HOSTS") or os.path.expanduser("~/.ssh/known_hosts")
         path = location.path
         if path == "~" or path.startswith("~/"):  # servers resolve relative paths from the home dir
             path = path[2:]
@@ -135,10 +169,10 @@ class SFTPStorage(Storage):
 
     def _ssh_client(self) -> paramiko.SSHClient:
         ssh = paramiko.SSHClient()
-        for known in ("/etc/ssh/ssh_known_hosts", os.path.expanduser("~/.ssh/known_hosts")):
+        for known in ("/etc/ssh/ssh_known_hosts", self._known_hosts):
             with contextlib.suppress(OSError, paramiko.SSHException):
                 ssh.load_system_host_keys(known)
-        ssh.set_missing_host_key_policy(_LogUnknownHost())
+        ssh.set_missing_host_key_policy(_KnownHostsPolicy(self._known_hosts, self.options.trust_new_hosts))
         return ssh
 
     def _connect(self) -> paramiko.SSHClient:
@@ -168,6 +202,15 @@ class SFTPStorage(Storage):
                 how = "the password typed"
                 password = getpass.getpass(f"Password for {self._where()}: ")
                 ssh.connect(**common, password=password, allow_agent=False, look_for_keys=False)
+        except _UnknownHost as e:
+            ssh.close()
+            where = e.hostname if self.port == 22 else f"-p {self.port} {self.host}"
+            raise StorageError(
+                f"SFTP host {e.hostname} is not in {self._known_hosts}: its {e.key.get_name()} key is "
+                f"{fingerprint(e.key)}. If that is the server's key (ask its admin, or run ssh-keygen -lf on "
+                f"its host key), record it with --trust-new-hosts, or with: ssh-keyscan {where} >> {self._known_hosts}",
+                code="UnknownHostKey",
+            ) from None
         except paramiko.BadHostKeyException:
             ssh.close()
             raise StorageError(
