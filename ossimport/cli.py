@@ -220,7 +220,10 @@ def _err_line(text: str) -> None:
 
 
 def one_line(text: str) -> str:
-    """`text` with control characters escaped (a key may hold a newline): one message, one line."""
+    """`text` with control characters escaped (a key may hold a newline): one message, one line.
+    A local name that is not UTF-8 (its bytes held as surrogate escapes) shows those bytes: \\xff."""
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return text.translate(str.maketrans(_CONTROL)) if any(c in _CONTROL for c in text) else text
 
 
