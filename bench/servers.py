@@ -220,7 +220,8 @@ class SshServer(Server):
 
     It runs as the current user with a generated ed25519 host key and accepts only a generated
     client key (no PAM, no passwords). Its data folder is plain local disk: `Endpoint.extra` has
-    `user`, `key_file` (the client's private key) and `root` (an absolute folder to write into).
+    `user`, `key_file` (the client's private key), `known_hosts` (a file holding the server's host
+    key) and `root` (an absolute folder to write into).
     """
 
     name = "openssh-sshd"
@@ -309,7 +310,11 @@ class SshServer(Server):
             tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
             self.stop()
             raise RuntimeError(f"sshd did not start: {tail}") from None
-        extra = {"user": getpass.getuser(), "key_file": str(client_key), "root": str(data.resolve())}
+        # ossimport refuses an SFTP server it does not know: its clients get this known_hosts
+        known_hosts = conf / "known_hosts"
+        known_hosts.write_text(f"[{HOST}]:{port} {host_key.with_suffix('.pub').read_text()}")
+        extra = {"user": getpass.getuser(), "key_file": str(client_key), "root": str(data.resolve()),
+                 "known_hosts": str(known_hosts)}
         return Endpoint(HOST, port, "", "", extra=extra)
 
     def stop(self) -> None:

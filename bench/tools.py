@@ -191,6 +191,7 @@ class Ours(Tool):
         env = self.base_env()
         if ctx.endpoint is not None and "key_file" in ctx.endpoint.extra:
             env["SSH_PRIVATE_KEY_PATH"] = ctx.endpoint.extra["key_file"]
+            env["SSH_KNOWN_HOSTS"] = ctx.endpoint.extra["known_hosts"]
         return argv, env, REPO
 
     # -- the job system (console import): a local tree into an S3 bucket, N local workers

@@ -4,6 +4,7 @@ Forms (ads-cli grammar, see README "Addresses"):
   NAME://[AK:SK[:TOKEN]@]BUCKET[.ENDPOINT][/PREFIX]   NAME in s3 oss cos obs bos ks3 qiniu ufile aoss
   minio://[AK:SK[:TOKEN]@]HOST:PORT/BUCKET[/PREFIX]
   [user[:pass]@]host[:port]:path                       SFTP (no '://', has ':')
+  sftp://[user[:pass]@]host[:port]/path                SFTP, the path absolute (/~/path: from home)
   path                                                 local (no '://', no ':'), also file://path
   http(s)://host/path                                  one URL, read-only source
   list://PATH                                          a URL list file (read-only source)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote
@@ -116,6 +118,24 @@ class Location:
         parent, _, name = self.prefix.rpartition("/")
         return replace(self, prefix=f"{parent}/" if parent else "", is_dir=True), name
 
+    def place(self) -> tuple[tuple[str, ...], str]:
+        """(the store, the path inside it, without a trailing '/'): two Locations name the same
+        data when both are equal. A store is the backend plus endpoint and bucket (a default
+        endpoint stands for its provider), an SFTP server its host and port (and the user, whose
+        home a relative path starts from); local paths are resolved (symlinks, '..')."""
+        if self.backend == "local":
+            return ("local",), os.path.realpath(self.path).rstrip("/")
+        if self.backend == "sftp":
+            path = self.path
+            home = path == "~" or path.startswith("~/") or not path.startswith("/")
+            path = posixpath.normpath("/" + path.removeprefix("~").lstrip("/")).rstrip("/")
+            server = ("sftp", self.host.lower(), str(self.port or 22))
+            return (*server, self.user) if home else server, path
+        if self.backend == "http":
+            return ("http",), self.path
+        endpoint = self.endpoint.lower() or f"{self.flavour} default"
+        return (self.backend, endpoint, self.bucket), ("/" + self.prefix).rstrip("/")
+
     def child(self, name: str) -> Location:
         """The single-object Location of `name` inside this directory Location."""
         if self.backend in ("local", "sftp"):
@@ -151,6 +171,8 @@ def parse_address(text: str, *, https: bool | None = None) -> Location:
             if not rest:
                 raise UsageError("list:// needs the path of a URL list file, e.g. list:///data/urls.txt")
             return Location(backend="http", flavour="http", path=rest, is_dir=True)
+        if name == "sftp":
+            return _sftp_url(rest, text)
         if name not in SCHEMES:
             known = ", ".join(sorted(SCHEMES))
             raise UsageError(f"unknown storage type {name!r} in {_mask(text)!r}; use one of: {known}, or a local/SFTP path")
@@ -198,6 +220,28 @@ def _sftp(m: re.Match[str], text: str) -> Location:
         path=path,
         is_dir=path.endswith("/"),
     )
+
+
+_SFTP_URL_RE = re.compile(
+    r"^(?:(?P<user>[^:@/]+)(?::(?P<password>[^@/]*))?@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-]*)"
+    r"(?::(?P<port>\d+))?(?P<path>/.*)?$"
+)
+
+
+def _sftp_url(rest: str, text: str) -> Location:
+    """sftp://[user[:password]@]host[:port]/path: the path is absolute, as in curl and rclone;
+    /~/path is relative to the login's home directory."""
+    m = _SFTP_URL_RE.match(rest)
+    if m is None:
+        raise UsageError(f"address {_mask(text)!r} is not a valid SFTP URL sftp://[user[:password]@]host[:port]/path "
+                         "(escape '@' '/' ':' in a password as %40 %2F %3A)")
+    if not m["path"]:
+        raise UsageError(f"SFTP address {_mask(text)!r} has no path after the host; write sftp://user@host/dir/")
+    loc = _sftp(m, text)
+    if loc.path == "/~" or loc.path.startswith("/~/"):
+        loc.path = loc.path[1:]
+    return loc
 
 
 def _split_credentials(authority_and_rest: str, original: str) -> tuple[str, str, str, str]:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from ossimport.errors import OssimportError, UsageError
 
 if TYPE_CHECKING:
     from ossimport.address import Location
+    from ossimport.engine.listing import Filter
     from ossimport.engine.stats import Stats
     from ossimport.storage.base import Entry, Storage, StorageOptions
 
@@ -49,7 +51,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 64m, 1g)") from None
 
 
-def _whole(minimum: int) -> Any:
+# every copy thread holds a connection and a buffer of up to a part: more than this exhausts
+# memory or the system's thread limit long before it adds speed
+MAX_THREADS = 1000
+MAX_PROCESSES = 64
+
+
+def _whole(minimum: int, maximum: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -57,6 +65,8 @@ def _whole(minimum: int) -> Any:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if v < minimum:
             raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is more than the {maximum} ossimport allows")
         return v
 
     return parse
@@ -92,8 +102,8 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     a = p.add_argument
     a("--start", "-s", metavar="KEY", default=d(""), help="first key to copy (inclusive)")
     a("--end", "-e", metavar="KEY", default=d(""), help="last key to copy (inclusive)")
-    a("--threads", "-p", type=_whole(1), metavar="N", default=d(10), help="concurrent transfers (default 10)")
-    a("--processes", type=_whole(0), metavar="N", default=d(0),
+    a("--threads", "-p", type=_whole(1, MAX_THREADS), metavar="N", default=d(10), help="concurrent transfers (default 10)")
+    a("--processes", type=_whole(0, MAX_PROCESSES), metavar="N", default=d(0),
       help="processes sharing the --threads (0 = cores + 1 up to 4, each with 4+ threads; 1 = one)")
     a("--dryrun", "--dry-run", action="store_true", default=d(False), help="list and count, copy and delete nothing")
     a("--delete-src", "--deleteSrc", dest="delete_src", action="store_true", default=d(False),
@@ -122,6 +132,8 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     a("--checksum", "-c", action="store_true", default=d(False),
       help="decide 'changed' and verify copies by content checksum, not size and mtime")
     a("--update", "-u", action="store_true", default=d(False), help="copy only when the source is newer")
+    a("--trust-new-hosts", dest="trust_new_hosts", action="store_true", default=d(False),
+      help="record the key of an SFTP server not in known_hosts (check its fingerprint) instead of refusing it")
     a("--json", action="store_true", default=d(False), help="print the final summary as one JSON object")
     a("--multipart-threshold", dest="multipart_threshold", type=_size, metavar="SIZE", default=d(16 * MiB),
       help="files at least this large move in parallel parts (default 16m)")
@@ -223,7 +235,10 @@ def _err_line(text: str) -> None:
 
 
 def one_line(text: str) -> str:
-    """`text` with control characters escaped (a key may hold a newline): one message, one line."""
+    """`text` with control characters escaped (a key may hold a newline): one message, one line.
+    A local name that is not UTF-8 (its bytes held as surrogate escapes) shows those bytes: \\xff."""
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return text.translate(str.maketrans(_CONTROL)) if any(c in _CONTROL for c in text) else text
 
 
@@ -245,6 +260,7 @@ def _storage_options(args: argparse.Namespace, side: str) -> StorageOptions:
         threads=args.threads,
         follow_symlinks=args.copy_links,
         keep_perms=not args.noperms,
+        trust_new_hosts=args.trust_new_hosts,
     )
 
 
@@ -270,18 +286,50 @@ def _locations(args: argparse.Namespace) -> tuple[Location, Location]:
         if dst.backend == "local" and os.path.isdir(dst.path):
             raise UsageError(f"SRC is a directory: end DST with '/' too ({dst.path}/)")
         raise UsageError("SRC is a directory (ends with '/'): DST must end with '/' too")
-    if src.backend == dst.backend == "local":
-        a, b = os.path.realpath(src.path), os.path.realpath(dst.path)
-        if a == b:
-            raise UsageError("SRC and DST are the same directory")
-        if src.is_dir and (b + "/").startswith(a.rstrip("/") + "/"):
-            raise UsageError("DST is inside SRC: choose a destination outside the source directory")
+    _refuse_overlap(src, dst, _filter(args))
     return src, dst
+
+
+def _filter(args: argparse.Namespace) -> Filter:
+    from ossimport.engine.listing import Filter
+
+    return Filter(args.exclude, args.include, args.exclude_dir, args.include_dir)
+
+
+def _refuse_overlap(src: Location, dst: Location, flt: Filter) -> None:
+    """SRC and DST in the same store, one inside the other: a copy would copy its own output
+    again, and --delete-dst would delete the source (it is an extra of DST). Allowed only when the
+    filter provably keeps the inner one out of both listings, as rclone does."""
+    (src_store, a), (dst_store, b) = src.place(), dst.place()
+    if src.backend == "http" or src_store != dst_store:
+        return
+    if not src.is_dir:  # one object: only onto itself
+        _, name = src.split_object()
+        if a == (b + "/" + name if dst.is_dir else b):
+            raise UsageError(f"SRC and DST are the same file ({src.display()}): nothing to copy")
+        return
+    if a == b:
+        raise UsageError(f"SRC and DST are the same directory ({src.display()}): choose another DST")
+    if (b + "/").startswith(a + "/"):
+        inner = b[len(a) + 1:] + "/"
+        what = (f"DST is inside SRC ({dst.display()} in {src.display()}): the copy would copy its own output "
+                "again. Choose a DST outside SRC")
+    elif (a + "/").startswith(b + "/"):
+        inner = a[len(b) + 1:] + "/"
+        what = (f"SRC is inside DST ({src.display()} in {dst.display()}): sync would count SRC among DST's files "
+                "and --delete-dst would delete it. Choose a DST that does not contain SRC")
+    else:
+        return
+    if not flt.keeps_out(inner):
+        import shlex
+
+        raise UsageError(f"{what}, or keep '{inner}' out of both listings with "
+                         f"--exclude {shlex.quote('^' + re.escape(inner))}")
 
 
 def run_copy(args: argparse.Namespace) -> int:
     from ossimport.engine.fanout import auto_processes
-    from ossimport.engine.listing import Filter, KeyRange
+    from ossimport.engine.listing import KeyRange
     from ossimport.engine.policy import Policy
     from ossimport.engine.runner import Runner, RunOptions
     from ossimport.engine.stats import Stats
@@ -308,7 +356,7 @@ def run_copy(args: argparse.Namespace) -> int:
         dryrun=args.dryrun,
         delete_src=args.delete_src,
         delete_dst=args.delete_dst,
-        filter=Filter(args.exclude, args.include, args.exclude_dir, args.include_dir),
+        filter=_filter(args),
         key_range=KeyRange(args.start, args.end),
         transfer=TransferOptions(
             multipart_threshold=args.multipart_threshold,
@@ -320,6 +368,8 @@ def run_copy(args: argparse.Namespace) -> int:
             bucket=TokenBucket(mbit_to_bytes(args.bwlimit)) if args.bwlimit > 0 else None,
         ),
     )
+    if args.record_name:
+        _check_writable(args.record_name, "--recordName")
     src_opts, dst_opts = _storage_options(args, "src"), _storage_options(args, "dst")
     src = open_storage(src_loc, src_opts)
     dst = open_storage(dst_loc, dst_opts)
@@ -327,7 +377,7 @@ def run_copy(args: argparse.Namespace) -> int:
         if src_loc.backend == "local" and not os.path.isdir(src_loc.path):
             raise UsageError(f"source directory {src_loc.path!r} does not exist")
         if getattr(args, "info", False):
-            return _info(src, opts)
+            return _info(src, opts, args.json)
         stats = Stats()
         runner = Runner(src, dst, opts, stats, listener=_listener(args))
         if not single:
@@ -372,6 +422,16 @@ def _stopped_by_ctrl_c(runner: Any) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _check_writable(path: str, option: str) -> None:
+    """Refuse now a file the run could only fail to write at its end, after all the copying."""
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path!r}: cannot write it ({e.strerror or e}); give a file in an existing, "
+                         "writable directory") from None
+
+
 def _single_item(src: Storage, dst: Storage, src_key: str, dst_key: str, stats: Stats,
                  needs_dst: bool) -> list[tuple[Entry, Entry | None, str]]:
     from ossimport.errors import NotFound
@@ -398,10 +458,15 @@ def _listener(args: argparse.Namespace) -> Any:
             where = f" {entry.key}" if entry.key else ""
             _err_line(redact(f"FAILED{where}: {detail}"))
         elif args.verbose:
-            verb = "would " + event if args.dryrun else event
+            verb = _WOULD.get(event, "would " + event) if args.dryrun else event
             log.info("%s %s", verb, entry.key)
 
     return on
+
+
+# what a dry run says instead of the event it did not carry out
+_WOULD = {"copied": "would copy", "deleted": "would delete", "deleted-source": "would delete source",
+          "skipped": "would skip"}
 
 
 def _report(args: argparse.Namespace, stats: Stats, src_opts: StorageOptions) -> None:
@@ -430,13 +495,14 @@ def _report(args: argparse.Namespace, stats: Stats, src_opts: StorageOptions) ->
         return
     secs = stats.elapsed
     dry = " (dry run: nothing written)" if args.dryrun else ""
+    deleted = f"would delete {stats.would_delete}" if args.dryrun else f"deleted {stats.deleted}"
     print(f"found {stats.found}, excluded {stats.excluded}, skipped {stats.skipped}, copied {stats.copied} "
-          f"({human_bytes(stats.copied_bytes)}), extra {stats.extra}, deleted {stats.deleted}, "
+          f"({human_bytes(stats.copied_bytes)}), extra {stats.extra}, {deleted}, "
           f"failed {stats.failed} in {secs:.2f}s ({stats.copied / secs:.1f} files/s, "
           f"{human_bytes(stats.copied_bytes / secs)}/s){dry}")
 
 
-def _info(src: Storage, opts: Any) -> int:
+def _info(src: Storage, opts: Any, as_json: bool) -> int:
     from ossimport.progress import human_bytes
 
     count = total = 0
@@ -453,6 +519,10 @@ def _info(src: Storage, opts: Any) -> int:
         largest = max(largest, e.size)
         smallest = e.size if smallest is None else min(smallest, e.size)
     avg = total / count if count else 0
+    if as_json:
+        print(json.dumps({"count": count, "total_bytes": total, "min": smallest or 0, "max": largest,
+                          "avg": round(avg)}))
+        return 0
     print(f"count {count}, total {human_bytes(total)} ({total} bytes), min {smallest or 0}, max {largest}, "
           f"avg {avg:.0f} bytes")
     return 0
@@ -500,7 +570,7 @@ class _KeyLists:
 
 def run_verify(args: argparse.Namespace) -> int:
     from ossimport.engine.fanout import auto_processes
-    from ossimport.engine.listing import Filter, KeyRange
+    from ossimport.engine.listing import KeyRange
     from ossimport.engine.runner import Runner, RunOptions
     from ossimport.engine.stats import Stats
     from ossimport.engine.transfer import TransferOptions
@@ -514,7 +584,7 @@ def run_verify(args: argparse.Namespace) -> int:
         processes=args.processes or auto_processes(args.threads),
         verify_only=True,
         verify_checksum=args.checksum,
-        filter=Filter(args.exclude, args.include, args.exclude_dir, args.include_dir),
+        filter=_filter(args),
         key_range=KeyRange(args.start, args.end),
         transfer=TransferOptions(checksum=args.checksum),
     )

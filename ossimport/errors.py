@@ -29,7 +29,7 @@ class OssimportError(Exception):
 # Transient trouble (connection refused, 5xx, timeouts) is not here: a days-long job rides it out.
 FATAL_CODES = frozenset({
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName",
-    "NoCredentials", "MissingCredentials", "AuthenticationFailed", "HostKeyMismatch", "SSLError",
+    "NoCredentials", "MissingCredentials", "AuthenticationFailed", "HostKeyMismatch", "UnknownHostKey", "SSLError",
 })
 # Codes of a store that could not be reached at all (no connection was made). Retried like any
 # transport failure; but when nothing in a run has reached the store yet, they mean a mistyped or

@@ -320,7 +320,7 @@ def test_delete_dst_clears_nothing_in_a_dry_run(tmp_path: Path) -> None:
     write_files(src, {"a/b": b"a is a directory now", "c": b"c is a file now"})
     code, out, err = run_cli("--json", "--dryrun", "--delete-dst", "sync", f"{src}/", f"{dst}/")
     summary = json.loads(out.strip().splitlines()[-1])
-    assert code == 0 and (summary["copied"], summary["deleted"]) == (2, 2), (summary, err)
+    assert code == 0 and (summary["copied"], summary["deleted"], summary["would_delete"]) == (2, 0, 2), (summary, err)
     assert files_of(dst) == {"a": b"file a", "c/d": b"in c"}
 
 

@@ -188,7 +188,7 @@ def test_direct_commands_never_show_a_secret(tmp_path: Path, backend_factory: An
     sftp_loc = parse_address(sftp.address(sftp.new_root()))
     sftp_addr = f"{sftp_loc.user}:{q(SFTP_PW)}@127.0.0.1:{sftp_loc.port}:{sftp_loc.path}"
     runs += [
-        ("sftp password", ["-vv", "cp", f"{src}/", sftp_addr], {}),
+        ("sftp password", ["-vv", "cp", f"{src}/", sftp_addr], {"SSH_KNOWN_HOSTS": sftp.env()["SSH_KNOWN_HOSTS"]}),
         ("sftp password+key", ["-vv", "sync", f"{src}/", sftp_addr], sftp.env()),
         ("sftp closed port", ["-vv", "--connTimeout", "1", "sync", f"{src}/",
                               f"{sftp_loc.user}:{q(SFTP_PW)}@127.0.0.1:{closed_port()}:/tmp/x/"], {}),

@@ -52,6 +52,15 @@ class Deleter:
         self._emit = emit
         self._cancel = cancel
 
+    def delete(self, st: Storage, entry: Entry, event: str) -> None:
+        """Delete `entry` from `st` and count it; a dry run only counts it, as would_delete."""
+        if self.opts.dryrun:
+            self.stats.add(would_delete=1)
+        else:
+            st.delete(entry.key)
+            self.stats.add(deleted=1)
+        self._emit(event, entry, entry.key)
+
     def clear(self, extra: str, blocked: str) -> bool:
         """Delete the destination extra `extra` now, before the copy of `blocked` it stands in the
         way of. Not while the source listing has left anything out (then it is not known that
@@ -60,15 +69,12 @@ class Deleter:
             return False
         log.debug("deleting %s first: it is in the way of %s", extra, blocked)
         try:
-            if not self.opts.dryrun:
-                self.dst.delete(extra)
+            self.delete(self.dst, Entry(extra, 0, 0.0), "deleted")
         except StorageError as exc:
             self.stats.fail(extra, exc.code, f"delete failed: {exc}")
             self._emit("failed", Entry(extra, 0, 0.0), f"{exc.code}: delete failed (it is in the way of "
                                                        f"{blocked}): {exc}")
             return True  # not again for the next key; the failure also cancels the other deletions
-        self.stats.add(deleted=1)
-        self._emit("deleted", Entry(extra, 0, 0.0), extra)
         return True
 
     def extras(self, spool: Spool, failed: bool) -> None:
@@ -84,10 +90,7 @@ class Deleter:
             try:
                 if self._cancel.cancelled:
                     return
-                if not self.opts.dryrun:
-                    self.dst.delete(key)
-                self.stats.add(deleted=1)
-                self._emit("deleted", Entry(key, 0, 0.0), key)
+                self.delete(self.dst, Entry(key, 0, 0.0), "deleted")
             except StorageError as exc:
                 self.stats.fail(key, exc.code, f"delete failed: {exc}")
                 self._emit("failed", Entry(key, 0, 0.0), f"{exc.code}: delete failed: {exc}")

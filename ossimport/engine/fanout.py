@@ -39,7 +39,7 @@ FLUSH_SECONDS = 0.02  # how often a helper reports (progress and FAILED lines st
 # the events that end an item's handling (one per item); "deleted-source" may follow "copied"
 TERMINAL = frozenset({"copied", "skipped", "failed", "not-tried", "verified"})
 # counters a helper changes (listing counters such as found/extra stay with the parent)
-COUNTERS = ("skipped", "copied", "copied_bytes", "deleted", "failed", "failed_bytes", "not_tried",
+COUNTERS = ("skipped", "copied", "copied_bytes", "deleted", "would_delete", "failed", "failed_bytes", "not_tried",
             "bytes_moved")
 
 Item = tuple[Entry, "Entry | None", str]

@@ -15,17 +15,20 @@ that copy fails, one line per file.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ossimport.engine.cancel import CancelToken
 from ossimport.engine.deletion import Deleter, Spool
-from ossimport.engine.listing import KeyRange, Pair, checked_order, merge, ranged
+from ossimport.engine.listing import KeyRange, Pair, as_file_tree, checked_order, merge, ranged
 from ossimport.engine.options import Item, Listener, RunOptions
 from ossimport.engine.policy import Action
 from ossimport.engine.stats import Stats
-from ossimport.errors import OssimportError
+from ossimport.errors import OssimportError, StorageError
 from ossimport.storage.base import Entry, Storage
+
+log = logging.getLogger("ossimport")
 
 # destinations where a file `a` and a file `a/b` cannot both exist
 _FILE_SYSTEMS = frozenset({"local", "sftp"})
@@ -42,6 +45,8 @@ class Planner:
     def from_listing(self, extras: Spool) -> Iterator[Item]:
         """The items of the two roots' merged listings; extras go to `extras` (--delete-dst)."""
         src = self._listing(self.src, count=True)
+        if self.dst.scheme in _FILE_SYSTEMS and not self.opts.verify_only:
+            src = as_file_tree(src, self._not_a_file)
         pairs: Iterable[Pair]
         if self.opts.policy.needs_destination or self.opts.delete_dst or self.opts.verify_only:
             pairs = merge(src, self._listing(self.dst, count=False))
@@ -97,6 +102,27 @@ class Planner:
                     self.stats.add(excluded=1)
                 continue
             yield e
+
+    def _not_a_file(self, src: Entry, child: str) -> None:
+        """A source key a file-system destination cannot hold as a file (see `as_file_tree`)."""
+        dst_key = src.key
+        if not child:  # a directory marker: the directory is made by the files in it
+            if src.size:
+                log.warning("not copying the %d bytes of the directory marker %s: a file system keeps a "
+                            "directory, not content, under that name", src.size, dst_key)
+            self.stats.add(skipped=1)
+            self._emit("skipped", src, dst_key)
+            return
+        try:
+            self.dst.check_name(dst_key)  # a name the destination refuses anyway (`..`) says so
+        except StorageError as exc:
+            code, message = exc.code, str(exc)
+        else:
+            code = "PathConflict"
+            message = (f"{dst_key} is a file and also a directory at the source (it holds {child}): a file "
+                       "system cannot hold both, so the directory was copied and this file was not; rename one")
+        self.stats.fail(src.key, code, message, src.size)
+        self._emit("failed", src, f"{code}: {message}")
 
     def _extra(self, d: Entry) -> None:
         self.stats.add(extra=1)

@@ -308,15 +308,15 @@ class Runner:
             self.stats.add(skipped=1)
             self._emit("skipped", src, dst_key)
         else:
+            self.dst.check_name(dst_key)
+            copied = src
             if not self.opts.dryrun:
-                self.transfer.copy(src, dst_key)
-            self.stats.add(copied=1, copied_bytes=src.size)
-            self._emit("copied", src, dst_key)
+                # the size copied (and checked): a file may have grown or shrunk since it was listed
+                copied = replace(src, size=self.transfer.copy(src, dst_key).size)
+            self.stats.add(copied=1, copied_bytes=copied.size)
+            self._emit("copied", copied, dst_key)
         if self.opts.delete_src:
-            if not self.opts.dryrun:
-                self.src.delete(src.key)
-            self.stats.add(deleted=1)
-            self._emit("deleted-source", src, src.key)
+            self._deleter.delete(self.src, src, "deleted-source")
 
     def _verify_one(self, src: Entry, dst: Entry | None) -> None:
         if dst is None:

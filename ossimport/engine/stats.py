@@ -29,6 +29,7 @@ class Stats:
     copied_bytes: int = 0
     extra: int = 0  # at the destination only
     deleted: int = 0  # extras deleted (--delete-dst) plus sources deleted (--delete-src)
+    would_delete: int = 0  # what a --dryrun would have deleted (it deletes nothing)
     failed: int = 0
     failed_bytes: int = 0
     not_tried: int = 0  # failed without a request, after a failure that every request would repeat
@@ -90,6 +91,7 @@ class Stats:
             "copied_bytes": self.copied_bytes,
             "extra": self.extra,
             "deleted": self.deleted,
+            "would_delete": self.would_delete,
             "failed": self.failed,
             "not_tried": self.not_tried,
             "seconds": round(self.elapsed, 3),

@@ -105,6 +105,8 @@ class StorageOptions:
     threads: int = 10  # requests a listing may have in flight at once (the run's --threads)
     follow_symlinks: bool = False
     keep_perms: bool = True  # --noperms turns it off
+    # SFTP: record the key of a server not in known_hosts instead of refusing it (--trust-new-hosts)
+    trust_new_hosts: bool = False
     # keys of symbolic links that were not copied (file, directory, dangling links and loops):
     # the CLI's --recordName
     skipped_links: list[str] = field(default_factory=list)
@@ -275,6 +277,11 @@ class Storage(ABC):
         listing, spares a HEAD."""
         raise self._unsupported("server-side copy")
 
+    def check_name(self, key: str) -> None:
+        """Refuse, before a copy, a key this destination cannot store (UnsafeKey): object stores
+        need UTF-8 names; file systems override this with their path rules."""
+        check_utf8(key)
+
     def same_server(self, other: Storage) -> bool:
         """True when `copy(..., src_root=other)` can work (same endpoint and credentials)."""
         return False
@@ -348,23 +355,44 @@ def reader_checksums(reader: object) -> dict[str, str]:
     return dict(found) if isinstance(found, dict) else {}
 
 
-def check_key(key: str) -> str:
-    """Refuse keys that cannot name a file under a root: absolute, `..` or `.` segments, empty
-    segments (`a//b`), NUL, backslash. Returns the key unchanged when it is safe.
+def check_relative(key: str) -> str:
+    """Refuse keys that cannot name a file under a root without leaving it: absolute, `..` or `.`
+    segments, empty segments (`a//b`), NUL. Returns the key unchanged when it is safe.
 
-    File-system backends call this before touching the disk, so an object key such as
-    `../../etc/passwd` can never be written outside the destination directory."""
+    File-system backends call this before reading, so a key such as `../../etc/passwd` can never
+    reach outside the root."""
     if not key:
         raise UnsafeKey("empty key")
     if "\x00" in key:
         raise UnsafeKey(f"key contains NUL: {key!r}")
     if key.startswith("/"):
         raise UnsafeKey(f"key is absolute: {key!r}")
-    if "\\" in key:
-        raise UnsafeKey(f"key contains a backslash: {key!r}")
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
         raise UnsafeKey(f"key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+def check_key(key: str) -> str:
+    """`check_relative`, and no backslash: the rule for a key written into a file system (a
+    backslash is a path separator wherever the files may be read from Windows or a share).
+
+    File-system backends call this before writing, so an object key such as
+    `../../etc/passwd` can never be written outside the destination directory."""
+    if "\\" in key:
+        raise UnsafeKey(f"key contains a backslash: {key!r}")
+    return check_relative(key)
+
+
+def check_utf8(key: str) -> str:
+    """Refuse a key that is not valid UTF-8: object stores and SFTP servers take names as UTF-8.
+    A local file name in another encoding is listed with surrogate escapes for its bytes."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = key.encode("utf-8", "surrogateescape")
+        raise UnsafeKey(f"the name {raw!r} is not valid UTF-8, which the destination needs: rename the "
+                        "file (e.g. convmv -f OLD-ENCODING -t utf-8)") from None
     return key
 
 

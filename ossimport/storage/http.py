@@ -110,6 +110,12 @@ class HTTPListStorage(Storage):
                         self._list_error(f"{path}:{lineno}: expected a URL prefix in column {pcol} "
                                          f"and a key in column {kcol}")
                     continue
+                if not cols[pcol - 1].lower().startswith(_URL_SCHEMES):
+                    # urllib3 would guess http:// (with a FutureWarning): a guess is no address
+                    if record:
+                        self._list_error(f"{path}:{lineno}: the URL prefix {cols[pcol - 1]!r} has no scheme; "
+                                         "begin it with http:// or https://")
+                    continue
                 yield key.lstrip("/"), cols[pcol - 1] + quote(key, safe="/")
         except UnicodeDecodeError as e:
             raise StorageError(f"URL list {path}: not UTF-8 near line {lineno + 1}", code="ListFileError") from e

@@ -21,7 +21,15 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple, cast
 
 from ossimport.errors import NotFound, StorageError, UnsafeKey
-from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, Writer, check_key
+from ossimport.storage.base import (
+    Abilities,
+    Entry,
+    Storage,
+    StorageOptions,
+    Writer,
+    check_key,
+    check_relative,
+)
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -264,9 +272,9 @@ class LocalStorage(Storage):
 
     def local_path(self, key: str) -> str:
         """The file name for `key`, refusing keys whose directory resolves outside the root."""
-        check_key(key)
+        check_relative(key)
         path = os.path.join(self.root, key)
-        # The key has no '..' (check_key), so only a symlink among the directories below the root
+        # The key has no '..' (check_relative), so only a symlink among the directories below the root
         # can lead out of it: lstat those (one call for "dir/file", where realpath() would lstat
         # every component of the whole path) and resolve the parent fully only if one is a link.
         parent = key.rpartition("/")[0]
@@ -432,8 +440,11 @@ class LocalStorage(Storage):
         return Entry(key, st.st_size, st.st_mtime, mode=stat.S_IMODE(st.st_mode))
 
     # ---- single objects ---------------------------------------------------------------------
+    def check_name(self, key: str) -> None:
+        check_key(key)  # any bytes make a name here: only the path rules apply
+
     def head(self, key: str) -> Entry:
-        path = os.path.join(self.root, check_key(key))
+        path = os.path.join(self.root, check_relative(key))
         try:
             st = os.stat(path)
         except OSError as e:
@@ -445,7 +456,7 @@ class LocalStorage(Storage):
         return Entry(key, st.st_size, st.st_mtime, mode=stat.S_IMODE(st.st_mode))
 
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
-        path = os.path.join(self.root, check_key(key))
+        path = os.path.join(self.root, check_relative(key))
         try:
             f = io.FileIO(path, "r")
         except OSError as e:
@@ -460,7 +471,7 @@ class LocalStorage(Storage):
         self, key: str, data: BinaryIO, size: int, *, mtime: float | None = None, mode: int | None = None,
         content_md5: str | None = None,
     ) -> Entry:
-        path = self.local_path(key)
+        path = self.local_path(check_key(key))
         tmp, fd = self._create_temp(key, path)
         try:
             src_fd = _kernel_copy_source(data)
@@ -502,7 +513,7 @@ class LocalStorage(Storage):
             parent = os.path.dirname(parent)
 
     def open_writer(self, key: str, size: int) -> Writer:
-        path = self.local_path(key)
+        path = self.local_path(check_key(key))
         tmp, fd = self._create_temp(key, path)
         try:
             os.ftruncate(fd, size)

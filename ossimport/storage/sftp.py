@@ -8,9 +8,11 @@ directory we write into must resolve (server-side realpath) inside the root.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import getpass
+import hashlib
 import io
 import logging
 import os
@@ -29,7 +31,16 @@ from paramiko.sftp import CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_READ, 
 from paramiko.sftp_file import SFTPFile
 
 from ossimport.errors import NotFound, StorageError, UnsafeKey, transport_code
-from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, Writer, check_key
+from ossimport.storage.base import (
+    Abilities,
+    Entry,
+    Storage,
+    StorageOptions,
+    Writer,
+    check_key,
+    check_relative,
+    check_utf8,
+)
 from ossimport.storage.local import Node, is_temp_name, read_exact, sorted_walk, stale_temps, temp_name
 
 if TYPE_CHECKING:
@@ -42,13 +53,44 @@ REQUEST = 32768  # the read/write request every SFTP server takes (paramiko's de
 _CONNECTION_ERRORS = (socket.timeout, TimeoutError, ConnectionError, EOFError, paramiko.SSHException)
 
 
-class _LogUnknownHost(paramiko.MissingHostKeyPolicy):
-    """Accept a host we have never seen (like ssh with StrictHostKeyChecking=accept-new, but
-    without saving it), and say so. A *changed* known key is still refused by paramiko."""
+class _UnknownHost(paramiko.SSHException):
+    """The server's host key is in no known_hosts file we read."""
+
+    def __init__(self, hostname: str, key: paramiko.PKey) -> None:
+        super().__init__(f"unknown host {hostname}")
+        self.hostname, self.key = hostname, key
+
+
+class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+    """A host not in known_hosts is refused, as ssh does with StrictHostKeyChecking=yes; with
+    --trust-new-hosts its key is recorded in `path` first (StrictHostKeyChecking=accept-new). A
+    *changed* known key is refused by paramiko either way."""
+
+    def __init__(self, path: str, trust_new: bool) -> None:
+        self.path, self.trust_new = path, trust_new
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        log.warning("SFTP host %s is not in known_hosts; accepting its %s key %s",
-                    hostname, key.get_name(), key.get_fingerprint().hex())
+        if not self.trust_new:
+            raise _UnknownHost(hostname, key)
+        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())  # one append: processes recording at once do not mix lines
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StorageError(f"cannot record the host key of {hostname} in {self.path}: {e.strerror or e}",
+                               code="UnknownHostKey") from None
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        log.warning("SFTP host %s was not known: recorded its %s key %s in %s", hostname, key.get_name(),
+                    fingerprint(key), self.path)
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """The key's fingerprint as ssh and ssh-keygen -l show it: SHA256:<base64>."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
 class _Conn:
@@ -103,6 +145,7 @@ class SFTPStorage(Storage):
         self._password = location.password
         # read now: connecting is lazy and the environment may differ by then
         self._key_path = os.environ.get("SSH_PRIVATE_KEY_PATH") or None
+        self._known_hosts = os.environ.get("SSH_KNOWN_HOSTS") or os.path.expanduser("~/.ssh/known_hosts")
         path = location.path
         if path == "~" or path.startswith("~/"):  # servers resolve relative paths from the home dir
             path = path[2:]
@@ -126,10 +169,10 @@ class SFTPStorage(Storage):
 
     def _ssh_client(self) -> paramiko.SSHClient:
         ssh = paramiko.SSHClient()
-        for known in ("/etc/ssh/ssh_known_hosts", os.path.expanduser("~/.ssh/known_hosts")):
+        for known in ("/etc/ssh/ssh_known_hosts", self._known_hosts):
             with contextlib.suppress(OSError, paramiko.SSHException):
                 ssh.load_system_host_keys(known)
-        ssh.set_missing_host_key_policy(_LogUnknownHost())
+        ssh.set_missing_host_key_policy(_KnownHostsPolicy(self._known_hosts, self.options.trust_new_hosts))
         return ssh
 
     def _connect(self) -> paramiko.SSHClient:
@@ -159,6 +202,15 @@ class SFTPStorage(Storage):
                 how = "the password typed"
                 password = getpass.getpass(f"Password for {self._where()}: ")
                 ssh.connect(**common, password=password, allow_agent=False, look_for_keys=False)
+        except _UnknownHost as e:
+            ssh.close()
+            where = e.hostname if self.port == 22 else f"-p {self.port} {self.host}"
+            raise StorageError(
+                f"SFTP host {e.hostname} is not in {self._known_hosts}: its {e.key.get_name()} key is "
+                f"{fingerprint(e.key)}. If that is the server's key (ask its admin, or run ssh-keygen -lf on "
+                f"its host key), record it with --trust-new-hosts, or with: ssh-keyscan {where} >> {self._known_hosts}",
+                code="UnknownHostKey",
+            ) from None
         except paramiko.BadHostKeyException:
             ssh.close()
             raise StorageError(
@@ -328,8 +380,13 @@ class SFTPStorage(Storage):
             conn.ssh.close()
 
     # ---- paths ------------------------------------------------------------------------------
-    def _path(self, key: str) -> str:
-        return posixpath.join(self.root, check_key(key))
+    def _path(self, key: str, new: bool = True) -> str:
+        """The server path of `key`: the path rules of a name to be created, or of one that exists
+        (a name the server listed, which may hold a backslash)."""
+        return posixpath.join(self.root, check_key(key) if new else check_relative(key))
+
+    def check_name(self, key: str) -> None:
+        check_utf8(check_key(key))  # paramiko sends names as UTF-8
 
     def _ensure_root(self, sftp: paramiko.SFTPClient) -> str:
         if self._root_real is None:
@@ -488,7 +545,7 @@ class SFTPStorage(Storage):
 
     # ---- single objects ---------------------------------------------------------------------
     def head(self, key: str) -> Entry:
-        path = self._path(key)
+        path = self._path(key, new=False)
         sftp = self._sftp()
         with self._errors("stat", path):
             a = sftp.stat(path)
@@ -497,7 +554,7 @@ class SFTPStorage(Storage):
         return _to_entry(key, a)
 
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
-        path = self._path(key)
+        path = self._path(key, new=False)
         sftp = self._sftp()
         with self._errors("open", path):
             f = self._file(sftp, path, "rb")
@@ -616,7 +673,7 @@ class SFTPStorage(Storage):
         return removed
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
+        path = self._path(key, new=False)
         sftp = self._sftp()
         parent = posixpath.dirname(path)
         if not self._ensure_dir(sftp, parent, key, create=False):

@@ -27,6 +27,7 @@ class SSHD_Handle:
     user: str
     client_key: Path
     log: Path
+    known_hosts: Path
 
 
 def _free_port() -> int:
@@ -89,7 +90,10 @@ def start(tmp: Path, extra_config: Sequence[str] = ()) -> SSHD_Handle:
                 proc.wait()
                 pytest.fail(f"sshd did not listen on port {port}: {log.read_text(errors='replace')}")
             time.sleep(0.02)  # poll interval, bounded by the deadline above
-    return SSHD_Handle(proc, port, tmp, getpass.getuser(), client_key, log)
+    # the clients' known_hosts (SSH_KNOWN_HOSTS): ossimport refuses a server it does not know
+    known_hosts = tmp / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key.with_suffix('.pub').read_text()}")
+    return SSHD_Handle(proc, port, tmp, getpass.getuser(), client_key, log, known_hosts)
 
 
 def stop(handle: SSHD_Handle) -> None:
@@ -112,4 +116,4 @@ def address(handle: SSHD_Handle, root: str) -> str:
 
 
 def env(handle: SSHD_Handle) -> dict[str, str]:
-    return {"SSH_PRIVATE_KEY_PATH": str(handle.client_key)}
+    return {"SSH_PRIVATE_KEY_PATH": str(handle.client_key), "SSH_KNOWN_HOSTS": str(handle.known_hosts)}
