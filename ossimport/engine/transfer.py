@@ -332,14 +332,16 @@ class Transfer:
         """The source's MD5 before its bytes are sent, for a store that checks and keeps it: as
         the source reports it, else by reading a local source once (rclone does the same)."""
         found = self._reported(self.src, entry).get(MD5)
-        if found is None and (self.src.abilities.cheap_rereads or self.opts.record_md5):
-            found = self._read_digests(self.src, entry.key, {MD5})[MD5]
+        cheap = self.src.abilities.cheap_rereads
+        if found is None and (cheap or self.opts.record_md5):  # a disk read is not under --bwlimit
+            found = self._read_digests(self.src, entry.key, {MD5}, throttled=not cheap)[MD5]
         return found
 
-    def _read_digests(self, st: Storage, key: str, names: set[str]) -> dict[str, str]:
+    def _read_digests(self, st: Storage, key: str, names: set[str], throttled: bool = True) -> dict[str, str]:
         hasher = Hasher(names)
         with st.open(key) as f:
-            reader = MeteredReader(f, hasher=hasher, bucket=self.opts.bucket, cancel=self.cancel)
+            reader = MeteredReader(f, hasher=hasher, bucket=self.opts.bucket if throttled else None,
+                                   cancel=self.cancel)
             while reader.read(MiB):
                 pass
         return hasher.digests()

@@ -33,7 +33,7 @@ token bucket per rule: a link of that capacity. Every method is thread-safe. `in
 what really happened per kind; `records` keeps every request with its fault and timing.
 
 Besides faults, the proxy can reshape what passes, to make a real server answer the way another
-one does (tests/test_sse_kms.py: AWS's answers for SSE-KMS objects): `shape_request(method,
+one does (tests/test_etags_not_md5.py: answers for SSE-KMS objects): `shape_request(method,
 query, body) -> body` and `shape_response(method, path, headers, body) -> (headers, body)`.
 """
 
