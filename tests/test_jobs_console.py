@@ -68,16 +68,15 @@ def test_missing_bucket_fails_with_its_cause_and_retry_scans_again(tmp_path: Pat
     assert "could not be listed: NoSuchBucket" in (env.workdir / "logs" / "import.log").read_text()
     assert keys["srcSecretKey"] not in proc.stdout + json.dumps(st)
 
-    loc = parse_address(s3.address("x"))  # fix the cause, then `retry` scans again
+    loc = parse_address(s3.address("x"))  # fix the cause: a master started again scans again
     client = boto3.client("s3", endpoint_url=f"http://{loc.endpoint}", aws_access_key_id=loc.access_key,
                           aws_secret_access_key=loc.secret_key, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
     for i in range(5):
         client.put_object(Bucket=bucket, Key=f"{keys['srcPrefix']}f{i}", Body=b"x" * i)
     env.console("start", "--workers", "1")
-    assert "its source will be scanned again" in env.console("retry").stdout
-    st = env.wait_state({"SUCCEED", "FAILED"}, timeout=60)
-    assert (st["JobState"], st["Files Done"], st["Scan Error"]) == ("SUCCEED", 5, None)
+    st = env.wait_state({"SUCCEED"}, timeout=60)  # FAILED (the last word) until the new scan clears it
+    assert (st["Files Done"], st["Scan Error"]) == (5, None)
 
 
 def test_unreachable_source_fails_after_bounded_retries(tmp_path: Path, envs: list[JobEnv]) -> None:
@@ -92,6 +91,25 @@ def test_unreachable_source_fails_after_bounded_retries(tmp_path: Path, envs: li
     assert "sk-not-shown" not in proc.stdout
     st = env.stat()
     assert st["JobState"] == "FAILED" and st["Scan Error"].startswith("ConnectionError")
+    assert "its source will be scanned again" in env.console("retry").stdout
+    st = env.stat()
+    assert (st["JobState"], st["Scan Error"]) == ("STOPPED", None), "to be scanned when a master runs"
+
+
+def test_import_ends_when_its_master_dies(tmp_path: Path, envs: list[JobEnv]) -> None:
+    files = small_tree(40, size=(20_000, 30_000))
+    env = scanned_env(tmp_path, envs, files, {"taskObjectCountLimit": 5}, {"workerMaxThroughput(KB/s)": 100})
+    cmd = [sys.executable, "-m", "ossimport", "console", "--conf-dir", str(env.conf), "import", "--yes",
+           "--workers", "1", "--interval", "0.5"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.env) as imp:
+        try:
+            env.wait_for(lambda: env.task_dirs("dispatched"), 60, "a task at work")
+            env.kill9(env.pids("master")[0])
+            out, err = imp.communicate(timeout=60)
+        finally:
+            imp.kill()
+    assert imp.returncode == 1, out + err
+    assert "stopped: its master is not running" in out.strip().splitlines()[-1]
 
 
 # ---- 14.6: stat tells what is true ----------------------------------------------------------------------
