@@ -1,8 +1,8 @@
 """`ossimport console CMD` (console.sh), `ossimport master` and `ossimport worker`.
 
     console [--conf-dir conf] [--sys FILE] submit [CFG] | start [--workers N] | stop |
-            stat [--json] [JOB] | retry [JOB] | clean [JOB] | deploy | version |
-            import [--yes|--resume|--restart] [--interval S] [CFG]
+            stat [--json] [JOB] | retry [JOB] | clean [JOB | --all] | deploy | version |
+            import [--yes [--max-retries N]|--resume|--restart] [--interval S] [CFG]   (jobs/oneclick.py)
     master  --sys FILE                            (started by `console start`)
     worker  --master tcp://HOST:PORT [--workdir DIR] [--curve-keys DIR] [--max-throughput KBPS]
 """
