@@ -21,7 +21,7 @@ from typing import Any
 from ossimport import __version__
 from ossimport.errors import UsageError
 from ossimport.jobs.store import JobDir, WorkDir
-from ossimport.jobs.tracker import STAT_FIELDS, empty_status, job_status
+from ossimport.jobs.tracker import STAT_FIELDS, TaskCounts, empty_status, job_status
 
 PIDS = ("master",)
 
@@ -185,12 +185,13 @@ def master_alive(wd: WorkDir) -> bool:
     return _alive(wd.run / "master.pid") is not None
 
 
-def status(wd: WorkDir, name: str, served: bool) -> dict[str, Any]:
-    """A job's status; `served`: a master is running (see master_alive)."""
+def status(wd: WorkDir, name: str, served: bool, counts: TaskCounts | None = None) -> dict[str, Any]:
+    """A job's status; `served`: a master is running (see master_alive); `counts`: what a caller
+    that asks again and again (import) has read before."""
     job = wd.job(name)
     if not job.root.exists():
         return empty_status(name, "SUBMITTED")
-    st = job_status(job, served=served)
+    st = job_status(job, counts, served=served)
     if st["JobState"] == "RUNNING":  # rates from the master's last tick; none while nothing moves
         try:
             rates = json.loads(job.stat_path.read_text())

@@ -29,6 +29,7 @@ from ossimport.jobs.console import (
     stop_processes,
 )
 from ossimport.jobs.store import WorkDir
+from ossimport.jobs.tracker import TaskCounts
 
 ACTIVE = ("RUNNING", "WAITING", "SUBMITTED")
 SHOWN_FAILED_FILES = 5
@@ -121,9 +122,10 @@ def _failure(wd: WorkDir, name: str, st: dict[str, Any]) -> str:
 
 def _wait_for_end(wd: WorkDir, name: str, interval: float, say: _Say) -> dict[str, Any]:
     last_print = 0.0
+    counts = TaskCounts()  # twice a second: read only the tasks that changed
     while True:
         served = master_alive(wd)
-        st = status(wd, name, served)
+        st = status(wd, name, served, counts)
         if not served and st["JobState"] == "SUBMITTED":
             st["JobState"] = "STOPPED"  # queued, and no master to take it
         now = time.monotonic()
