@@ -185,13 +185,13 @@ def master_alive(wd: WorkDir) -> bool:
     return _alive(wd.run / "master.pid") is not None
 
 
-def status(wd: WorkDir, name: str, served: bool, counts: TaskCounts | None = None) -> dict[str, Any]:
-    """A job's status; `served`: a master is running (see master_alive); `counts`: what a caller
-    that asks again and again (import) has read before."""
+def status(wd: WorkDir, name: str, served: bool | None = None, counts: TaskCounts | None = None) -> dict[str, Any]:
+    """A job's status; `served`: a master is running (None: look, see master_alive); `counts`: what
+    a caller that asks again and again (import) has read before."""
     job = wd.job(name)
     if not job.root.exists():
         return empty_status(name, "SUBMITTED")
-    st = job_status(job, counts, served=served)
+    st = job_status(job, counts, served=master_alive(wd) if served is None else served)
     if st["JobState"] == "RUNNING":  # rates from the master's last tick; none while nothing moves
         try:
             rates = json.loads(job.stat_path.read_text())
