@@ -65,6 +65,7 @@ def test_missing_bucket_fails_with_its_cause_and_retry_scans_again(tmp_path: Pat
     assert (st["JobState"], st["ETA (s)"]) == ("FAILED", None)
     assert st["Scan Error"].startswith("NoSuchBucket") and bucket in st["Scan Error"]
     assert "Scan Error:NoSuchBucket" in env.console("stat").stdout
+    assert "scan failed after 1 attempt: NoSuchBucket" in env.log_tail(), "a missing bucket is not retried"
     assert "could not be listed: NoSuchBucket" in (env.workdir / "logs" / "import.log").read_text()
     assert keys["srcSecretKey"] not in proc.stdout + json.dumps(st)
 
@@ -91,6 +92,8 @@ def test_unreachable_source_fails_after_bounded_retries(tmp_path: Path, envs: li
     assert "sk-not-shown" not in proc.stdout
     st = env.stat()
     assert st["JobState"] == "FAILED" and st["Scan Error"].startswith("ConnectionError")
+    log = (env.workdir / "logs" / "ossimport2.log").read_text()
+    assert log.count("scan failed after 4 attempts: ConnectionError") == 2, "as a copy: 4 tries, twice"
     assert "its source will be scanned again" in env.console("retry").stdout
     st = env.stat()
     assert (st["JobState"], st["Scan Error"]) == ("STOPPED", None), "to be scanned when a master runs"

@@ -199,7 +199,11 @@ class Master:
             with self._lock:
                 job.pending.append(task)
 
+        attempts = 0
+
         def scan_once() -> None:
+            nonlocal attempts
+            attempts += 1
             Scanner(job.dir, job.plan, queue_task,
                     stopped=lambda: self.stop_event.is_set() or not job.dir.root.exists(),
                     log=lambda msg: self.workdir.log("ossimport2.log", f"job {name}: {msg}")).run()
@@ -207,11 +211,12 @@ class Master:
         job.scan_error = ""
         try:
             job.dir.set_scan_error(None)  # a new round of attempts
-            with_retries(scan_once, attempts=TransferOptions.attempts, what=f"the scan of job {name}")
+            with_retries(scan_once, attempts=TransferOptions().attempts, what=f"the scan of job {name}")
         except Exception as exc:
             cause = f"{getattr(exc, 'code', type(exc).__name__)}: {exc}"
-            log.error("scan of job %s failed: %s", name, cause)
-            self.workdir.log("ossimport2.log", f"job {name}: scan failed: {cause}")
+            tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+            log.error("scan of job %s failed after %s: %s", name, tries, cause)
+            self.workdir.log("ossimport2.log", f"job {name}: scan failed after {tries}: {cause}")
             if job.dir.root.exists():  # not cleaned meanwhile
                 job.dir.set_scan_error(cause)
                 job.scan_error = cause
