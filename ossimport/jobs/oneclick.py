@@ -56,7 +56,7 @@ def run_import(args: argparse.Namespace) -> int:
     say = _Say(wd)
     was_running = master_alive(wd)
     if wd.exists(name):
-        choice = "y" if args.resume or args.yes else "n" if args.restart else _ask(
+        choice = "n" if args.restart else "y" if args.resume or args.yes else _ask(
             f"job {name} has state from an earlier run: resume from breakpoint (y) or start over (n)? ", "y")
         if choice == "n":
             # a master holds the old job in memory: restart it (harmless for other jobs: their
