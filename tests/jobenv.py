@@ -70,9 +70,10 @@ class JobEnv:
             assert proc.returncode == 0, f"console {args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
 
-    def stat(self) -> dict[str, Any]:
-        out = self.console("stat", "--json", self.job_name)
-        return json.loads(out.stdout)
+    def stat(self, name: str | None = None) -> dict[str, Any]:
+        """One job's status (`stat --json` prints a list of jobs, here of one)."""
+        [st] = json.loads(self.console("stat", "--json", name or self.job_name).stdout)
+        return st
 
     def wait_state(self, states: set[str], timeout: float = 120.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -100,7 +100,7 @@ def test_worker_killed_mid_task(tmp_path: Path, envs: list[JobEnv]) -> None:
     for _ in range(3):
         env.wait_for(lambda: env.task_dirs("dispatched") and env.stat()["JobState"] == "RUNNING", 60,
                      "a dispatched task")
-        victim = json.loads(env.console("stat", "--json", env.job_name).stdout)
+        victim = env.stat()
         if victim["JobState"] != "RUNNING":
             break
         pids = env.pids("worker")

@@ -11,7 +11,6 @@ files allowed to hold one are the frozen 0600 job.cfg copies and the config file
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import stat
@@ -249,7 +248,7 @@ def _wait_job(env: JobEnv, name: str, states: set[str], timeout: float = 120) ->
     deadline = time.monotonic() + timeout
     st: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        st = json.loads(env.console("stat", "--json", name).stdout)
+        st = env.stat(name)
         if st.get("JobState") in states:
             return st
         time.sleep(0.3)

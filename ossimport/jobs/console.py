@@ -1,8 +1,8 @@
 """`ossimport console CMD` (console.sh), `ossimport master` and `ossimport worker`.
 
     console [--conf-dir conf] [--sys FILE] submit [CFG] | start [--workers N] | stop |
-            stat [--json] [JOB] | retry [JOB] | clean [JOB] | deploy [--trust-new-hosts] | version |
-            import [--yes|--resume|--restart] [--interval S] [CFG]
+            stat [--json] [JOB] | retry [JOB] | clean [JOB | --all] | deploy [--trust-new-hosts] | version |
+            import [--yes [--max-retries N]|--resume|--restart] [--interval S] [CFG]   (jobs/oneclick.py)
     master  --sys FILE                            (started by `console start`)
     worker  --master tcp://HOST:PORT --curve-keys DIR [--workdir DIR] [--max-throughput KBPS]
 """
@@ -15,14 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from ossimport import __version__
 from ossimport.errors import UsageError
-from ossimport.jobs.store import WorkDir
-from ossimport.jobs.tracker import STAT_FIELDS, job_status
+from ossimport.jobs.store import JobDir, WorkDir
+from ossimport.jobs.tracker import STAT_FIELDS, TaskCounts, empty_status, job_status
 
 PIDS = ("master",)
 
@@ -144,10 +143,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _stop_all(wd: WorkDir, timeout: float = 15.0) -> int:
+    """Stop the master and every local worker `start` launched; returns how many were running."""
+    return stop_processes(list(wd.run.glob("*.pid")) if wd.run.exists() else [], timeout)
+
+
+def stop_processes(pid_files: list[Path], timeout: float = 15.0) -> int:
+    """SIGTERM the live processes of these pid files, SIGKILL what outlives `timeout`."""
     import psutil
 
     pids = {}
-    for pid_file in list(wd.run.glob("*.pid")) if wd.run.exists() else []:
+    for pid_file in pid_files:
         pid = _alive(pid_file)
         if pid is not None:
             pids[pid] = pid_file
@@ -173,27 +178,34 @@ def _stop_all(wd: WorkDir, timeout: float = 15.0) -> int:
     return len(pids)
 
 
-def status(wd: WorkDir, name: str) -> dict[str, Any]:
+def master_alive(wd: WorkDir) -> bool:
+    return _alive(wd.run / "master.pid") is not None
+
+
+def status(wd: WorkDir, name: str, served: bool | None = None, counts: TaskCounts | None = None) -> dict[str, Any]:
+    """A job's status; `served`: a master is running (None: look, see master_alive); `counts`: what
+    a caller that asks again and again (import) has read before."""
     job = wd.job(name)
     if not job.root.exists():
-        return {"JobName": name, "JobState": "SUBMITTED", "Pending Task Count": 0, "Dispatched Task Count": 0,
-                "Succeed Task Count": 0, "Failed Task Count": 0, "Is Scan Finished": False}
-    st = job_status(job)
-    try:
-        rates = json.loads(job.stat_path.read_text())
-        st["Throughput (bytes/s)"] = rates.get("Throughput (bytes/s)", 0.0)
-        st["ETA (s)"] = rates.get("ETA (s)")
-    except (FileNotFoundError, ValueError):
-        st["Throughput (bytes/s)"], st["ETA (s)"] = 0.0, None
+        return empty_status(name, "SUBMITTED")
+    st = job_status(job, counts, served=master_alive(wd) if served is None else served)
+    if st["JobState"] == "RUNNING":  # rates from the master's last tick; none while nothing moves
+        try:
+            rates = json.loads(job.stat_path.read_text())
+            st["Throughput (bytes/s)"] = rates.get("Throughput (bytes/s)", 0.0)
+            st["ETA (s)"] = rates.get("ETA (s)")
+        except (FileNotFoundError, ValueError):
+            pass
     return st
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
     _, wd = _configs(args)
     names = _pick_job(wd, args.job)
-    stats = [status(wd, n) for n in names]
+    served = master_alive(wd)
+    stats = [status(wd, n, served) for n in names]
     if args.json:
-        print(json.dumps(stats if args.job is None else stats[0]))
+        print(json.dumps(stats))  # always a list, with or without a job name
         return 0
     if not stats:
         print("no jobs are running or finished")
@@ -206,11 +218,18 @@ def cmd_stat(args: argparse.Namespace) -> int:
 def print_stat(st: dict[str, Any]) -> None:
     order = list(STAT_FIELDS) + [k for k in st if k not in STAT_FIELDS]
     for key in order:
-        if key in st:
-            value = st[key]
-            value = str(value).lower() if isinstance(value, bool) else value
-            print(f"{key}:{'' if value is None else value}")
+        value = st.get(key)
+        if value is None and key not in STAT_FIELDS:
+            continue  # no ETA when nothing runs, no Next Pass unless waiting, no Scan Error unless failed
+        value = str(value).lower() if isinstance(value, bool) else value
+        print(f"{key}:{'' if value is None else value}")
     print()
+
+
+def retry_job(job: JobDir) -> tuple[int, bool]:
+    """Failed tasks back to pending, and a source that could not be listed scanned again.
+    (tasks moved, whether the scan is tried again)"""
+    return job.retry_failed(), job.set_scan_error(None)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -219,22 +238,49 @@ def cmd_retry(args: argparse.Namespace) -> int:
     for name in _pick_job(wd, args.job):
         job = wd.job(name)
         if job.root.exists():
-            n = job.retry_failed()
+            n, rescan = retry_job(job)
             total += n
             wd.log("ossimport2.log", f"job {name}: {n} failed tasks moved back to pending")
+            if rescan:
+                print(f"job {name}: its source will be scanned again")
     print(f"{total} failed tasks moved back to pending")
     return 0
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
     _, wd = _configs(args)
-    names = _pick_job(wd, args.job)
+    if args.all:
+        if args.job:
+            raise UsageError("name one job or pass --all, not both")
+        names = _pick_job(wd, None)
+        if names and sys.stdin.isatty() and _ask(f"remove the state of every job ({', '.join(names)}) "
+                                                 "(y/n)? ", "n") != "y":
+            print("nothing cleaned")
+            return 1
+    else:
+        name = args.job or _conf_job_name(args, wd)
+        if not args.job and not wd.exists(name):
+            print(f"no job named {name} to clean")
+            return 0
+        names = _pick_job(wd, name)
     if not names:
         print("no jobs to clean")
     for name in names:
         wd.clean(name)
         print(f"cleaned job {name}")
     return 0
+
+
+def _conf_job_name(args: argparse.Namespace, wd: WorkDir) -> str:
+    """The jobName of CONF_DIR/local_job.cfg: what `clean` acts on when no job is named."""
+    from ossimport.jobs.config import load_job
+
+    path = Path(args.conf_dir) / "local_job.cfg"
+    if not path.exists():
+        jobs = ", ".join(_pick_job(wd, None)) or "none"
+        raise UsageError(f"{path} does not exist: name the job ('console.sh clean JOB'; jobs: {jobs}) "
+                         "or pass --all to clean every job")
+    return load_job(path).jobName
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -245,52 +291,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from ossimport.jobs.config import load_job
+    from ossimport.jobs.oneclick import run_import
 
-    sysconf, wd = _configs(args)
-    cfg = load_job(_job_path(args), allow_short_interval=sysconf.allowShortIncrementalInterval)
-    name = cfg.jobName
-    if wd.exists(name):
-        choice = "y" if args.resume or args.yes else "n" if args.restart else _ask(
-            f"job {name} has state from an earlier run: resume from breakpoint (y) or start over (n)? ", "y")
-        if choice == "n":
-            _stop_all(wd)
-            wd.clean(name)
-    if not wd.exists(name):
-        cmd_submit(args)
-    cmd_start(args)
-    try:
-        while True:
-            st = _wait_for_end(wd, name, args.interval)
-            if st["JobState"] == "SUCCEED":
-                print(f"job {name} succeeded: {st['Files Done']} files, {st['Bytes Done']} bytes")
-                return 0
-            failed_dir = wd.job(name).root / "failed_tasks"
-            print(f"job {name} finished with {st['Failed Task Count']} failed tasks; failed files are listed in "
-                  f"{failed_dir}/*/error.list and their causes in audit.log")
-            choice = "y" if args.yes else _ask("retry the failed tasks (y/n)? ", "n")
-            if choice != "y":
-                return 1
-            wd.job(name).retry_failed()
-    finally:
-        if not cfg.isIncremental:
-            _stop_all(wd)
-
-
-def _wait_for_end(wd: WorkDir, name: str, interval: float) -> dict[str, Any]:
-    last_print = 0.0
-    while True:
-        st = status(wd, name)
-        now = time.monotonic()
-        if now - last_print >= interval:
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: {st['JobState']}, tasks pending "
-                  f"{st['Pending Task Count']} dispatched {st['Dispatched Task Count']} succeeded "
-                  f"{st['Succeed Task Count']} failed {st['Failed Task Count']}, files done "
-                  f"{st.get('Files Done', 0)}/{st.get('Files Total', 0)}", flush=True)
-            last_print = now
-        if st["JobState"] in ("SUCCEED", "FAILED"):
-            return st
-        time.sleep(0.5)
+    return run_import(args)
 
 
 def _ask(question: str, default: str) -> str:
@@ -337,7 +340,7 @@ def run_worker(argv: list[str]) -> int:
                     curve=CurveClientKeys(Path(args.curve_keys)))
     _on_term(worker.stop_event.set)
     worker.run()
-    return 0
+    return worker.exit_code
 
 
 def _on_term(callback: Any) -> None:
@@ -346,6 +349,12 @@ def _on_term(callback: Any) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,15 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("retry", help="move failed tasks back to pending")
     s.add_argument("job", nargs="?")
-    s = sub.add_parser("clean", help="remove a job's state")
+    s = sub.add_parser("clean", help="remove a job's state (default: the job of CONF_DIR/local_job.cfg)")
     s.add_argument("job", nargs="?")
+    s.add_argument("--all", action="store_true", help="remove the state of every job (asks on a terminal)")
     s = sub.add_parser("deploy", help="install and start workers on the hosts in CONF_DIR/workers over SSH")
     s.add_argument("--trust-new-hosts", action="store_true",
                    help="accept hosts not in ~/.ssh/known_hosts and record their keys there")
     sub.add_parser("version", help="print the version")
     s = sub.add_parser("import", help="one-click: submit, start, watch, offer retry")
     s.add_argument("cfg", nargs="?")
-    s.add_argument("--yes", "-y", action="store_true", help="answer yes: resume, and retry failures")
+    s.add_argument("--yes", "-y", action="store_true",
+                   help="answer yes: resume, and retry failures (at most --max-retries times)")
+    s.add_argument("--max-retries", type=_count, default=3, metavar="N",
+                   help="with --yes: retries before giving up (default 3)")
     s.add_argument("--resume", action="store_true", help="resume an existing job without asking")
     s.add_argument("--restart", action="store_true", help="clean an existing job and start over")
     s.add_argument("--interval", type=float, default=10.0, help="seconds between status lines")

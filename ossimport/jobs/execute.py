@@ -35,7 +35,8 @@ class JobSpec:
     audit_after_import: bool = True
     last_modify: int = 0  # audit: files newer than this are not verified
     threads: int = 20  # workerTaskThreadNum
-    max_throughput_kbps: int = 0  # workerMaxThroughput(KB/s), 0 = unlimited
+    max_throughput_kbps: int = 0  # workerMaxThroughput(KB/s), 0 = unlimited; per worker
+    abort_on_unexpected: bool = False  # workerAbortWhenUncatchedException: a worker exits on a bug
     multipart_threshold: int = 150 * 1024 * 1024
     part_size: int = 50 * 1024 * 1024
     part_threads: int = 3  # uploadThreadNumPerLargeFile
@@ -67,8 +68,13 @@ class TaskRunner:
     """Runs tasks of one job in a worker process, keeping its storages open between tasks."""
 
     def __init__(self, spec: JobSpec, bucket: TokenBucket | None = None) -> None:
+        """`bucket`: the worker's own limit (`worker --max-throughput`); the job's
+        workerMaxThroughput applies too, and the lower of the two wins."""
         self.spec = spec
         self.bucket = bucket
+        job_rate = spec.max_throughput_kbps * 1024
+        if job_rate > 0 and (bucket is None or bucket.rate > job_rate):
+            self.bucket = TokenBucket(job_rate)
         self.src: Storage = open_storage(spec.src, spec.src_options)
         self.dst: Storage = open_storage(spec.dst, spec.dst_options)
         self._current: Runner | None = None

@@ -33,11 +33,13 @@ from typing import Any
 
 import zmq
 
+from ossimport.engine.transfer import TransferOptions
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.scanner import JobPlan, Scanner
 from ossimport.jobs.security import CurveServer
 from ossimport.jobs.store import JobDir, WorkDir, atomic_write, read_header
 from ossimport.jobs.tracker import Tracker
+from ossimport.retry import with_retries
 
 log = logging.getLogger("ossimport.master")
 
@@ -99,7 +101,8 @@ class Master:
                 auth.stop()
             raise
         self.workdir.log("ossimport2.log", f"master listening on {self.address}")
-        next_tick = next_stat = 0.0
+        self.tracker.start(self._inflight, self.stat_interval)
+        next_tick = 0.0
         try:
             while not self.stop_event.is_set():
                 if sock.poll(100):
@@ -113,21 +116,19 @@ class Master:
                 if now >= next_tick:
                     self._housekeeping()
                     next_tick = now + 0.5
-                if now >= next_stat:
-                    self._track()
-                    next_stat = now + self.stat_interval
         finally:
-            self._track()
+            self.tracker.stop(self._inflight())
             sock.close()
             if auth is not None:
                 auth.stop()
 
-    def _track(self) -> None:
+    def _inflight(self) -> dict[str, tuple[int, int]]:
+        """job -> (files, bytes) done in tasks still running; asked from the tracker's thread."""
         inflight: dict[str, tuple[int, int]] = {}
-        for job, files, size in self.progress.values():
+        for job, files, size in list(self.progress.values()):  # one C-level copy: safe beside dispatch
             f0, b0 = inflight.get(job, (0, 0))
             inflight[job] = (f0 + files, b0 + size)
-        self.tracker.tick(inflight)
+        return inflight
 
     # ---- jobs ---------------------------------------------------------------------------------------
     def _housekeeping(self) -> None:
@@ -190,6 +191,8 @@ class Master:
         if job.scanner is not None and job.scanner.is_alive():
             return
         cp = job.dir.read_checkpoint()
+        if job.scan_error and cp.get("scan_error"):
+            return  # gave up: FAILED until `retry` clears the error (a restarted master tries again)
         if cp.get("done") or cp.get("not_before", 0) > time.time():
             if not job.pending and job.dir.count("pending_tasks"):  # e.g. after `retry`
                 with self._lock:
@@ -212,21 +215,36 @@ class Master:
 
     # ---- scanning -----------------------------------------------------------------------------------
     def _scan(self, job: ActiveJob) -> None:
+        """Scan with the copy's retry policy (retryable errors, a bounded number of times); when the
+        source cannot be listed, record why in the checkpoint: the job is FAILED with that cause until
+        `retry` clears it (or a master restart tries again)."""
         name = job.dir.name
 
         def queue_task(task: str) -> None:
             with self._lock:
                 job.pending.append(task)
 
-        try:
+        attempts = 0
+
+        def scan_once() -> None:
+            nonlocal attempts
+            attempts += 1
             Scanner(job.dir, job.plan, queue_task,
                     stopped=lambda: self.stop_event.is_set() or not job.dir.root.exists(),
                     log=lambda msg: self.workdir.log("ossimport2.log", f"job {name}: {msg}")).run()
+
+        job.scan_error = ""
+        try:
+            job.dir.set_scan_error(None)  # a new round of attempts
+            with_retries(scan_once, attempts=TransferOptions().attempts, what=f"the scan of job {name}")
         except Exception as exc:
-            job.scan_error = str(exc)
-            log.error("scan of job %s failed: %s", name, exc)
-            self.workdir.log("ossimport2.log", f"job {name}: scan failed: {exc}; retrying")
-            time.sleep(2)  # the housekeeping loop starts a new scanner from the checkpoints
+            cause = f"{getattr(exc, 'code', type(exc).__name__)}: {exc}"
+            tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+            log.error("scan of job %s failed after %s: %s", name, tries, cause)
+            self.workdir.log("ossimport2.log", f"job {name}: scan failed after {tries}: {cause}")
+            if job.dir.root.exists():  # not cleaned meanwhile
+                job.dir.set_scan_error(cause)
+                job.scan_error = cause
 
     # ---- dispatch -------------------------------------------------------------------------------------
     def _handle(self, sock: zmq.Socket, ident: bytes, frame: bytes) -> None:

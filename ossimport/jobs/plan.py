@@ -26,6 +26,7 @@ def job_spec(cfg: JobConfig, sysconf: SysConfig) -> JobSpec:
         last_modify=cfg.lastModify,
         threads=sysconf.workerTaskThreadNum,
         max_throughput_kbps=sysconf.workerMaxThroughput,
+        abort_on_unexpected=sysconf.workerAbortWhenUncatchedException,
         multipart_threshold=cfg.multipartUploadThreshold,
         part_size=cfg.multipartUploadPartSize,
         part_threads=cfg.uploadThreadNumPerLargeFile,

@@ -165,7 +165,7 @@ class JobDir:
 
     # ---- checkpoint -------------------------------------------------------------------------
     def read_checkpoint(self) -> dict:
-        """The pass: {"pass", "done", "not_before", "ranges"}; ranges have files of their own."""
+        """The pass: {"pass", "done", "not_before", "ranges", "scan_error"}; ranges have files of their own."""
         try:
             return json.loads(self.checkpoint_path.read_text())
         except FileNotFoundError:
@@ -193,6 +193,15 @@ class JobDir:
 
     def write_checkpoint(self, cp: dict) -> None:
         atomic_write(self.checkpoint_path, json.dumps(cp))
+
+    def set_scan_error(self, error: str | None) -> bool:
+        """Record why the source could not be listed (None: clear it, to scan again); True if changed."""
+        cp = self.read_checkpoint()
+        if (cp.get("scan_error") or None) == error:
+            return False
+        cp["scan_error"] = error
+        self.write_checkpoint(cp)
+        return True
 
     # ---- tasks ------------------------------------------------------------------------------
     def add_task(self, header: TaskHeader, entries: list[Entry]) -> None:

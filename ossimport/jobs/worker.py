@@ -25,6 +25,7 @@ import zmq
 
 from ossimport.engine.stats import Stats
 from ossimport.engine.throttle import TokenBucket
+from ossimport.errors import OssimportError
 from ossimport.jobs.execute import JobSpec, TaskResult, TaskRunner
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.security import CurveClientKeys
@@ -46,6 +47,8 @@ class Held:
     runner: TaskRunner | None = None
     dropped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    abort_on_unexpected: bool = False  # the job's workerAbortWhenUncatchedException
+    unexpected: str = ""  # the task ended by an exception that is not a storage or config error
 
 
 class Worker:
@@ -62,6 +65,7 @@ class Worker:
         self._runners: dict[str, tuple[str, TaskRunner]] = {}  # job -> (spec json, runner)
         self._held: Held | None = None
         self._want_after = 0.0
+        self.exit_code = 0  # 1: stopped by an unexpected error (workerAbortWhenUncatchedException)
 
     # ---- main loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -82,7 +86,8 @@ class Worker:
                 now = time.monotonic()
                 held = self._held
                 if held is not None and held.result is None and not held.thread.is_alive():
-                    held.result = TaskResult(False, {"files": 0}, ["FAILED\t\tworker thread ended"], [])
+                    held.unexpected = "the task thread ended without a result"
+                    held.result = TaskResult(False, {"files": 0}, [f"FAILED\t\t{held.unexpected}"], [])
                 if held is not None and held.result is not None and now - held.sent_at > 3.0:
                     self._send_result(sock, held)
                 if now - last_beat >= self.heartbeat:
@@ -123,6 +128,11 @@ class Worker:
                 shutil.rmtree(self._task_dir(held.job, held.task), ignore_errors=True)
                 self._held = None
                 self._want_after = 0.0
+                if held.unexpected and held.abort_on_unexpected:  # the failure is recorded: now stop
+                    log.error("worker %s exits: task %s ended by %s (workerAbortWhenUncatchedException=true)",
+                              self.id, held.task, held.unexpected)
+                    self.exit_code = 1
+                    self.stop_event.set()
         elif kind == "drop":
             held = self._held
             if held is not None and held.task == msg.get("task"):
@@ -147,7 +157,8 @@ class Worker:
         tdir.mkdir(parents=True, exist_ok=True)
         atomic_write(tdir / "TASK", msg["manifest"])
         stats = Stats()
-        held = Held(job, task, str(msg.get("lease", "")), time.time(), stats, threading.Thread(target=lambda: None))
+        held = Held(job, task, str(msg.get("lease", "")), time.time(), stats, threading.Thread(target=lambda: None),
+                    abort_on_unexpected=bool(msg["spec"].get("abort_on_unexpected")))
         held.thread = threading.Thread(target=self._execute, args=(held, msg), name=f"task-{task[:8]}",
                                        daemon=True)
         self._held = held
@@ -170,10 +181,13 @@ class Worker:
             runner = self._runner(held.job, msg["spec"])
             held.runner = runner
             result = runner.run(entries, held.stats, received=held.received)
-        except Exception as exc:  # a task that cannot even start fails as a whole, with its cause
-            code = getattr(exc, "code", type(exc).__name__)
-            log.error("task %s failed: %s: %s", held.task, code, exc)
-            result = TaskResult(False, {"files": 0, "failed": 0}, [f"FAILED\t\t{code}: {exc}"], [])
+        except OssimportError as exc:  # a task that cannot even start fails as a whole, with its cause
+            log.error("task %s failed: %s: %s", held.task, exc.code, exc)
+            result = TaskResult(False, {"files": 0, "failed": 0}, [f"FAILED\t\t{exc.code}: {exc}"], [])
+        except Exception as exc:  # a bug, not the data: the task fails too, and the worker may stop
+            held.unexpected = f"{type(exc).__name__}: {exc}"
+            log.exception("task %s failed: unexpected %s", held.task, held.unexpected)
+            result = TaskResult(False, {"files": 0, "failed": 0}, [f"FAILED\t\t{held.unexpected}"], [])
         held.result = result
 
     def _send_result(self, sock: zmq.Socket, held: Held) -> None:
