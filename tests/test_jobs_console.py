@@ -38,8 +38,10 @@ def scanned_env(tmp_path: Path, envs: list[JobEnv], files: dict[str, bytes], job
 
 
 def start_worker(env: JobEnv, tmp_path: Path) -> subprocess.Popen[str]:
-    """A worker started by hand, as on another host: only --master (no settings from sys.properties)."""
+    """A worker started by hand, as on another host: only --master and its keys (no settings from
+    sys.properties)."""
     return subprocess.Popen([sys.executable, "-m", "ossimport", "worker", "--master", f"tcp://127.0.0.1:{env.port}",
+                             "--curve-keys", str(env.workdir / "keys"),
                              "--workdir", str(tmp_path / "handmade"), "--heartbeat", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.env)
 
@@ -87,13 +89,13 @@ def test_unreachable_source_fails_after_bounded_retries(tmp_path: Path, envs: li
     proc = env.console("import", "--interval", "0.5", "--workers", "1", "--yes", "--max-retries", "1",
                        check=False, timeout=90)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert proc.stdout.count("could not be listed: ConnectionError") == 2, "the first scan and one retry"
+    assert proc.stdout.count("could not be listed: ConnectionRefused") == 2, "the first scan and one retry"
     assert "retry 1: 0 failed tasks back to pending; scanning the source again" in proc.stdout
     assert "sk-not-shown" not in proc.stdout
     st = env.stat()
-    assert st["JobState"] == "FAILED" and st["Scan Error"].startswith("ConnectionError")
+    assert st["JobState"] == "FAILED" and st["Scan Error"].startswith("ConnectionRefused")
     log = (env.workdir / "logs" / "ossimport2.log").read_text()
-    assert log.count("scan failed after 4 attempts: ConnectionError") == 2, "as a copy: 4 tries, twice"
+    assert log.count("scan failed after 4 attempts: ConnectionRefused") == 2, "as a copy: 4 tries, twice"
     assert "its source will be scanned again" in env.console("retry").stdout
     st = env.stat()
     assert (st["JobState"], st["Scan Error"]) == ("STOPPED", None), "to be scanned when a master runs"
