@@ -368,6 +368,14 @@ def test_loopback_master_gives_a_local_stranger_nothing_and_ignores_its_results(
     assert not any(w.startswith("stranger") for w in done_workers(env))
 
 
+def test_a_worker_without_keys_is_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ossimport", "worker", "--master", "tcp://127.0.0.1:1",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "--curve-keys" in lines[0], lines
+
+
 # ---- c: console deploy over SSH ------------------------------------------------------------------------
 SshdFactory = Any  # (*extra sshd_config lines) -> SSHD_Handle
 

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def wheels_for(cache_root: Path, target: Target) -> list[Path]:
     if not (root / "pyproject.toml").exists():
         raise WheelError(f"deploy builds the ossimport wheel from its source tree, and {root} is not one: "
                          "run console.sh from a checkout or unpacked release of ossimport")
+    _sweep(cache_root)
     digest = _source_digest(root)
     here = Target.here()
     for t in {here, target}:
@@ -120,6 +122,14 @@ def wheels_for(cache_root: Path, target: Target) -> list[Path]:
         files = _fetch_for(cache_root / target.key, files, target)
         _remember(cache_root, target, digest, files)
     return files
+
+
+def _sweep(cache_root: Path) -> None:
+    """Build directories a killed deploy left (an hour old: a running deploy's are younger)."""
+    cutoff = time.time() - 3600
+    for tmp in [*cache_root.glob(".build-*"), *cache_root.glob(".fetch-*")]:
+        if tmp.stat().st_mtime < cutoff:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _source_digest(root: Path) -> str:
