@@ -98,11 +98,14 @@ class Target:
         return [*tags, f"linux_{arch}"]
 
 
-def wheels_for(cache_root: Path, target: Target) -> list[Path]:
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wheels_for(cache_root: Path, target: Target, root: Path = SOURCE_ROOT) -> list[Path]:
     """Every file (wheels, and sources where a host has no wheel) that `pip install --no-index
-    --find-links` needs to install ossimport on `target`; all in the cache under `cache_root`.
-    Remembered per source tree and target: a deploy of unchanged code runs no pip at all."""
-    root = Path(__file__).resolve().parents[2]
+    --find-links` needs to install ossimport (from the source tree `root`) on `target`; all in the
+    cache under `cache_root`. Remembered per source tree and target: a deploy of unchanged code
+    runs no pip at all."""
     if not (root / "pyproject.toml").exists():
         raise WheelError(f"deploy builds the ossimport wheel from its source tree, and {root} is not one: "
                          "run console.sh from a checkout or unpacked release of ossimport")
