@@ -6,6 +6,7 @@ a worker over SSH (a private sshd on 127.0.0.1 whose python3 has only the standa
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from ossimport.jobs.master import Master
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.security import CurveClientKeys, is_loopback_endpoint
 from ossimport.jobs.store import WorkDir
+from ossimport.jobs.wheels import SOURCE_FILES, Target, wheels_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -368,6 +371,14 @@ def test_loopback_master_gives_a_local_stranger_nothing_and_ignores_its_results(
     assert not any(w.startswith("stranger") for w in done_workers(env))
 
 
+def test_a_worker_without_keys_is_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ossimport", "worker", "--master", "tcp://127.0.0.1:1",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "--curve-keys" in lines[0], lines
+
+
 # ---- c: console deploy over SSH ------------------------------------------------------------------------
 SshdFactory = Any  # (*extra sshd_config lines) -> SSHD_Handle
 
@@ -598,3 +609,35 @@ def test_deploy_reports_a_host_it_cannot_reach(tmp_path: Path, sshd: sftp_backen
     assert len(lines) == 2 and all(line.startswith("127.0.0.1: deploy failed: ") for line in lines), lines
     assert "Authentication failed" in lines[1], lines
     assert not (tmp_path / "remote").exists()
+
+
+def test_a_later_deploy_of_changed_code_needs_no_index(tmp_path: Path, wheel_cache: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the cache holds the dependencies, changed ossimport code is built and the set for
+    another Python is completed with pip and no index at all (worker hosts and the deploying
+    machine may both be offline)."""
+    here = Target.here()
+    other = Target((3, 12) if here.python != (3, 12) else (3, 13), here.implementation, here.platform, here.libc)
+    cache = tmp_path / "wheels"
+    shutil.copytree(wheel_cache, cache)
+    for target in (here, other):  # the index allowed: whatever this session has not fetched yet
+        wheels_for(cache, target)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SOURCE_FILES:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, src / name)
+    marker = f"# changed {uuid.uuid4().hex}\n"
+    with open(src / "ossimport" / "__init__.py", "a") as f:
+        f.write(marker)
+    for key in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no config file's index or links either
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{free_port_on('127.0.0.1')}/simple")  # nobody there
+    for target in (here, other):
+        files = wheels_for(cache, target, root=src)
+        assert all(f.is_relative_to(cache) and f.exists() for f in files), files
+        own = [f for f in files if f.name.startswith("ossimport-")]
+        assert len(own) == 1
+        with zipfile.ZipFile(own[0]) as whl:
+            assert whl.read("ossimport/__init__.py").decode().endswith(marker)
+    assert any(f.name.startswith("pyzmq-") and f"-{other.abi}-" in f.name for f in files), files

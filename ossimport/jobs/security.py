@@ -44,9 +44,10 @@ def ensure_keys(keys_dir: Path) -> None:
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(keys_dir, 0o700)  # before any secret is written into it (mkdir's mode is masked by umask)
     for name in ("master", "worker"):
-        if not (keys_dir / f"{name}.key_secret").exists():
+        secret = keys_dir / f"{name}.key_secret"
+        if not secret.exists():
             zmq.auth.create_certificates(str(keys_dir), name)
-            os.chmod(keys_dir / f"{name}.key_secret", 0o600)
+        os.chmod(secret, 0o600)  # every time: also a secret an older version left readable
     authorized = keys_dir / "authorized"
     authorized.mkdir(exist_ok=True)
     # copied every time: a worker pair made anew (its secret was deleted) must replace the old one

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,14 +98,18 @@ class Target:
         return [*tags, f"linux_{arch}"]
 
 
-def wheels_for(cache_root: Path, target: Target) -> list[Path]:
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wheels_for(cache_root: Path, target: Target, root: Path = SOURCE_ROOT) -> list[Path]:
     """Every file (wheels, and sources where a host has no wheel) that `pip install --no-index
-    --find-links` needs to install ossimport on `target`; all in the cache under `cache_root`.
-    Remembered per source tree and target: a deploy of unchanged code runs no pip at all."""
-    root = Path(__file__).resolve().parents[2]
+    --find-links` needs to install ossimport (from the source tree `root`) on `target`; all in the
+    cache under `cache_root`. Remembered per source tree and target: a deploy of unchanged code
+    runs no pip at all."""
     if not (root / "pyproject.toml").exists():
         raise WheelError(f"deploy builds the ossimport wheel from its source tree, and {root} is not one: "
                          "run console.sh from a checkout or unpacked release of ossimport")
+    _sweep(cache_root)
     digest = _source_digest(root)
     here = Target.here()
     for t in {here, target}:
@@ -117,9 +122,21 @@ def wheels_for(cache_root: Path, target: Target) -> list[Path]:
         files = _build_here(root, cache_root / here.key, digest)
         _remember(cache_root, here, digest, files)
     if target != here:
-        files = _fetch_for(cache_root / target.key, files, target)
+        try:
+            files = _fetch_for(cache_root / target.key, cache_root / here.key, files, target)
+        except WheelError as exc:
+            raise WheelError(f"wheels for the host's Python {target.python[0]}.{target.python[1]} on "
+                             f"{target.platform} ({target.libc}): {exc}") from None
         _remember(cache_root, target, digest, files)
     return files
+
+
+def _sweep(cache_root: Path) -> None:
+    """Build directories a killed deploy left (an hour old: a running deploy's are younger)."""
+    cutoff = time.time() - 3600
+    for tmp in [*cache_root.glob(".build-*"), *cache_root.glob(".fetch-*")]:
+        if tmp.stat().st_mtime < cutoff:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _source_digest(root: Path) -> str:
@@ -175,8 +192,9 @@ def _build_here(root: Path, cache: Path, digest: str) -> list[Path]:
         return own + [cache / n for n in _move_into(out, cache)]
 
 
-def _fetch_for(cache: Path, here: list[Path], target: Target) -> list[Path]:
-    """The files for another Python or platform: the same versions as `here` (resolved here)."""
+def _fetch_for(cache: Path, here_cache: Path, here: list[Path], target: Target) -> list[Path]:
+    """The files for another Python or platform: the same versions as `here` (resolved here).
+    `here_cache` holds setuptools and wheel: pip reads a source package's metadata with them."""
     files: list[Path] = []
     binary: list[str] = []
     source: list[str] = []
@@ -193,24 +211,26 @@ def _fetch_for(cache: Path, here: list[Path], target: Target) -> list[Path]:
         f"{target.python[0]}.{target.python[1]}", "--abi", target.abi, "--abi", "abi3", "--abi", "none",
         *(arg for tag in target.platform_tags() for arg in ("--platform", tag))]
     try:
-        files += _download(cache, binary, binary_options)
+        files += _download(cache, here_cache, binary, binary_options)
     except WheelError:  # one has no wheel for the host: find which, and send its source instead
         for req in binary:
             try:
-                files += _download(cache, [req], binary_options)
+                files += _download(cache, here_cache, [req], binary_options)
             except WheelError:
                 source.append(req)
     # sources are built on the host, with the setuptools and wheel among the pure wheels above
-    files += _download(cache, source, ["--no-binary=:all:"])
+    # (not --no-binary=:all:, which would refuse those wheels to the build of the metadata too)
+    files += _download(cache, here_cache, source, [f"--no-binary={','.join(r.split('==')[0] for r in source)}"])
     return files
 
 
-def _download(cache: Path, reqs: list[str], options: list[str]) -> list[Path]:
+def _download(cache: Path, here_cache: Path, reqs: list[str], options: list[str]) -> list[Path]:
     if not reqs:
         return []
     with tempfile.TemporaryDirectory(dir=cache.parent, prefix=".fetch-") as tmp:
         out = Path(tmp) / "out"
-        _pip(["download", "--no-deps", "--dest", str(out), "--find-links", str(cache), *options, *reqs], out)
+        _pip(["download", "--no-deps", "--dest", str(out), "--find-links", str(cache), "--find-links",
+              str(here_cache), *options, *reqs], out)
         return [cache / n for n in _move_into(out, cache)]
 
 
@@ -222,7 +242,7 @@ def _pip(args: list[str], out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)  # what the offline attempt left: resolved anew below
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR:")]
+        errors = [line.strip() for line in proc.stderr.splitlines() if line.strip().lower().startswith("error")]
         last = (errors or proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise WheelError(f"pip {args[0]} failed: {last}")
 
