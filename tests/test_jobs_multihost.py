@@ -174,8 +174,15 @@ def ns_workers(tmp_path: Path) -> Iterator[NsWorkers]:
 def worker_id_prefix(pid: int) -> str:
     """Worker ids are `<hostname>-<pid>-<random>`; `ip netns exec` execs the command in place."""
     proc = psutil.Process(pid)
-    if "ossimport" not in " ".join(proc.cmdline()):  # in case some `ip` forks instead
-        proc = next(c for c in proc.children(recursive=True) if "ossimport" in " ".join(c.cmdline()))
+    deadline = time.monotonic() + 10
+    # polled: read in the middle of the exec, a command line can be empty for a moment
+    while "ossimport" not in " ".join(proc.cmdline()):
+        kids = [c for c in proc.children(recursive=True) if "ossimport" in " ".join(c.cmdline())]
+        if kids:  # in case some `ip` forks instead
+            proc = kids[0]
+            break
+        assert time.monotonic() < deadline, f"no ossimport process at pid {pid}"
+        time.sleep(0.05)
     return f"{socket.gethostname()}-{proc.pid}-"
 
 
