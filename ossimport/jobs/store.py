@@ -275,6 +275,7 @@ class JobDir:
         atomic_write(path / "error.list", "".join(key + "\n" for key in errors))
         atomic_write(path / "STATUS", "Completed\n" if ok else "Failed\n")
         atomic_write(path / "DONE", json.dumps(done))
+        (path / "LEASE").unlink(missing_ok=True)  # a finished task is held by nobody
         target = self.root / ("succeed_tasks" if ok else "failed_tasks") / path.name
         os.rename(path, target)
         if path.parent.parent.name == "dispatched":
