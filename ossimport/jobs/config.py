@@ -143,6 +143,10 @@ _SYS_KEYS: dict[str, _Key] = {
     "heartbeatSeconds": _Key("float", 0.05, 3600),
     "allowShortIncrementalInterval": _Key("bool"),
     "curveKeysDir": _Key("path"),
+    "serviceAddress": _Key("text", pattern=r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}",
+                           hint="use HOST:PORT, e.g. 127.0.0.1:8567"),
+    "serviceAccessKeyId": _Key("text"),
+    "serviceAccessKeySecret": _Key("secret"),
 }
 
 
@@ -648,6 +652,9 @@ class SysConfig:
     heartbeatSeconds: float = 5.0
     allowShortIncrementalInterval: bool = False  # tests: incrementalModeInterval below 900
     curveKeysDir: Path | None = None  # set by __post_init__
+    serviceAddress: str = "127.0.0.1:8567"  # `ossimport serve` (HTTP API and web UI)
+    serviceAccessKeyId: str = ""  # the service's own credentials: when set, every request is signed
+    serviceAccessKeySecret: str = field(default="", repr=False)
     source: str = field(default="<mapping>", compare=False)
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
     warnings: list[str] = field(default_factory=list, compare=False, repr=False)

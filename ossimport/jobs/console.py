@@ -60,22 +60,15 @@ def _pick_job(wd: WorkDir, name: str | None) -> list[str]:
 
 # ---- commands -------------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    from ossimport.jobs.config import dump_job, load_job
+    from ossimport.jobs.config import load_job
+    from ossimport.jobs.submit import submit_job
 
     sysconf, wd = _configs(args)
     path = _job_path(args)
     cfg = load_job(path, allow_short_interval=sysconf.allowShortIncrementalInterval)
     for w in cfg.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    src, _ = cfg.locations()  # refuse now what could never run
-    if src.backend == "local" and not os.path.isdir(src.path):
-        raise UsageError(f"{path}: srcPrefix={src.path!r} is not an existing directory; fix srcPrefix")
-    wd.create()
-    if wd.exists(cfg.jobName):
-        raise UsageError(f"job {cfg.jobName!r} already exists: 'console.sh clean {cfg.jobName}' first, "
-                         "or 'console.sh retry' to retry its failed tasks")
-    wd.submit(cfg.jobName, dump_job(cfg))
-    wd.log("submit.log", f"submitted job {cfg.jobName} from {path}")
+    submit_job(wd, cfg, str(path))
     print(f"submitted job {cfg.jobName}")
     return 0
 

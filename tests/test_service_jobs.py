@@ -1,0 +1,182 @@
+"""The service's JSON door and its Jobs actions, over real HTTP against `ossimport serve` with the
+job system's real master and worker processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import tree, write_tree
+from jobenv import write_properties
+from serviceenv import ServiceEnv
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[ServiceEnv]:
+    env = ServiceEnv(tmp_path)
+    env.start()
+    try:
+        yield env
+    finally:
+        env.stop()
+
+
+def local_job(tmp: Path, name: str, files: dict[str, bytes] | None = None) -> dict[str, Any]:
+    src = tmp / f"{name}-src"
+    write_tree(src, files if files is not None else tree())
+    return {"jobName": name, "srcType": "local", "srcPrefix": f"{src}/", "destType": "local",
+            "destPrefix": f"{tmp}/{name}-dst/"}
+
+
+def test_create_job_runs_to_the_end_and_is_described(svc: ServiceEnv, tmp_path: Path) -> None:
+    files = tree()
+    body = svc.ok("CreateJob", **local_job(tmp_path, "job_one", files))
+    assert body["JobName"] == "job_one" and body["RequestId"]
+    job = svc.wait_job("job_one", {"SUCCEED", "FAILED"})
+    assert job["State"] == "SUCCEED"
+    assert (job["FilesTotal"], job["FilesDone"], job["FilesFailed"]) == (len(files), len(files), 0)
+    assert job["BytesDone"] == sum(map(len, files.values())) and job["Progress"] == 10000
+    assert job["Source"] == f"{tmp_path}/job_one-src/" and job["Destination"] == f"{tmp_path}/job_one-dst/"
+    for key, data in files.items():
+        assert (tmp_path / "job_one-dst" / key).read_bytes() == data
+    listed = svc.ok("DescribeJobs")["Jobs"]["Job"]
+    assert [j["JobName"] for j in listed] == ["job_one"] and listed[0]["State"] == "SUCCEED"
+
+
+def test_create_job_refuses_what_console_submit_refuses_with_the_same_message(svc: ServiceEnv,
+                                                                             tmp_path: Path) -> None:
+    bad = [
+        {"jobName": "ab", "srcType": "local", "srcPrefix": "/", "destType": "local", "destPrefix": "/tmp/x/"},
+        {"jobName": "bad_type", "srcType": "dropbox", "destType": "local", "destPrefix": "/tmp/x/"},
+        {"jobName": "no_bucket", "srcType": "local", "srcPrefix": f"{tmp_path}/", "destType": "oss",
+         "destDomain": "oss-cn-hangzhou.aliyuncs.com"},
+        {"jobName": "no_src_dir", "srcType": "local", "srcPrefix": f"{tmp_path}/missing/", "destType": "local",
+         "destPrefix": f"{tmp_path}/d/"},
+    ]
+    for i, cfg in enumerate(bad):
+        status, body = svc.call("CreateJob", **cfg)
+        assert status == 400 and body["Code"] == "InvalidParameter", body
+        path = tmp_path / f"bad{i}.cfg"
+        write_properties(path, cfg)
+        proc = subprocess.run([sys.executable, "-m", "ossimport", "console", "--sys", str(svc.sys_path), "submit",
+                               str(path)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2
+        console_message = proc.stderr.strip().splitlines()[-1].split(f"{path}: ", 1)[1]
+        assert body["Message"] == f"CreateJob: {console_message}"
+    assert svc.ok("DescribeJobs")["Jobs"]["Job"] == []
+
+
+def test_create_job_twice_conflicts_unless_the_client_token_repeats(svc: ServiceEnv, tmp_path: Path) -> None:
+    cfg = local_job(tmp_path, "job_token")
+    first = svc.ok("CreateJob", ClientToken="tok-1", **cfg)
+    again = svc.ok("CreateJob", ClientToken="tok-1", **cfg)  # a retried request: the same answer
+    assert again["JobName"] == first["JobName"] and again["RequestId"] != first["RequestId"]
+    status, body = svc.call("CreateJob", ClientToken="tok-1", **{**cfg, "destPrefix": f"{tmp_path}/other/"})
+    assert (status, body["Code"]) == (400, "IdempotentParameterMismatch")
+    status, body = svc.call("CreateJob", **cfg)
+    assert (status, body["Code"]) == (409, "Job.AlreadyExists")
+    assert "console.sh clean job_token" in body["Message"]
+
+
+def test_dry_run_validates_only(svc: ServiceEnv, tmp_path: Path) -> None:
+    assert svc.ok("CreateJob", DryRun=True, **local_job(tmp_path, "job_dry"))["JobName"] == "job_dry"
+    assert svc.ok("DescribeJobs")["Jobs"]["Job"] == []
+    status, body = svc.call("CreateJob", DryRun=True, **{**local_job(tmp_path, "job_dry"), "srcType": ""})
+    assert (status, body["Code"]) == (400, "InvalidParameter") and "srcType is missing" in body["Message"]
+
+
+def test_describe_jobs_pages(svc: ServiceEnv, tmp_path: Path) -> None:
+    for name in ("job_a", "job_b", "job_c"):
+        svc.ok("CreateJob", **local_job(tmp_path, name, {"f.txt": b"x"}))
+    seen = []
+    token = ""
+    for _ in range(5):
+        body = svc.ok("DescribeJobs", MaxResults=2, NextToken=token)
+        seen += [j["JobName"] for j in body["Jobs"]["Job"]]
+        token = body["NextToken"]
+        if not token:
+            break
+    assert seen == ["job_a", "job_b", "job_c"]
+    status, body = svc.call("DescribeJobs", MaxResults=101)
+    assert (status, body["Code"]) == (400, "InvalidParameter") and "MaxResults" in body["Message"]
+
+
+def test_failed_files_are_listed_with_causes_and_retry_copies_them(svc: ServiceEnv, tmp_path: Path) -> None:
+    files = {"ok.txt": b"fine", "blocked/inner.txt": b"needs a directory"}
+    cfg = local_job(tmp_path, "job_retry", files)
+    dst = tmp_path / "job_retry-dst"
+    dst.mkdir()
+    (dst / "blocked").write_bytes(b"a file where the source has a directory")
+    svc.ok("CreateJob", **cfg)
+    job = svc.wait_job("job_retry", {"SUCCEED", "FAILED"})
+    assert job["State"] == "FAILED" and job["FilesFailed"] == 1
+    failed = job["FailedFiles"]["FailedFile"]
+    assert [f["Key"] for f in failed] == ["blocked/inner.txt"] and failed[0]["Cause"]
+    (dst / "blocked").unlink()
+    assert svc.ok("RetryJob", JobName="job_retry")["RetriedTasks"] == 1
+    job = svc.wait_job("job_retry", {"SUCCEED"})
+    assert job["FilesDone"] == 2 and job["FailedFiles"]["FailedFile"] == []
+    assert (dst / "blocked" / "inner.txt").read_bytes() == b"needs a directory"
+
+
+def test_delete_job_cleans_it(svc: ServiceEnv, tmp_path: Path) -> None:
+    svc.ok("CreateJob", **local_job(tmp_path, "job_del", {"f": b"1"}))
+    svc.wait_job("job_del", {"SUCCEED"})
+    svc.ok("DeleteJob", JobName="job_del")
+    assert not (svc.workdir / "master" / "jobs" / "job_del").exists()
+    status, body = svc.call("DescribeJob", JobName="job_del")
+    assert (status, body["Code"]) == (404, "InvalidJob.NotFound")
+
+
+def test_error_envelope(svc: ServiceEnv) -> None:
+    status, body = svc.call("NoSuchAction")
+    assert status == 404 and body["Code"] == "InvalidAction.NotFound"
+    assert set(body) == {"RequestId", "HostId", "Code", "Message"}
+    status, body = svc.call("DescribeJob")
+    assert (status, body["Code"]) == (400, "MissingJobName")
+    status, raw, _ = svc.request("POST", "/api/DescribeJobs", b"{not json", {"Content-Type": "application/json"})
+    assert status == 400 and b'"InvalidParameter"' in raw
+    status, body = svc.call("DescribeJobs", MaxResults="many")
+    assert status == 400 and "MaxResults" in body["Message"]
+
+
+def test_stop_job_stops_the_workers_and_retry_starts_them(svc: ServiceEnv, tmp_path: Path) -> None:
+    svc.ok("CreateJob", **local_job(tmp_path, "job_stop", {"f": b"1"}))
+    svc.wait_job("job_stop", {"SUCCEED"})
+    pids = list((svc.workdir / "run").glob("*.pid"))
+    assert pids, "serve started the master and a worker"
+    svc.ok("StopJob", JobName="job_stop")
+    assert not list((svc.workdir / "run").glob("*.pid"))
+    svc.ok("RetryJob", JobName="job_stop")
+    assert (svc.workdir / "run" / "master.pid").exists()
+
+
+def test_non_loopback_bind_without_credentials_is_refused(tmp_path: Path) -> None:
+    env = ServiceEnv(tmp_path, workers=False)
+    proc = subprocess.run([sys.executable, "-m", "ossimport", "serve", "--sys", str(env.sys_path),
+                           "--listen", "0.0.0.0:0", "--no-workers"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "serviceAccessKeyId" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ossimport", "serve", "--sys", str(env.sys_path),
+                           "--listen", "nonsense"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "use HOST:PORT" in proc.stderr
+
+
+def test_openapi_and_metrics(svc: ServiceEnv, tmp_path: Path) -> None:
+    import json
+
+    status, raw, _ = svc.request("GET", "/openapi.json")
+    doc = json.loads(raw)
+    assert status == 200 and "/api/CreateJob" in doc["paths"] and "/api/DescribeJobs" in doc["paths"]
+    svc.ok("CreateJob", **local_job(tmp_path, "job_metrics", {"a": b"12345"}))
+    svc.wait_job("job_metrics", {"SUCCEED"})
+    status, raw, headers = svc.request("GET", "/metrics")
+    text = raw.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert 'ossimport_job_bytes_total{job="job_metrics",outcome="copied"} 5.0' in text
+    assert 'ossimport_job_files_total{job="job_metrics",outcome="copied"} 1.0' in text
+    assert "ossimport_request_duration_seconds_bucket" in text
