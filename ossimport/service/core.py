@@ -42,6 +42,7 @@ class Workers:
 class Service:
     def __init__(self, sysconf: SysConfig, sys_path: Path, *, start_workers: bool = True) -> None:
         self.sysconf = sysconf
+        self.conf_dir = sys_path.parent  # conf/filesystems lives beside sys.properties
         self.workdir = WorkDir(sysconf.workingDir)
         self.workdir.create()
         self.db = Database(self.workdir.root / "service" / "service.db")

@@ -52,8 +52,11 @@ class ApiError(Exception):
         return CODES[self.code]
 
 
+_MISSING_ALIASES = {"DataFlowTaskId": "MissingTaskId"}
+
+
 def missing(name: str) -> ApiError:
-    code = f"Missing{name}" if f"Missing{name}" in CODES else "MissingParameter"
+    code = _MISSING_ALIASES.get(name) or (f"Missing{name}" if f"Missing{name}" in CODES else "MissingParameter")
     return ApiError(code, f"{name} is required")
 
 

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from ossimport.service import api, jobs_api  # noqa: F401 - registers the jobs actions
+from ossimport.service import api, dataflow_api, jobs_api, subtask_api  # noqa: F401 - register actions
 from ossimport.service.auth import Nonces, Sessions, verify_basic, verify_signature
 from ossimport.service.core import Service
 from ossimport.service.errors import ApiError

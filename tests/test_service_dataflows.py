@@ -1,0 +1,295 @@
+"""Streaming dataflows over the JSON door: a real `ossimport serve`, moto S3 as the object store,
+a local directory as the file system; subtasks move real bytes through the engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import crcmod
+import pytest
+from serviceenv import ServiceEnv
+from servers.faultproxy import Fault, FaultProxy
+
+MiB = 1024 * 1024
+_crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, xorOut=0xFFFFFFFFFFFFFFFF, rev=True)
+SECRET = "SECRET/TEST5678"
+
+
+def crc64(data: bytes) -> str:
+    return f"crc64:{_crc64(data)}"
+
+
+class Flow:
+    """One service, one file system directory and one S3 prefix, with helpers for the calls."""
+
+    def __init__(self, svc: ServiceEnv, s3: Any, tmp: Path, address: str | None = None) -> None:
+        self.svc = svc
+        self.s3 = s3
+        self.root = s3.new_root()
+        self.fs = tmp / "fs"
+        (self.fs / "oss").mkdir(parents=True, exist_ok=True)
+        self.bucket = s3.storage(self.root)
+        self.address = address or s3.address(self.root).rsplit("/", 2)[0]  # s3://AK:SK@bucket.host:port
+        self.flow_id = svc.ok("CreateDataFlow", FileSystemId=str(self.fs), SourceStorage=self.address,
+                              FileSystemPath="/oss/", SourceStoragePath=f"/{self.root}/")["DataFlowId"]
+
+    def task(self, action: str, directory: str = "/test/", dst: str = "/mnt/", policy: str = "OVERWRITE_EXISTING") -> str:
+        return self.svc.ok("CreateDataFlowTask", FileSystemId=str(self.fs), DataFlowId=self.flow_id, TaskAction=action,
+                           DataType="MetaAndData", Directory=directory, DstDirectory=dst,
+                           ConflictPolicy=policy)["TaskId"]
+
+    def sub(self, task: str, src: str, dst: str, **extra: Any) -> str:
+        return self.svc.ok("CreateDataFlowSubTask", FileSystemId=str(self.fs), DataFlowId=self.flow_id,
+                           DataFlowTaskId=task, SrcFilePath=src, DstFilePath=dst, **extra)["DataFlowSubTaskId"]
+
+    def describe(self, sub_id: str) -> dict[str, Any]:
+        body = self.svc.ok("DescribeDataFlowSubTasks", FileSystemId=str(self.fs),
+                           Filters=[{"Key": "DataFlowSubTaskIds", "Value": sub_id}])
+        items = body["DataFlowSubTask"]["DataFlowSubTask"]
+        assert len(items) == 1
+        return items[0]
+
+    def wait(self, sub_id: str, states: set[str], timeout: float = 120) -> dict[str, Any]:
+        return self.svc.wait(lambda: (lambda s: s if s["Status"] in states else None)(self.describe(sub_id)),
+                             timeout, f"subtask {sub_id} to reach {states}")
+
+    def put(self, key: str, data: bytes) -> None:
+        self.bucket.put(key, io.BytesIO(data), len(data))
+
+    def get(self, key: str) -> bytes:
+        with self.bucket.open(key) as f:
+            return f.read()
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[ServiceEnv]:
+    env = ServiceEnv(tmp_path, workers=False)
+    env.start()
+    try:
+        yield env
+    finally:
+        env.stop()
+
+
+@pytest.fixture
+def flow(svc: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Flow:
+    return Flow(svc, backend_factory("s3-moto"), tmp_path)
+
+
+def test_stream_import_and_export_50mib_report_progress_and_the_crc64_of_what_arrived(flow: Flow) -> None:
+    data = random.Random(5).randbytes(50 * MiB)
+    flow.put("test/big.bin", data)
+    importing = flow.task("StreamImport")
+    sub = flow.sub(importing, "/big.bin", "/mnt/big.bin")
+    s = flow.wait(sub, {"COMPLETE", "FAILED"}, 180)
+    assert s["Status"] == "COMPLETE", s
+    assert s["Progress"] == 10000
+    arrived = (flow.fs / "oss" / "mnt" / "big.bin").read_bytes()
+    assert arrived == data
+    assert s["FileDetail"]["Checksum"] == crc64(arrived) and s["FileDetail"]["Size"] == len(data)
+    assert s["ProgressStats"]["BytesTotal"] == s["ProgressStats"]["BytesDone"] == len(data)
+    assert s["ProgressStats"]["ActualBytes"] == len(data)
+    assert s["SrcFilePath"] == f"/{flow.root}/test/big.bin" and s["DstFilePath"] == "/oss/mnt/big.bin"
+
+    (flow.fs / "oss" / "yaml" / "test").mkdir(parents=True)
+    out = random.Random(6).randbytes(50 * MiB)
+    (flow.fs / "oss" / "yaml" / "test" / "file.png").write_bytes(out)
+    exporting = flow.task("StreamExport", "/yaml/", "/dataflows/")
+    sub = flow.sub(exporting, "/test/file.png", "/mnt/file.png")
+    s = flow.wait(sub, {"COMPLETE", "FAILED"}, 180)
+    assert s["Status"] == "COMPLETE", s
+    assert flow.get("dataflows/mnt/file.png") == out
+    assert s["Progress"] == 10000 and s["FileDetail"]["Checksum"] == crc64(out)
+    assert s["DstFilePath"] == f"/{flow.root}/dataflows/mnt/file.png"
+
+
+def test_condition_is_checked_against_the_source_before_copying(flow: Flow) -> None:
+    (flow.fs / "oss" / "src").mkdir()
+    f = flow.fs / "oss" / "src" / "a.txt"
+    f.write_bytes(b"x" * 68)
+    os.utime(f, (1725897600, 1725897600))
+    task = flow.task("StreamExport", "/src/", "/out/")
+    bad = flow.sub(task, "/a.txt", "/a.txt", Condition={"Size": 67, "ModifyTime": 1725897600000000000})
+    s = flow.wait(bad, {"COMPLETE", "FAILED"})
+    assert s["Status"] == "FAILED" and "CONDITION_NOT_MET" in s["ErrorMsg"] and "67" in s["ErrorMsg"]
+    assert not list(flow.bucket.list())
+    stale = flow.sub(task, "/a.txt", "/a.txt", Condition={"Size": 68, "ModifyTime": 1725897000000000000})
+    assert flow.wait(stale, {"COMPLETE", "FAILED"})["Status"] == "FAILED"
+    good = flow.sub(task, "/a.txt", "/a.txt", Condition={"Size": 68, "ModifyTime": 1725897600000000000})
+    s = flow.wait(good, {"COMPLETE", "FAILED"})
+    assert s["Status"] == "COMPLETE" and s["FileDetail"]["ModifyTime"] == 1725897600000000000
+    assert flow.get("out/a.txt") == b"x" * 68
+
+
+def test_conflict_policies(flow: Flow) -> None:
+    flow.put("test/a.txt", b"new content")
+    (flow.fs / "oss" / "mnt").mkdir()
+    target = flow.fs / "oss" / "mnt" / "a.txt"
+    target.write_bytes(b"old")
+    skip = flow.task("StreamImport", policy="SKIP_THE_FILE")
+    s = flow.wait(flow.sub(skip, "/a.txt", "/a.txt"), {"COMPLETE", "FAILED"})
+    assert s["Status"] == "COMPLETE" and target.read_bytes() == b"old"
+    latest = flow.task("StreamImport", policy="KEEP_LATEST")
+    os.utime(target, (4102444800, 4102444800))  # newer than the object: kept
+    flow.wait(flow.sub(latest, "/a.txt", "/a.txt"), {"COMPLETE"})
+    assert target.read_bytes() == b"old"
+    overwrite = flow.task("StreamImport", policy="OVERWRITE_EXISTING")
+    flow.wait(flow.sub(overwrite, "/a.txt", "/a.txt"), {"COMPLETE"})
+    assert target.read_bytes() == b"new content"
+
+
+def test_missing_source_fails_with_a_reason(flow: Flow) -> None:
+    task = flow.task("StreamImport")
+    s = flow.wait(flow.sub(task, "/nope.bin", "/nope.bin"), {"COMPLETE", "FAILED"})
+    assert s["Status"] == "FAILED" and "SOURCE_NOT_FOUND" in s["ErrorMsg"]
+
+
+def test_bad_input_answers_the_documented_codes(flow: Flow) -> None:
+    svc, fs = flow.svc, str(flow.fs)
+    task = flow.task("StreamImport")
+    base = {"FileSystemId": fs, "DataFlowId": flow.flow_id, "DataFlowTaskId": task}
+    cases = [
+        ({**base, "SrcFilePath": "/../etc/passwd", "DstFilePath": "/x"}, 400, "IllegalCharacters"),
+        ({**base, "SrcFilePath": "/a\x00b", "DstFilePath": "/x"}, 400, "IllegalCharacters"),
+        ({**base, "SrcFilePath": "/dir/", "DstFilePath": "/x"}, 400, "InvalidParameter"),
+        ({**base, "SrcFilePath": "a", "DstFilePath": "/x"}, 400, "InvalidParameter"),
+        ({**base, "SrcFilePath": "/" + "a" * 1100, "DstFilePath": "/x"}, 400, "InvalidParameter"),
+        ({**base, "SrcFilePath": "/a", "DstFilePath": "/x", "Condition": {"Size": "big"}}, 400, "InvalidParameter"),
+        ({k: v for k, v in base.items() if k != "FileSystemId"} | {"SrcFilePath": "/a", "DstFilePath": "/b"},
+         400, "MissingFileSystemId"),
+        ({k: v for k, v in base.items() if k != "DataFlowId"} | {"SrcFilePath": "/a", "DstFilePath": "/b"},
+         400, "MissingDataFlowId"),
+        ({k: v for k, v in base.items() if k != "DataFlowTaskId"} | {"SrcFilePath": "/a", "DstFilePath": "/b"},
+         400, "MissingTaskId"),
+        ({**base, "DataFlowId": "df-nope", "SrcFilePath": "/a", "DstFilePath": "/b"}, 404, "InvalidDataFlow.NotFound"),
+        ({**base, "DataFlowTaskId": "task-nope", "SrcFilePath": "/a", "DstFilePath": "/b"}, 404, "InvalidTask.NotFound"),
+    ]
+    for params, status, code in cases:
+        got, body = svc.call("CreateDataFlowSubTask", **params)
+        assert (got, body["Code"]) == (status, code), (params, body)
+    for directory in ("/a/../b/", "test/", "/test"):
+        got, body = svc.call("CreateDataFlowTask", FileSystemId=fs, DataFlowId=flow.flow_id, TaskAction="StreamImport",
+                             Directory=directory, DstDirectory="/x/")
+        assert got == 400 and body["Code"] in ("IllegalCharacters", "InvalidParameter"), body
+    got, body = svc.call("CreateDataFlowTask", FileSystemId=fs, DataFlowId=flow.flow_id, TaskAction="StreamImport",
+                         ConflictPolicy="NEWEST")
+    assert got == 400 and "OVERWRITE_EXISTING" in body["Message"]
+    got, body = svc.call("CreateDataFlow", FileSystemId="fs-undeclared", SourceStorage=flow.address)
+    assert (got, body["Code"]) == (404, "InvalidFileSystem.NotFound")
+    got, body = svc.call("CreateDataFlow", FileSystemId=fs, SourceStorage="/local/dir")
+    assert (got, body["Code"]) == (400, "InvalidParameter")
+    got, body = svc.call("DescribeDataFlowSubTasks", FileSystemId=fs, MaxResults=10)
+    assert got == 400 and "20 to 100" in body["Message"]
+
+
+def test_client_token_dry_run_and_paging(flow: Flow) -> None:
+    flow.put("test/a.txt", b"a")
+    task = flow.task("StreamImport")
+    body = flow.svc.ok("CreateDataFlowSubTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id,
+                       DataFlowTaskId=task, SrcFilePath="/a.txt", DstFilePath="/a.txt", DryRun=True)
+    assert body["DataFlowSubTaskId"] == ""
+    first = flow.sub(task, "/a.txt", "/a.txt", ClientToken="same-token")
+    again = flow.sub(task, "/a.txt", "/a.txt", ClientToken="same-token")
+    assert first == again
+    flow.wait(first, {"COMPLETE"})
+    for i in range(24):
+        flow.sub(task, "/a.txt", f"/copy{i}.txt")
+    ids: list[str] = []
+    token = ""
+    for _ in range(5):
+        page = flow.svc.ok("DescribeDataFlowSubTasks", FileSystemId=str(flow.fs), MaxResults=20, NextToken=token,
+                           Filters=[{"Key": "DataFlowTaskIds", "Value": task}])
+        ids += [s["DataFlowSubTaskId"] for s in page["DataFlowSubTask"]["DataFlowSubTask"]]
+        token = page["NextToken"]
+        if not token:
+            break
+    assert len(ids) == 25 == len(set(ids)) and ids[0] == first
+
+
+def test_secrets_are_write_only(flow: Flow) -> None:
+    flows = flow.svc.ok("DescribeDataFlows", FileSystemId=str(flow.fs))["DataFlowInfo"]["DataFlow"]
+    assert len(flows) == 1 and flows[0]["Status"] == "Running"
+    shown = flows[0]["SourceStorage"]
+    assert SECRET not in json.dumps(flows) and "AKIDTEST1234" not in shown and shown.startswith("s3://")
+    tasks = flow.svc.ok("DescribeDataFlowTasks", FileSystemId=str(flow.fs))
+    assert SECRET not in json.dumps(tasks)
+    db = flow.svc.workdir / "service" / "service.db"
+    assert os.stat(db).st_mode & 0o077 == 0, "the database holds credentials: owner only"
+
+
+def test_stop_start_delete_and_cancel_rules(flow: Flow) -> None:
+    svc, fs = flow.svc, str(flow.fs)
+    flow.put("test/a.txt", b"abc")
+    task = flow.task("StreamImport")
+    svc.ok("StopDataFlow", FileSystemId=fs, DataFlowId=flow.flow_id)
+    waiting = flow.sub(task, "/a.txt", "/a.txt")
+    assert flow.describe(waiting)["Status"] == "CREATED"
+    got, body = svc.call("DeleteDataFlow", FileSystemId=fs, DataFlowId=flow.flow_id)
+    assert (got, body["Code"]) == (400, "InvalidStatus.ResourceMismatch")
+    svc.ok("StartDataFlow", FileSystemId=fs, DataFlowId=flow.flow_id)
+    assert flow.wait(waiting, {"COMPLETE"})["Progress"] == 10000
+    got, body = svc.call("CancelDataFlowSubTask", FileSystemId=fs, DataFlowId=flow.flow_id, DataFlowTaskId=task,
+                         DataFlowSubTaskId=waiting)
+    assert (got, body["Code"]) == (400, "InvalidStatus.ResourceMismatch")
+    svc.ok("StopDataFlow", FileSystemId=fs, DataFlowId=flow.flow_id)
+    queued = flow.sub(task, "/a.txt", "/b.txt")
+    svc.ok("CancelDataFlowSubTask", FileSystemId=fs, DataFlowId=flow.flow_id, DataFlowTaskId=task,
+           DataFlowSubTaskId=queued)
+    assert flow.describe(queued)["Status"] == "CANCELED"
+    svc.ok("CancelDataFlowTask", FileSystemId=fs, DataFlowId=flow.flow_id, TaskId=task)
+    listed = svc.ok("DescribeDataFlowTasks", FileSystemId=fs)["TaskInfo"]["Task"]
+    assert [t["Status"] for t in listed] == ["Canceled"]
+    svc.ok("DeleteDataFlow", FileSystemId=fs, DataFlowId=flow.flow_id)
+    assert svc.ok("DescribeDataFlows", FileSystemId=fs)["DataFlowInfo"]["DataFlow"] == []
+
+
+@pytest.fixture
+def slow_flow(svc: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Iterator[tuple[Flow, FaultProxy]]:
+    """A dataflow whose object store answers GETs of big.bin at 1 MiB/s (through a proxy)."""
+    s3 = backend_factory("s3-moto")
+    with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
+        address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
+        yield Flow(svc, s3, tmp_path, address), proxy
+
+
+def test_cancel_of_a_running_subtask_leaves_no_partial_file(slow_flow: tuple[Flow, FaultProxy]) -> None:
+    flow, proxy = slow_flow
+    data = random.Random(7).randbytes(6 * MiB)
+    flow.put("test/big.bin", data)
+    proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"big\.bin$", bps=1 * MiB))
+    task = flow.task("StreamImport")
+    sub = flow.sub(task, "/big.bin", "/big.bin")
+    running = flow.svc.wait(lambda: (lambda s: s if s["ProgressStats"]["BytesDone"] > 0 else None)(
+        flow.describe(sub)), 60, "bytes to arrive")
+    # Progress moves during the copy: the bytes that arrived so far, in 1/10000 of the size
+    assert running["Status"] == "RUNNING" and 0 < running["Progress"] < 10000, running
+    assert running["Progress"] == running["ProgressStats"]["BytesDone"] * 10000 // len(data)
+    flow.svc.ok("CancelDataFlowSubTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, DataFlowTaskId=task,
+                DataFlowSubTaskId=sub)
+    s = flow.wait(sub, {"CANCELED", "COMPLETE", "FAILED"})
+    assert s["Status"] == "CANCELED", s
+    mnt = flow.fs / "oss" / "mnt"
+    assert not mnt.exists() or os.listdir(mnt) == [], "no file and no temporary file is left"
+
+
+def test_a_subtask_running_when_the_service_is_killed_is_resumed_on_restart(
+        slow_flow: tuple[Flow, FaultProxy]) -> None:
+    flow, proxy = slow_flow
+    data = random.Random(8).randbytes(4 * MiB)
+    flow.put("test/big.bin", data)
+    proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=512 * 1024))
+    task = flow.task("StreamImport")
+    sub = flow.sub(task, "/big.bin", "/big.bin")
+    flow.svc.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+    flow.svc.kill9()
+    flow.svc.start()
+    s = flow.wait(sub, {"COMPLETE", "FAILED"})
+    assert s["Status"] == "COMPLETE" and s["FileDetail"]["Checksum"] == crc64(data)
+    assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
+    assert os.listdir(flow.fs / "oss" / "mnt") == ["big.bin"], "the killed run's temporary file is gone"
