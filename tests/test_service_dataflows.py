@@ -13,8 +13,8 @@ from typing import Any
 
 import crcmod
 import pytest
-from serviceenv import ServiceEnv
 from servers.faultproxy import Fault, FaultProxy
+from serviceenv import ServiceEnv
 
 MiB = 1024 * 1024
 _crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, xorOut=0xFFFFFFFFFFFFFFFF, rev=True)
