@@ -148,6 +148,8 @@ def test_missing_source_fails_with_a_reason(flow: Flow) -> None:
     task = flow.task("StreamImport")
     s = flow.wait(flow.sub(task, "/nope.bin", "/nope.bin"), {"COMPLETE", "FAILED"})
     assert s["Status"] == "FAILED" and "SOURCE_NOT_FOUND" in s["ErrorMsg"]
+    status, raw, _ = flow.svc.request("GET", "/metrics")
+    assert status == 200 and 'ossimport_subtasks{status="FAILED"} 1.0' in raw.decode()
 
 
 def test_bad_input_answers_the_documented_codes(flow: Flow) -> None:

@@ -180,3 +180,33 @@ def test_openapi_and_metrics(svc: ServiceEnv, tmp_path: Path) -> None:
     assert 'ossimport_job_bytes_total{job="job_metrics",outcome="copied"} 5.0' in text
     assert 'ossimport_job_files_total{job="job_metrics",outcome="copied"} 1.0' in text
     assert "ossimport_request_duration_seconds_bucket" in text
+
+
+def test_events_stream_job_progress_to_the_end(svc: ServiceEnv, tmp_path: Path) -> None:
+    import http.client
+    import json
+    import time
+
+    host, port = svc.url.split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", "/api/events")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    assert resp.readline() == b": connected\n"
+    files = {"a.txt": b"1" * 1000, "b/c.txt": b"2" * 500}
+    svc.ok("CreateJob", **local_job(tmp_path, "job_events", files))
+    events: list[dict] = []
+    kind = ""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = resp.readline().decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: ") and kind == "job":
+            events.append(json.loads(line[6:]))
+            if events[-1].get("State") == "SUCCEED":
+                break
+    conn.close()
+    assert events and events[0]["State"] == "SUBMITTED"
+    last = events[-1]
+    assert last["State"] == "SUCCEED" and last["Progress"] == 10000 and last["BytesDone"] == 1500

@@ -50,9 +50,11 @@ class Service:
         self.workers = Workers(sys_path, start_workers)
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        from ossimport.service.live import Ticker
         from ossimport.service.subtasks import Executor  # the engine is loaded only when serving
 
         self.executor = Executor(self)
+        self.ticker = Ticker(self)
 
     @property
     def credentials(self) -> dict[str, str]:
@@ -70,7 +72,9 @@ class Service:
     def start(self) -> None:
         self.workers.start()
         self.executor.start()
+        self.ticker.start()
 
     def close(self) -> None:
+        self.ticker.close()
         self.executor.close()
         self.db.close()
