@@ -295,3 +295,27 @@ def test_a_subtask_running_when_the_service_is_killed_is_resumed_on_restart(
     assert s["Status"] == "COMPLETE" and s["FileDetail"]["Checksum"] == crc64(data)
     assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
     assert os.listdir(flow.fs / "oss" / "mnt") == ["big.bin"], "the killed run's temporary file is gone"
+
+
+def test_file_system_ids_declared_in_conf_filesystems(svc: ServiceEnv, backend_factory: Any, tmp_path: Path) -> None:
+    s3 = backend_factory("s3-moto")
+    root = s3.new_root()
+    mount = tmp_path / "cpfs"
+    (mount / "oss").mkdir(parents=True)
+    (svc.conf / "filesystems").write_text(f"# test\nbmcpfs-370jz26fkr2st9 = {mount}\n", encoding="utf-8")
+    address = s3.address(root).rsplit("/", 2)[0]
+    flow_id = svc.ok("CreateDataFlow", FileSystemId="bmcpfs-370jz26fkr2st9", SourceStorage=address,
+                     FileSystemPath="/oss/", SourceStoragePath=f"/{root}/")["DataFlowId"]
+    bucket = s3.storage(root)
+    bucket.put("test/file.xml", io.BytesIO(b"<xml/>"), 6)
+    task = svc.ok("CreateDataFlowTask", FileSystemId="bmcpfs-370jz26fkr2st9", DataFlowId=flow_id,
+                  TaskAction="StreamImport", Directory="/test/", DstDirectory="/mnt/")["TaskId"]
+    svc.ok("CreateDataFlowSubTask", FileSystemId="bmcpfs-370jz26fkr2st9", DataFlowId=flow_id, DataFlowTaskId=task,
+           SrcFilePath="/file.xml", DstFilePath="/mnt/file.xml")
+    svc.wait(lambda: (mount / "oss" / "mnt" / "file.xml").exists(), 60, "the file")
+    assert (mount / "oss" / "mnt" / "file.xml").read_bytes() == b"<xml/>"
+    got, body = svc.call("CreateDataFlow", FileSystemId="bmcpfs-370jz26fkr2st9", SourceStorage=address,
+                         FileSystemPath="/missing/")
+    assert got == 400 and "FileSystemPath" in body["Message"] and "create it first" in body["Message"]
+    got, body = svc.call("CreateDataFlow", FileSystemId="bmcpfs-unknown", SourceStorage=address)
+    assert (got, body["Code"]) == (404, "InvalidFileSystem.NotFound") and "conf" in body["Message"]
