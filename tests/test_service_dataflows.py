@@ -319,3 +319,38 @@ def test_file_system_ids_declared_in_conf_filesystems(svc: ServiceEnv, backend_f
     assert got == 400 and "FileSystemPath" in body["Message"] and "create it first" in body["Message"]
     got, body = svc.call("CreateDataFlow", FileSystemId="bmcpfs-unknown", SourceStorage=address)
     assert (got, body["Code"]) == (404, "InvalidFileSystem.NotFound") and "conf" in body["Message"]
+
+
+def test_batch_import_and_export_run_as_jobs(tmp_path: Path, backend_factory: Any) -> None:
+    env = ServiceEnv(tmp_path)  # with the job master and a worker
+    env.start()
+    try:
+        flow = Flow(env, backend_factory("s3-moto"), tmp_path)
+        files = {f"test/d{i % 2}/f{i}.txt": f"file {i}".encode() * (i + 1) for i in range(7)}
+        for key, data in files.items():
+            flow.put(key, data)
+        fs = str(flow.fs)
+
+        def task_of(task_id: str) -> dict[str, Any] | None:
+            tasks = env.ok("DescribeDataFlowTasks", FileSystemId=fs,
+                           Filters=[{"Key": "TaskIds", "Value": task_id}])["TaskInfo"]["Task"]
+            return tasks[0] if tasks[0]["Status"] in ("Completed", "Failed") else None
+
+        got, body = env.call("CreateDataFlowTask", FileSystemId=fs, DataFlowId=flow.flow_id, TaskAction="Import",
+                             Directory="/test/", DstDirectory="/in/", ConflictPolicy="KEEP_LATEST")
+        assert got == 400 and "KEEP_LATEST" in body["Message"]
+        imported = flow.task("Import", "/test/", "/in/")
+        task = env.wait(lambda: task_of(imported), 120, "the import")
+        assert task["Status"] == "Completed" and task["Progress"] == 10000
+        assert task["ProgressStats"]["FilesDone"] == len(files)
+        assert task["ProgressStats"]["BytesDone"] == sum(map(len, files.values()))
+        for key, data in files.items():
+            assert (flow.fs / "oss" / "in" / key.removeprefix("test/")).read_bytes() == data
+        exported = flow.task("Export", "/in/", "/back/")
+        assert env.wait(lambda: task_of(exported), 120, "the export")["Status"] == "Completed"
+        for key, data in files.items():
+            assert flow.get("back/" + key.removeprefix("test/")) == data
+        jobs = [j["JobName"] for j in env.ok("DescribeJobs")["Jobs"]["Job"]]
+        assert sorted(jobs) == sorted([imported, exported])
+    finally:
+        env.stop()

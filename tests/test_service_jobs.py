@@ -210,3 +210,30 @@ def test_events_stream_job_progress_to_the_end(svc: ServiceEnv, tmp_path: Path) 
     assert events and events[0]["State"] == "SUBMITTED"
     last = events[-1]
     assert last["State"] == "SUCCEED" and last["Progress"] == 10000 and last["BytesDone"] == 1500
+
+
+def test_console_start_starts_the_service_and_stop_stops_it(tmp_path: Path) -> None:
+    import json
+    import urllib.request
+
+    from jobenv import free_port
+
+    port = free_port()
+    env = ServiceEnv(tmp_path, {"serviceAddress": f"127.0.0.1:{port}"})
+    console = [sys.executable, "-m", "ossimport", "console", "--sys", str(env.sys_path)]
+    try:
+        proc = subprocess.run([*console, "start"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert f"service and web UI on http://127.0.0.1:{port}/" in proc.stdout
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/DescribeJobs", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read())["Jobs"]["Job"] == []
+        again = subprocess.run([*console, "start"], capture_output=True, text=True, timeout=120)
+        assert "master is already running" in again.stdout and "service and web UI" in again.stdout
+    finally:
+        subprocess.run([*console, "stop"], capture_output=True, text=True, timeout=120)
+    assert not (env.workdir / "run" / "service.pid").exists()
+    import socket
+
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -129,7 +129,29 @@ def cmd_start(args: argparse.Namespace) -> int:
             argv += ["--curve-keys", str(sysconf.curveKeysDir)]
         _spawn(wd, f"worker-{i}", argv)
     print(f"{count} local workers running")
+    if sysconf.serviceAddress and not getattr(args, "no_service", False):
+        _start_service(wd, sys_path, sysconf.serviceAddress)
     return 0
+
+
+def _start_service(wd: WorkDir, sys_path: str, address: str, wait: float = 15.0) -> None:
+    """`ossimport serve` beside the master (it finds the master and workers already running)."""
+    import socket
+
+    if _alive(wd.run / "service.pid") is None:
+        _spawn(wd, "service", ["serve", "--sys", sys_path, "--no-workers"])
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            print(f"service and web UI on http://{address}/")
+            return
+        except OSError:
+            if _alive(wd.run / "service.pid") is None:
+                break
+            time.sleep(0.1)
+    print(f"the service did not start on {address}; see {wd.logs / 'ossimport2.log'}", file=sys.stderr)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -352,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("cfg", nargs="?")
     s = sub.add_parser("start", help="start the master and local workers in the background")
     s.add_argument("--workers", type=int, help="local worker processes (default workerCount or CPUs)")
+    s.add_argument("--no-service", action="store_true", help="do not start the HTTP service (serviceAddress)")
     sub.add_parser("stop", help="stop the master and local workers")
     s = sub.add_parser("stat", help="job status")
     s.add_argument("job", nargs="?")

@@ -25,15 +25,15 @@ class Workers:
         self.sys_path = sys_path
         self.enabled = enabled
 
-    def _console(self, command: str) -> None:
+    def _console(self, *command: str) -> None:
         if not self.enabled:
             return
-        subprocess.run([sys.executable, "-m", "ossimport", "console", "--sys", str(self.sys_path), command],
+        subprocess.run([sys.executable, "-m", "ossimport", "console", "--sys", str(self.sys_path), *command],
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=120, check=False)
 
     def start(self) -> None:
-        self._console("start")
+        self._console("start", "--no-service")  # this process is the service
 
     def stop(self) -> None:
         self._console("stop")

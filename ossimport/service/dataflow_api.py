@@ -1,8 +1,8 @@
 """Dataflow and dataflow-task actions (CPFS names, fields and envelopes; REFERENCE 3 and 3a).
 
 Dataflow status: Running or Stopped here (Misconfigured when its object store could not be
-reached at creation); tasks: Executing -> Canceled (streaming tasks run until canceled).
-Batch Import/Export tasks are not offered yet: CreateJob runs a whole directory.
+reached at creation); streaming tasks are Executing until canceled; batch Import / Export tasks
+are jobs of the job system (batch.py) and take their status from the job.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from ossimport.engine.policy import CONFLICT_POLICIES
 from ossimport.errors import OssimportError
-from ossimport.service import paths
+from ossimport.service import batch, paths
 from ossimport.service.api import Common, action, paging
 from ossimport.service.errors import ApiError, invalid
 from ossimport.service.subtasks import now
@@ -22,6 +22,7 @@ from ossimport.storage.base import StorageOptions
 
 MAX_FLOWS_PER_FS = 10
 STREAMING = ("StreamImport", "StreamExport")
+BATCH = ("Import", "Export")
 
 
 @dataclass(kw_only=True)
@@ -209,6 +210,23 @@ def StartDataFlow(svc: Any, req: DataFlowRequest) -> dict[str, Any]:
 
 # ---- tasks ---------------------------------------------------------------------------------------
 def task_item(svc: Any, row: dict[str, Any], flow: dict[str, Any] | None) -> dict[str, Any]:
+    item = _task_fields(svc, row, flow)
+    if row["action"] in BATCH and row["status"] != "Canceled":
+        found = batch.progress(svc, row["id"])
+        if found is None:
+            item.update(Status="Failed", ErrorMsg=f"its job {row['id']} was deleted")
+        else:
+            status, job = found
+            item.update(Status=status, Progress=job["Progress"], ProgressStats={
+                "FilesTotal": job["FilesTotal"], "FilesDone": job["FilesDone"], "ActualFiles": job["FilesDone"],
+                "BytesTotal": job["BytesTotal"], "BytesDone": job["BytesDone"], "ActualBytes": job["BytesDone"],
+                "AverageSpeed": int(job["Throughput"] or 0), "RemainTime": job["Eta"] or 0})
+            if status == "Failed":
+                item["ErrorMsg"] = f"{job['FilesFailed']} files failed: DescribeJob {row['id']} lists them; RetryJob retries"
+    return item
+
+
+def _task_fields(svc: Any, row: dict[str, Any], flow: dict[str, Any] | None) -> dict[str, Any]:
     counts = {r["status"]: r for r in svc.db.all(
         "SELECT status, COUNT(*) AS n, COALESCE(SUM(bytes_total), 0) AS total, COALESCE(SUM(actual_bytes), 0) AS "
         "actual FROM subtasks WHERE task_id = ? GROUP BY status", (row["id"],))}
@@ -230,11 +248,9 @@ def task_item(svc: Any, row: dict[str, Any], flow: dict[str, Any] | None) -> dic
 def CreateDataFlowTask(svc: Any, req: CreateDataFlowTaskRequest) -> dict[str, Any]:
     """A streaming task (StreamImport / StreamExport): a tunnel that moves nothing until subtasks arrive."""
     flow = flow_of(svc, req.FileSystemId, req.DataFlowId)
-    if req.TaskAction in ("Import", "Export", "Evict", "Inventory"):
-        raise invalid("TaskAction", f"{req.TaskAction} is not offered here yet; use StreamImport or StreamExport "
-                      "(or CreateJob for a whole directory)")
-    if req.TaskAction not in STREAMING:
-        raise invalid("TaskAction", f"{req.TaskAction!r} is not allowed; use StreamImport or StreamExport")
+    if req.TaskAction not in (*STREAMING, *BATCH):
+        raise invalid("TaskAction", f"{req.TaskAction!r} is not allowed; use StreamImport, StreamExport, Import "
+                      "or Export")
     if req.DataType != "MetaAndData":
         raise invalid("DataType", f"{req.DataType!r} is not allowed; use MetaAndData")
     if req.ConflictPolicy not in CONFLICT_POLICIES:
@@ -245,9 +261,12 @@ def CreateDataFlowTask(svc: Any, req: CreateDataFlowTaskRequest) -> dict[str, An
     if flow["status"] != "Running":
         raise ApiError("InvalidStatus.ResourceMismatch", f"dataflow {flow['id']} is {flow['status']}; "
                        "start it first")
+    task_id = new_id("task-")
+    if req.TaskAction in BATCH:  # the job first: a kill before the row leaves a visible job, not a lost task
+        batch.submit(svc, flow, task_id, req.TaskAction, req.Directory, req.DstDirectory, req.ConflictPolicy,
+                     req.DryRun)
     if req.DryRun:
         return {"TaskId": ""}
-    task_id = new_id("task-")
     stamp = now()
     svc.db.insert("tasks", {"id": task_id, "dataflow_id": flow["id"], "action": req.TaskAction,
                             "data_type": req.DataType, "directory": req.Directory, "dst_directory": req.DstDirectory,
@@ -285,6 +304,8 @@ def CancelDataFlowTask(svc: Any, req: CancelDataFlowTaskRequest) -> dict[str, An
                        "cancel them or wait for them to finish")
     if not req.DryRun:
         stamp = now()
+        if task["action"] in BATCH:
+            svc.workdir.clean(task["id"])  # = console.sh clean: the job's state goes
         svc.db.update("tasks", task["id"], {"status": "Canceled", "end_time": stamp})
         svc.db.execute("UPDATE subtasks SET status = 'CANCELED', end_time = ? WHERE task_id = ? AND status = 'CREATED'",
                        (stamp, task["id"]))

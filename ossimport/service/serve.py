@@ -44,7 +44,7 @@ def is_loopback(host: str) -> bool:
 
 
 def run_serve(argv: list[str]) -> int:
-    from ossimport.jobs.config import load_sys
+    from ossimport.jobs.config import DEFAULT_SERVICE_ADDRESS, load_sys
 
     p = _Parser(prog="ossimport serve", description="HTTP API, dataflows and web UI for the working directory")
     p.add_argument("--listen", metavar="HOST:PORT", help="address to bind (default: serviceAddress in "
@@ -59,7 +59,7 @@ def run_serve(argv: list[str]) -> int:
     sysconf = load_sys(sys_path)
     for w in sysconf.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    host, port = parse_listen(args.listen or sysconf.serviceAddress)
+    host, port = parse_listen(args.listen or sysconf.serviceAddress or DEFAULT_SERVICE_ADDRESS)
     if not is_loopback(host) and not (sysconf.serviceAccessKeyId and sysconf.serviceAccessKeySecret):
         raise UsageError(f"refusing to listen on {host}:{port} without credentials: set serviceAccessKeyId and "
                          f"serviceAccessKeySecret in {sys_path}, or listen on 127.0.0.1")
