@@ -199,6 +199,13 @@ def test_client_token_dry_run_and_paging(flow: Flow) -> None:
     first = flow.sub(task, "/a.txt", "/a.txt", ClientToken="same-token")
     again = flow.sub(task, "/a.txt", "/a.txt", ClientToken="same-token")
     assert first == again
+    # the service killed after recording the subtask, before recording the token's answer: the
+    # client's retry must still not create a second subtask
+    import sqlite3
+
+    with sqlite3.connect(flow.svc.workdir / "service" / "service.db") as db:
+        assert db.execute("DELETE FROM tokens WHERE token = 'same-token'").rowcount == 1
+    assert flow.sub(task, "/a.txt", "/a.txt", ClientToken="same-token") == first
     flow.wait(first, {"COMPLETE"})
     for i in range(24):
         flow.sub(task, "/a.txt", f"/copy{i}.txt")

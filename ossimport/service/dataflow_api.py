@@ -7,6 +7,7 @@ are jobs of the job system (batch.py) and take their status from the job.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +68,17 @@ class CancelDataFlowTaskRequest(Common):
     TaskId: str
 
 
-def new_id(prefix: str) -> str:
+def new_id(prefix: str, token: str = "") -> str:
+    """A fresh id; with a ClientToken, the same id for the same token (see `created`)."""
+    if token:
+        return prefix + hashlib.sha256(f"{prefix}\0{token}".encode()).hexdigest()[:16]
     return f"{prefix}{secrets.token_hex(8)}"
+
+
+def created(svc: Any, table: str, id_: str) -> bool:
+    """Whether a create with this ClientToken already happened: the record is written before the
+    token's answer is, so a kill between the two must not make the retried create a second one."""
+    return svc.db.one(f"SELECT 1 AS x FROM {table} WHERE id = ?", (id_,)) is not None
 
 
 def flow_of(svc: Any, fs_id: str, flow_id: str) -> dict[str, Any]:
@@ -139,7 +149,9 @@ def CreateDataFlow(svc: Any, req: CreateDataFlowRequest) -> dict[str, Any]:
         except OssimportError as exc:
             status, error = "Misconfigured", f"{exc.code}: {exc}"
             break
-    flow_id = new_id("df-")
+    flow_id = new_id("df-", req.ClientToken)
+    if created(svc, "dataflows", flow_id):
+        return {"DataFlowId": flow_id}
     stamp = now()
     svc.db.insert("dataflows", {
         "id": flow_id, "fs_id": req.FileSystemId, "fs_path": fs_path, "source_storage": req.SourceStorage,
@@ -261,8 +273,11 @@ def CreateDataFlowTask(svc: Any, req: CreateDataFlowTaskRequest) -> dict[str, An
     if flow["status"] != "Running":
         raise ApiError("InvalidStatus.ResourceMismatch", f"dataflow {flow['id']} is {flow['status']}; "
                        "start it first")
-    task_id = new_id("task-")
-    if req.TaskAction in BATCH:  # the job first: a kill before the row leaves a visible job, not a lost task
+    task_id = new_id("task-", req.ClientToken)
+    if not req.DryRun and created(svc, "tasks", task_id):
+        return {"TaskId": task_id}
+    # the job first: a kill before the row leaves a visible job (which a retry with the token finds)
+    if req.TaskAction in BATCH and not svc.workdir.exists(task_id):
         batch.submit(svc, flow, task_id, req.TaskAction, req.Directory, req.DstDirectory, req.ConflictPolicy,
                      req.DryRun)
     if req.DryRun:

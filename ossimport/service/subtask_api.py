@@ -11,7 +11,7 @@ from typing import Any
 
 from ossimport.service import paths
 from ossimport.service.api import Common, action, paging
-from ossimport.service.dataflow_api import DescribeRequest, filters, flow_of, new_id
+from ossimport.service.dataflow_api import DescribeRequest, created, filters, flow_of, new_id
 from ossimport.service.errors import ApiError, invalid
 from ossimport.service.subtasks import now
 
@@ -70,7 +70,9 @@ def CreateDataFlowSubTask(svc: Any, req: CreateDataFlowSubTaskRequest) -> dict[s
         raise ApiError("InvalidStatus.ResourceMismatch", f"dataflow {flow['id']} is {flow['status']}")
     if req.DryRun:
         return {"DataFlowSubTaskId": ""}
-    sub_id = new_id("subTaskId-")
+    sub_id = new_id("subTaskId-", req.ClientToken)
+    if created(svc, "subtasks", sub_id):
+        return {"DataFlowSubTaskId": sub_id}
     svc.db.insert("subtasks", {"id": sub_id, "dataflow_id": flow["id"], "task_id": task["id"],
                                "src_path": req.SrcFilePath, "dst_path": req.DstFilePath, "cond_mtime": mtime,
                                "cond_size": size, "status": "CREATED", "create_time": now()})
