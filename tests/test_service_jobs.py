@@ -79,6 +79,14 @@ def test_create_job_twice_conflicts_unless_the_client_token_repeats(svc: Service
     assert (status, body["Code"]) == (400, "IdempotentParameterMismatch")
     status, body = svc.call("CreateJob", **cfg)
     assert (status, body["Code"]) == (409, "Job.AlreadyExists")
+    # a kill after the submit, before the token's answer was recorded: the retry still succeeds
+    import sqlite3
+
+    with sqlite3.connect(svc.workdir / "service" / "service.db") as db:
+        assert db.execute("DELETE FROM tokens WHERE token = 'tok-1'").rowcount == 1
+    assert svc.ok("CreateJob", ClientToken="tok-1", **cfg)["JobName"] == "job_token"
+    status, body = svc.call("CreateJob", ClientToken="tok-2", **{**cfg, "destPrefix": f"{tmp_path}/other/"})
+    assert (status, body["Code"]) == (409, "Job.AlreadyExists"), "another config under the name is refused"
     assert "console.sh clean job_token" in body["Message"]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ossimport.errors import UsageError
-from ossimport.jobs.config import JOB_KEYS, JobConfig, load_job
+from ossimport.jobs.config import JOB_KEYS, JobConfig, dump_job, load_job
 from ossimport.jobs.store import JobDir
 from ossimport.jobs.submit import submit_job
 from ossimport.jobs.tracker import job_status
@@ -58,7 +58,10 @@ def CreateJob(svc: Any, req: Any) -> dict[str, Any]:
                                      allow_short_interval=svc.sysconf.allowShortIncrementalInterval)
         submit_job(svc.workdir, cfg, "CreateJob", dry_run=req.DryRun)
     except UsageError as exc:
-        raise _api_error(exc) from None
+        if not (exc.code == "Job.AlreadyExists" and req.ClientToken and _frozen(svc, cfg.jobName) == dump_job(cfg)):
+            raise _api_error(exc) from None
+        # the same job, submitted by this token's first request before a kill kept its answer
+        # from being recorded: a retry answers as the first request would have
     if not req.DryRun:
         svc.events.publish("job", {"JobName": cfg.jobName, "State": "SUBMITTED"})
     return {"JobName": cfg.jobName, "Warnings": list(cfg.warnings)}
@@ -145,6 +148,13 @@ def _existing(svc: Any, name: str) -> str:
 def _config_path(svc: Any, name: str) -> Path:
     job = svc.workdir.job(name)
     return job.config_path if job.root.exists() else svc.workdir.queue / name / "job.cfg"
+
+
+def _frozen(svc: Any, name: str) -> str:
+    try:
+        return _config_path(svc, name).read_text(encoding="utf-8")
+    except OSError:
+        return ""
 
 
 def _places(svc: Any, name: str) -> tuple[str, str]:
