@@ -361,3 +361,29 @@ def test_batch_import_and_export_run_as_jobs(tmp_path: Path, backend_factory: An
         assert sorted(jobs) == sorted([imported, exported])
     finally:
         env.stop()
+
+
+def test_dataflow_quota_and_task_paging(flow: Flow) -> None:
+    svc, fs = flow.svc, str(flow.fs)
+    for _ in range(9):
+        svc.ok("CreateDataFlow", FileSystemId=fs, SourceStorage=flow.address, FileSystemPath="/oss/")
+    got, body = svc.call("CreateDataFlow", FileSystemId=fs, SourceStorage=flow.address, FileSystemPath="/oss/")
+    assert (got, body["Code"]) == (400, "QuotaExceeded.DataFlow")
+    page = svc.ok("DescribeDataFlows", FileSystemId=fs, MaxResults=10)
+    assert len(page["DataFlowInfo"]["DataFlow"]) == 10 and page["NextToken"] == ""
+    got, body = svc.call("DescribeDataFlows", FileSystemId=fs, MaxResults=9)
+    assert got == 400 and "10 to 100" in body["Message"]
+    only = svc.ok("DescribeDataFlows", FileSystemId=fs, Filters=[{"Key": "DataFlowIds", "Value": flow.flow_id}])
+    assert [f["DataFlowId"] for f in only["DataFlowInfo"]["DataFlow"]] == [flow.flow_id]
+    got, body = svc.call("DescribeDataFlows", FileSystemId=fs, Filters=[{"Key": "Colour", "Value": "x"}])
+    assert got == 400 and "DataFlowIds" in body["Message"]
+    made = [flow.task("StreamImport", f"/d{i}/", "/x/") for i in range(12)]
+    seen: list[str] = []
+    token = ""
+    for _ in range(4):
+        page = svc.ok("DescribeDataFlowTasks", FileSystemId=fs, MaxResults=10, NextToken=token)
+        seen += [t["TaskId"] for t in page["TaskInfo"]["Task"]]
+        token = page["NextToken"]
+        if not token:
+            break
+    assert seen == made

@@ -202,3 +202,14 @@ def test_jobs_actions_through_the_rpc_door(svc: ServiceEnv, tmp_path: Path) -> N
     assert status == 200 and [j["JobName"] for j in body["Jobs"]["Job"]] == ["rpc_job"]
     status, body = raw_rpc(svc, "CreateJob", {"jobName": "rpc_job2", "srcType": "nope"})
     assert (status, body["Code"]) == (400, "InvalidParameter") and body["Message"].startswith("CreateJob: srcType=")
+    status, body = raw_rpc(svc, "DescribeJob", {"JobName": "rpc_job"})
+    assert status == 200 and body["Job"]["Source"] == f"{tmp_path}/src/"
+    for action in ("RetryJob", "StopJob", "DeleteJob"):
+        status, body = raw_rpc(svc, action, {"JobName": "rpc_job", "DryRun": "true"})
+        assert status == 200, (action, body)
+    status, body = raw_rpc(svc, "DeleteJob", {"JobName": "rpc_job"})
+    assert status == 200
+    status, body = raw_rpc(svc, "DescribeJob", {"JobName": "rpc_job"}, method="GET")
+    assert (status, body["Code"]) == (404, "InvalidJob.NotFound")
+    status, body = raw_rpc(svc, "NoSuchAction", {})
+    assert (status, body["Code"]) == (404, "InvalidAction.NotFound")
