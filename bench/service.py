@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(time.monotonic() - t0)
             times.sort()
             results["latency_4k_median_ms"] = round(statistics.median(times) * 1000, 1)
+            results["latency_4k_p90_ms"] = round(times[int(len(times) * 0.9)] * 1000, 1)
             results["latency_4k_p99_ms"] = round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1000, 1)
+            results["latency_4k_max_ms"] = round(times[-1] * 1000, 1)
             results["rss_after_mib"] = round(psutil.Process(proc.pid).memory_info().rss / MiB, 1)
         finally:
             proc.terminate()
