@@ -3,6 +3,7 @@ job system's real master and worker processes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -233,7 +234,8 @@ def test_console_start_starts_the_service_and_stop_stops_it(tmp_path: Path) -> N
         proc = subprocess.run([*console, "start"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert f"service and web UI on http://127.0.0.1:{port}/" in proc.stdout
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/DescribeJobs", data=b"{}", method="POST")
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/DescribeJobs", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as resp:
             assert json.loads(resp.read())["Jobs"]["Job"] == []
         again = subprocess.run([*console, "start"], capture_output=True, text=True, timeout=120)
@@ -245,3 +247,28 @@ def test_console_start_starts_the_service_and_stop_stops_it(tmp_path: Path) -> N
 
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_requests_a_foreign_web_page_could_make_are_refused(svc: ServiceEnv, tmp_path: Path) -> None:
+    """Without credentials on 127.0.0.1, a page on another site must not reach the service through
+    the user's browser: simple cross-site posts, rebound host names, URLs with Action=."""
+    body = json.dumps(local_job(tmp_path, "job_csrf", {"f": b"1"})).encode()
+    port = svc.url.rsplit(":", 1)[1]
+    refused = [
+        ({"Content-Type": "text/plain"}, 400, "InvalidParameter"),  # a form/fetch without preflight
+        ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403, "Forbidden.CSRF"),
+        ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403, "Forbidden.CSRF"),
+        ({"Content-Type": "application/json", "Host": f"evil.example:{port}"}, 403, "Forbidden.Host"),
+    ]
+    for headers, status, code in refused:
+        got, raw, _ = svc.request("POST", "/api/CreateJob", body, headers)
+        assert (got, json.loads(raw)["Code"]) == (status, code), headers
+    got, raw, _ = svc.request("GET", "/?Action=DeleteJob&JobName=job_csrf")
+    assert (got, json.loads(raw)["Code"]) == (403, "Forbidden.CSRF")
+    assert svc.ok("DescribeJobs")["Jobs"]["Job"] == [], "nothing was created"
+    same = {"Content-Type": "application/json", "Origin": f"http://localhost:{port}", "Sec-Fetch-Site": "same-origin",
+            "Host": f"localhost:{port}"}
+    got, raw, _ = svc.request("POST", "/api/CreateJob", body, same)
+    assert got == 200, raw
+    got, raw, _ = svc.request("GET", "/?JobName=job_csrf", headers={"x-acs-action": "DescribeJob"})
+    assert got == 200 and json.loads(raw)["Job"]["JobName"] == "job_csrf"

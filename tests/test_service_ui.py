@@ -74,7 +74,8 @@ def test_create_watch_detail_and_retry_in_the_browser(browser: Any, svc: Service
     page.wait_for_selector("#jobs-view")
 
     # a write without the page's CSRF token is refused even with the session cookie
-    status = page.evaluate("""async () => (await fetch('/api/DescribeJobs', {method: 'POST', body: '{}'})).status""")
+    status = page.evaluate("""async () => (await fetch('/api/DescribeJobs', {
+        method: 'POST', body: '{}', headers: {'Content-Type': 'application/json'}})).status""")
     assert status == 403
 
     page.click("#show-new")

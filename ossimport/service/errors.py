@@ -32,7 +32,8 @@ CODES: dict[str, int] = {
     "InvalidAccessKeyId.NotFound": 404,
     "InvalidTimeStamp.Expired": 400,  # x-acs-date more than 15 minutes off
     "SignatureNonceUsed": 400,  # a replayed x-acs-signature-nonce
-    "Forbidden.CSRF": 403,  # a browser form without the session's token
+    "Forbidden.CSRF": 403,  # a browser request from another site, or a form without the session's token
+    "Forbidden.Host": 403,  # a loopback service reached under another host name (DNS rebinding)
     "DryRunOperation": 200,  # never raised: a DryRun that passes answers 200 with the usual body
     "InternalError": 500,
 }

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from ossimport.service import api, dataflow_api, jobs_api, subtask_api  # noqa: F401 - register actions
+from ossimport.service import api, dataflow_api, guard, jobs_api, subtask_api  # noqa: F401 - register actions
 from ossimport.service.auth import Nonces, Sessions, verify_basic, verify_signature
 from ossimport.service.core import Service
 from ossimport.service.errors import ApiError
@@ -105,9 +105,12 @@ class Handler(BaseHTTPRequestHandler):
             pairs = parse_qsl(url.query, keep_blank_values=True)
             if method == "POST" and url.path.startswith("/api/") and url.path != "/api/events":
                 kind = "json"
-                self._json_door(method, url.path, pairs, headers, body)
             elif url.path == "/" and ("x-acs-action" in headers or any(k == "Action" for k, _ in pairs)):
                 kind = "rpc"
+            guard.check(kind, method, headers, self.server.loopback, signed=bool(self.server.service.credentials))
+            if kind == "json":
+                self._json_door(method, url.path, pairs, headers, body)
+            elif kind == "rpc":
                 self._rpc_door(method, url.path, pairs, headers, body)
             else:
                 status = self.server.pages.handle(self, method, url.path, pairs, headers, body)
@@ -160,6 +163,9 @@ class ServiceServer(ThreadingHTTPServer):
         self.metrics = metrics.Metrics(service)
         self.pages = pages.Pages(self)
         super().__init__(address, Handler)
+        from ossimport.service.serve import is_loopback
+
+        self.loopback = is_loopback(address[0])
 
     def shutdown(self) -> None:
         self.closing.set()
