@@ -387,3 +387,37 @@ def test_dataflow_quota_and_task_paging(flow: Flow) -> None:
         if not token:
             break
     assert seen == made
+
+
+def test_a_file_system_on_sftp(tmp_path: Path, backend_factory: Any) -> None:
+    """conf/filesystems may name an SFTP directory: a stream import writes there over SFTP."""
+    sftp = backend_factory("sftp")
+    s3 = backend_factory("s3-moto")
+    sroot = sftp.new_root()
+    env = ServiceEnv(tmp_path, workers=False)
+    env.env.update(sftp.env())
+    (env.conf / "filesystems").write_text(f"nas-1 = {sftp.address(sroot)}\n", encoding="utf-8")
+    env.start()
+    try:
+        root = s3.new_root()
+        data = random.Random(9).randbytes(3 * MiB)
+        s3.storage(root).put("in/big.bin", io.BytesIO(data), len(data))
+        flow_id = env.ok("CreateDataFlow", FileSystemId="nas-1", SourceStorage=s3.address(root).rsplit("/", 2)[0],
+                         SourceStoragePath=f"/{root}/")["DataFlowId"]
+        task = env.ok("CreateDataFlowTask", FileSystemId="nas-1", DataFlowId=flow_id, TaskAction="StreamImport",
+                      Directory="/in/", DstDirectory="/landing/")["TaskId"]
+        sub = env.ok("CreateDataFlowSubTask", FileSystemId="nas-1", DataFlowId=flow_id, DataFlowTaskId=task,
+                     SrcFilePath="/big.bin", DstFilePath="/big.bin")["DataFlowSubTaskId"]
+
+        def done() -> dict[str, Any] | None:
+            items = env.ok("DescribeDataFlowSubTasks", FileSystemId="nas-1", Filters=[
+                {"Key": "DataFlowSubTaskIds", "Value": sub}])["DataFlowSubTask"]["DataFlowSubTask"]
+            return items[0] if items[0]["Status"] in ("COMPLETE", "FAILED") else None
+
+        item = env.wait(done, 120, "the subtask")
+        assert item["Status"] == "COMPLETE", item
+        assert item["FileDetail"]["Checksum"] == crc64(data)
+        with sftp.storage(sroot).open("landing/big.bin") as f:
+            assert f.read() == data
+    finally:
+        env.stop()
