@@ -20,6 +20,15 @@ from ossimport.engine.stream import crc64
 from ossimport.errors import StorageError
 from ossimport.storage.base import Entry, Part, Storage, Writer
 
+_combiner: list[Any] = []
+
+
+def _combine() -> Any:
+    """CRC-64 combination (built once: making it costs ~0.2 ms, a tenth of a small subtask)."""
+    if not _combiner:
+        _combiner.append(Crc64().combine)
+    return _combiner[0]
+
 
 class Canceled(StorageError):
     def __init__(self) -> None:
@@ -33,7 +42,6 @@ class Arrival:
         self.cancel = threading.Event()
         self._pieces: dict[int, list[int]] = {}
         self._lock = threading.Lock()
-        self._combine = Crc64().combine
 
     def reset(self) -> None:
         with self._lock:
@@ -61,7 +69,7 @@ class Arrival:
         crc = total = 0
         with self._lock:
             for _, (piece_crc, length) in sorted(self._pieces.items()):
-                crc = self._combine(crc, piece_crc, length) if total else piece_crc
+                crc = _combine()(crc, piece_crc, length) if total else piece_crc
                 total += length
         return crc, total
 
