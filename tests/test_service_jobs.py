@@ -272,3 +272,11 @@ def test_requests_a_foreign_web_page_could_make_are_refused(svc: ServiceEnv, tmp
     assert got == 200, raw
     got, raw, _ = svc.request("GET", "/?JobName=job_csrf", headers={"x-acs-action": "DescribeJob"})
     assert got == 200 and json.loads(raw)["Job"]["JobName"] == "job_csrf"
+
+
+def test_a_second_service_on_the_same_working_directory_is_refused(svc: ServiceEnv) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ossimport", "serve", "--sys", str(svc.sys_path), "--listen",
+                           "127.0.0.1:0", "--no-workers"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "another service" in proc.stderr and str(svc.proc.pid if svc.proc else "") in proc.stderr
+    assert svc.ok("DescribeJobs")["Jobs"]["Job"] == []  # the first one still serves

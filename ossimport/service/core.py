@@ -39,12 +39,35 @@ class Workers:
         self._console("stop")
 
 
+def _single_service(directory: Path) -> int:
+    """Hold `service.lock` for this process's life: two services on one working directory would
+    both run its subtasks. The kernel drops the lock when the process dies, kill -9 included."""
+    import fcntl
+    import os
+
+    from ossimport.errors import UsageError
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "service.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(f"another service (pid {other}) is running for {directory.parent}; use it, or stop it "
+                         "first (console.sh stop)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 class Service:
     def __init__(self, sysconf: SysConfig, sys_path: Path, *, start_workers: bool = True) -> None:
         self.sysconf = sysconf
         self.conf_dir = sys_path.parent  # conf/filesystems lives beside sys.properties
         self.workdir = WorkDir(sysconf.workingDir)
         self.workdir.create()
+        self._lock_file = _single_service(self.workdir.root / "service")
         self.db = Database(self.workdir.root / "service" / "service.db")
         self.events = Events()
         self.workers = Workers(sys_path, start_workers)
@@ -75,6 +98,9 @@ class Service:
         self.ticker.start()
 
     def close(self) -> None:
+        import os
+
         self.ticker.close()
         self.executor.close()
         self.db.close()
+        os.close(self._lock_file)
