@@ -421,3 +421,22 @@ def test_a_file_system_on_sftp(tmp_path: Path, backend_factory: Any) -> None:
             assert f.read() == data
     finally:
         env.stop()
+
+
+def test_a_graceful_stop_of_the_service_resumes_running_subtasks_on_start(
+        slow_flow: tuple[Flow, FaultProxy]) -> None:
+    flow, proxy = slow_flow
+    data = random.Random(10).randbytes(4 * MiB)
+    flow.put("test/big.bin", data)
+    proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=512 * 1024))
+    task = flow.task("StreamImport")
+    sub = flow.sub(task, "/big.bin", "/big.bin")
+    flow.svc.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+    assert flow.svc.proc is not None
+    flow.svc.proc.terminate()  # SIGTERM: the user stops the service, nobody canceled the subtask
+    flow.svc.proc.wait(60)
+    flow.svc.proc = None
+    flow.svc.start()
+    s = flow.wait(sub, {"COMPLETE", "FAILED", "CANCELED"})
+    assert s["Status"] == "COMPLETE", s
+    assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data

@@ -175,6 +175,12 @@ class Executor:
         seconds = max(time.monotonic() - started, 1e-3)
         event, text = outcome[-1] if outcome else ("failed", "no outcome")
         crc, arrived = arrival.checksum()
+        if arrival.cancel.is_set() and event != "copied" and self._closed:
+            # the service is stopping, nobody canceled: waiting again for the next start, and
+            # this start does not count among the MAX_ATTEMPTS (a CANCELING row stays canceled)
+            if self.db.update("subtasks", sub["id"], {"status": "CREATED", "attempts": sub["attempts"]},
+                              "status = 'RUNNING'"):
+                return
         if arrival.cancel.is_set() and event != "copied":
             self._finish(sub["id"], "CANCELED", error="canceled", actual_bytes=0, **detail)
         elif event == "copied":
