@@ -214,9 +214,7 @@ def StartDataFlow(svc: Any, req: DataFlowRequest) -> dict[str, Any]:
         raise ApiError("InvalidStatus.ResourceMismatch", f"dataflow {flow['id']} is {flow['status']}")
     if not req.DryRun:
         svc.db.update("dataflows", flow["id"], {"status": "Running", "update_time": now()})
-        for row in svc.db.all("SELECT id FROM subtasks WHERE dataflow_id = ? AND status = 'CREATED' ORDER BY seq",
-                              (flow["id"],)):
-            svc.executor.submit(row["id"])
+        svc.executor.wake()
     return {}
 
 

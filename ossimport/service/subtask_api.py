@@ -76,7 +76,7 @@ def CreateDataFlowSubTask(svc: Any, req: CreateDataFlowSubTaskRequest) -> dict[s
     svc.db.insert("subtasks", {"id": sub_id, "dataflow_id": flow["id"], "task_id": task["id"],
                                "src_path": req.SrcFilePath, "dst_path": req.DstFilePath, "cond_mtime": mtime,
                                "cond_size": size, "status": "CREATED", "create_time": now()})
-    svc.executor.submit(sub_id)
+    svc.executor.wake()
     return {"DataFlowSubTaskId": sub_id}
 
 

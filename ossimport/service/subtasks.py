@@ -40,20 +40,52 @@ def now() -> str:
 
 
 class Executor:
+    """Runs CREATED subtasks of running dataflows, oldest first. The database is the queue: a
+    feeder thread hands at most THREADS * 2 of them to the pool at a time, so memory stays flat
+    however many subtasks wait; `wake()` after a change makes it look at once."""
+
     def __init__(self, service: Any) -> None:
         self.svc = service
         self.db = service.db
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="subtask")
         self._running: dict[str, tuple[Arrival, float]] = {}  # id -> (what arrived, start)
+        self._handed: set[str] = set()  # ids given to the pool, not finished yet
         self._storages: dict[str, tuple[Storage, Storage]] = {}  # dataflow -> (file system, object store)
         self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._closed = False
+        self._feeder = threading.Thread(target=self._feed, name="subtask-feeder", daemon=True)
 
     # ---- life cycle --------------------------------------------------------------------------------
     def start(self) -> None:
         self.recover()
-        for row in self.db.all("SELECT id FROM subtasks WHERE status = 'CREATED' ORDER BY seq"):
-            self.submit(row["id"])
+        self._feeder.start()
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _feed(self) -> None:
+        while not self._closed:
+            self._wake.wait(timeout=1.0)  # and a sweep now and then, should a wake be missed
+            self._wake.clear()
+            while not self._closed:
+                with self._lock:
+                    room = THREADS * 2 - len(self._handed)
+                    skip = list(self._handed)
+                if room <= 0:
+                    break
+                marks = ", ".join("?" for _ in skip) or "''"
+                rows = self.db.all(
+                    "SELECT id FROM subtasks WHERE status = 'CREATED' AND dataflow_id IN "
+                    "(SELECT id FROM dataflows WHERE status = 'Running') "
+                    f"AND id NOT IN ({marks}) ORDER BY seq LIMIT ?", [*skip, room])
+                if not rows:
+                    break
+                for row in rows:
+                    with self._lock:
+                        self._handed.add(row["id"])
+                    self._pool.submit(self._run_logged, row["id"])
 
     def recover(self) -> None:
         """Settle what a killed service left RUNNING or CANCELING."""
@@ -69,6 +101,7 @@ class Executor:
 
     def close(self) -> None:
         self._closed = True
+        self._wake.set()
         with self._lock:
             for arrival, _ in self._running.values():
                 arrival.cancel.set()  # stop copying; rows stay RUNNING and are resumed on start
@@ -78,10 +111,6 @@ class Executor:
                 for st in pair:
                     st.close()
             self._storages.clear()
-
-    def submit(self, subtask_id: str) -> None:
-        if not self._closed:
-            self._pool.submit(self._run_logged, subtask_id)
 
     def forget(self, dataflow_id: str) -> None:
         """Close a deleted dataflow's connections."""
@@ -110,6 +139,10 @@ class Executor:
         except Exception as exc:  # noqa: BLE001 - a bug fails the subtask, never the pool
             log.exception("subtask %s", subtask_id)
             self._finish(subtask_id, "FAILED", error=f"internal error: {type(exc).__name__}")
+        finally:
+            with self._lock:
+                self._handed.discard(subtask_id)
+            self._wake.set()
 
     def _run(self, subtask_id: str) -> None:
         sub = self.db.one("SELECT * FROM subtasks WHERE id = ?", (subtask_id,))
