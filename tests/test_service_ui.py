@@ -5,6 +5,7 @@ go to the test's tmp dir."""
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -115,9 +116,27 @@ def test_create_watch_detail_and_retry_in_the_browser(browser: Any, svc: Service
     page.screenshot(path=str(shots / "4-retried.png"), full_page=True)
     for key, data in files.items():
         assert (dst / key).read_bytes() == data
+
+    # a dataflow made through the API shows in the Dataflows view, its subtask reaching COMPLETE
+    basic = {"Authorization": "Basic " + base64.b64encode(f"{AK}:{SK}".encode()).decode()}
+    fs = tmp_path / "fs"
+    (fs / "oss").mkdir(parents=True)
+    flow = svc.call("CreateDataFlow", headers=basic, FileSystemId=str(fs), FileSystemPath="/oss/",
+                    SourceStorage=s3.address(root).rsplit("/", 2)[0], SourceStoragePath=f"/{root}/")[1]["DataFlowId"]
+    task = svc.call("CreateDataFlowTask", headers=basic, FileSystemId=str(fs), DataFlowId=flow,
+                    TaskAction="StreamImport", Directory="/more/", DstDirectory="/in/")[1]["TaskId"]
+    sub = svc.call("CreateDataFlowSubTask", headers=basic, FileSystemId=str(fs), DataFlowId=flow,
+                   DataFlowTaskId=task, SrcFilePath="/data.bin", DstFilePath="/data.bin")[1]["DataFlowSubTaskId"]
+    page.click("#show-flows")
+    page.fill("#flows-form input[name=fs]", str(fs))
+    page.click("#flows-form button[type=submit]")
+    expect(page.locator(f'[data-subtask="{sub}"] .status')).to_have_text("COMPLETE", timeout=60000)
+    page.screenshot(path=str(shots / "5-dataflows.png"), full_page=True)
+    assert (fs / "oss" / "in" / "data.bin").read_bytes() == files["more/data.bin"]
+
     html = page.content()
     assert S3_SECRET not in html and SK not in html
-    for name in ("1-validation.png", "2-cards.png", "3-detail.png", "4-retried.png"):
+    for name in ("1-validation.png", "2-cards.png", "3-detail.png", "4-retried.png", "5-dataflows.png"):
         assert (shots / name).stat().st_size > 1000
     out = os.environ.get("OSSIMPORT_SCREENSHOTS")
     if out:  # keep them past the tmp dir when asked

@@ -209,9 +209,15 @@ document.getElementById("retry").onclick = async () => {
 };
 
 // ---- dataflows ------------------------------------------------------------------------------
-document.getElementById("flows-form").onsubmit = async (ev) => {
+let flowsFs = "";
+let flowsTimer = null;
+document.getElementById("flows-form").onsubmit = (ev) => {
   ev.preventDefault();
-  const fs = ev.target.fs.value;
+  flowsFs = ev.target.fs.value;
+  return showFlows(flowsFs);
+};
+
+async function showFlows(fs) {
   const box = document.getElementById("flows");
   document.getElementById("flows-error").textContent = "";
   box.replaceChildren();
@@ -223,7 +229,9 @@ document.getElementById("flows-form").onsubmit = async (ev) => {
       const list = el("ul");
       for (const t of tasks.filter((t) => t.DataFlowId === f.DataFlowId)) {
         const items = subs.filter((s) => s.DataFlowTaskId === t.TaskId)
-          .map((s) => el("li", {}, `${s.SrcFilePath} \u2192 ${s.DstFilePath}: ${s.Status} ${(s.Progress / 100).toFixed(1)} % ${s.ErrorMsg}`));
+          .map((s) => el("li", { class: "subtask", "data-subtask": s.DataFlowSubTaskId },
+            `${s.SrcFilePath} \u2192 ${s.DstFilePath}: `, el("span", { class: "status" }, s.Status),
+            ` ${(s.Progress / 100).toFixed(1)} % ${s.ErrorMsg}`));
         list.append(el("li", {}, `${t.TaskId} ${t.TaskAction} ${t.Directory} \u2192 ${t.DstDirectory}: ${t.Status}`, el("ul", {}, ...items)));
       }
       box.append(el("div", { class: "flow" }, el("b", {}, f.DataFlowId), ` ${f.SourceStorage}${f.SourceStoragePath} \u2194 ${f.FileSystemPath}: ${f.Status}`, list));
@@ -232,7 +240,13 @@ document.getElementById("flows-form").onsubmit = async (ev) => {
   } catch (err) {
     document.getElementById("flows-error").textContent = err.message;
   }
-};
+}
+
+function flowsChanged() {
+  // subtask events come per change: redraw the dataflows view at most once a second
+  if (!flowsFs || document.getElementById("flows-view").hidden || flowsTimer) return;
+  flowsTimer = setTimeout(() => { flowsTimer = null; showFlows(flowsFs); }, 1000);
+}
 
 // ---- live updates ---------------------------------------------------------------------------
 function listen() {
@@ -248,6 +262,7 @@ function listen() {
     renderJobs();
     if (detailJob === job.JobName) openDetail(job.JobName);
   });
+  source.addEventListener("subtask", flowsChanged);
 }
 
 loadJobs().then(listen);
