@@ -440,3 +440,21 @@ def test_a_graceful_stop_of_the_service_resumes_running_subtasks_on_start(
     s = flow.wait(sub, {"COMPLETE", "FAILED", "CANCELED"})
     assert s["Status"] == "COMPLETE", s
     assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
+
+
+def test_cancel_of_a_running_multipart_export_leaves_no_object_and_no_upload(
+        slow_flow: tuple[Flow, FaultProxy]) -> None:
+    flow, proxy = slow_flow
+    (flow.fs / "oss" / "big").mkdir()
+    data = random.Random(11).randbytes(20 * MiB)  # over the 16 MiB threshold: a multipart upload
+    (flow.fs / "oss" / "big" / "large.bin").write_bytes(data)
+    proxy.add(Fault("slow_up", probability=1.0, method="PUT", path=r"large\.bin$", bps=2 * MiB))
+    task = flow.task("StreamExport", "/big/", "/out/")
+    sub = flow.sub(task, "/large.bin", "/large.bin")
+    flow.svc.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "a part to arrive")
+    flow.svc.ok("CancelDataFlowSubTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, DataFlowTaskId=task,
+                DataFlowSubTaskId=sub)
+    s = flow.wait(sub, {"CANCELED", "COMPLETE", "FAILED"}, 120)
+    assert s["Status"] == "CANCELED", s
+    assert [e.key for e in flow.bucket.list()] == []
+    assert list(flow.bucket.list_multipart()) == [], "the multipart upload was aborted"

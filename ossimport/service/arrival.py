@@ -47,10 +47,13 @@ class Arrival:
         with self._lock:
             self._pieces = {}
 
-    def add(self, position: int, data: bytes, *, extend: bool = False) -> None:
-        """Record `data` at `position` (a new piece, or, with `extend`, more of a streamed one)."""
+    def check(self) -> None:
         if self.cancel.is_set():
             raise Canceled()
+
+    def add(self, position: int, data: bytes, *, extend: bool = False) -> None:
+        """Record `data` at `position` (a new piece, or, with `extend`, more of a streamed one)."""
+        self.check()
         with self._lock:
             piece = self._pieces.get(position) if extend else None
             if piece is None:
@@ -83,8 +86,8 @@ class _Reader:
         data = self.raw.read(n)
         if data:
             self.arrival.add(0, data, extend=True)
-        elif self.arrival.cancel.is_set():
-            raise Canceled()
+        else:
+            self.arrival.check()
         return data
 
     def readable(self) -> bool:
@@ -100,12 +103,12 @@ class _Writer(Writer):
         self.arrival = arrival
 
     def write_at(self, offset: int, data: bytes) -> None:
-        self.arrival.add(offset, data)
+        self.arrival.check()
         self.inner.write_at(offset, data)
+        self.arrival.add(offset, data)  # counted once written
 
     def commit(self, mtime: float | None = None, mode: int | None = None) -> None:
-        if self.arrival.cancel.is_set():
-            raise Canceled()
+        self.arrival.check()
         self.inner.commit(mtime=mtime, mode=mode)
 
     def abort(self) -> None:
@@ -131,12 +134,13 @@ class Arriving:
         return self._inner.create_multipart(key, **kw)
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> Part:
-        self.arrival.add(number, data)
-        return self._inner.upload_part(key, upload_id, number, data)
+        self.arrival.check()
+        part = self._inner.upload_part(key, upload_id, number, data)
+        self.arrival.add(number, data)  # counted once the store took the part
+        return part
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[Part]) -> Entry:
-        if self.arrival.cancel.is_set():
-            raise Canceled()
+        self.arrival.check()
         return self._inner.complete_multipart(key, upload_id, parts)
 
     def open_writer(self, key: str, size: int) -> Writer:
