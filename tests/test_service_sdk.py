@@ -172,6 +172,10 @@ def test_replayed_nonce_stale_date_and_unsigned_requests_are_refused(svc: Servic
     assert status == 200 and body["DataFlowInfo"]["DataFlow"] == []
     status, body = raw_rpc(svc, "DescribeDataFlows", params, nonce="nonce-once")
     assert (status, body["Code"]) == (400, "SignatureNonceUsed")
+    svc.stop()  # a restart must not forget the nonces of the last 15 minutes
+    svc.start()
+    status, body = raw_rpc(svc, "DescribeDataFlows", params, nonce="nonce-once")
+    assert (status, body["Code"]) == (400, "SignatureNonceUsed")
     old = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 16 * 60))
     status, body = raw_rpc(svc, "DescribeDataFlows", params, date=old)
     assert (status, body["Code"]) == (400, "InvalidTimeStamp.Expired")

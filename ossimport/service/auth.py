@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 from ossimport.service.errors import ApiError
@@ -42,21 +43,20 @@ def sign(secret: str, text: str) -> str:
 
 
 class Nonces:
-    """Nonces seen in the last WINDOW seconds (older requests fail the date check anyway)."""
+    """Nonces seen in the last 2 x WINDOW seconds, kept in the service's database so that a
+    restart does not reopen the window for replays (older requests fail the date check)."""
 
-    def __init__(self) -> None:
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.db.execute("CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, seen REAL NOT NULL)")
+        self._count = 0
 
     def use(self, nonce: str) -> bool:
         now = time.time()
-        with self._lock:
-            if len(self._seen) > 1000:
-                self._seen = {n: t for n, t in self._seen.items() if now - t < 2 * WINDOW}
-            if nonce in self._seen:
-                return False
-            self._seen[nonce] = now
-            return True
+        self._count += 1
+        if self._count % 1000 == 1:
+            self.db.execute("DELETE FROM nonces WHERE seen < ?", (now - 2 * WINDOW,))
+        return self.db.execute("INSERT OR IGNORE INTO nonces VALUES (?, ?)", (nonce, now)) == 1
 
 
 def verify_signature(method: str, path: str, pairs: list[tuple[str, str]], headers: Mapping[str, str],

@@ -156,7 +156,7 @@ class ServiceServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], service: Service) -> None:
         self.service = service
         self.closing = threading.Event()  # ends the open event streams on shutdown
-        self.nonces = Nonces()
+        self.nonces = Nonces(service.db)
         self.sessions = Sessions()
         from ossimport.service import metrics, pages
 
