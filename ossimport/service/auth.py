@@ -47,8 +47,7 @@ class Nonces:
     restart does not reopen the window for replays (older requests fail the date check)."""
 
     def __init__(self, db: Any) -> None:
-        self.db = db
-        self.db.execute("CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, seen REAL NOT NULL)")
+        self.db = db  # its table is created with the others (db.SCHEMA)
         self._count = 0
 
     def use(self, nonce: str) -> bool:

@@ -1,4 +1,5 @@
-"""The service's records: dataflows, their tasks and subtasks, and ClientToken answers, in SQLite
+"""The service's records: dataflows, their tasks and subtasks, ClientToken answers and recent
+signature nonces, in SQLite
 (WAL) at `<workingDir>/service/service.db`.
 
 The file holds the dataflows' object-store addresses with their credentials, so it is created
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS subtasks (
     checksum TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS subtasks_by_task ON subtasks (task_id, status);
 CREATE INDEX IF NOT EXISTS subtasks_by_status ON subtasks (status);
+CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
     action TEXT NOT NULL, token TEXT NOT NULL, fingerprint TEXT NOT NULL, response TEXT NOT NULL,
     PRIMARY KEY (action, token));
