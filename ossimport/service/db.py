@@ -1,6 +1,5 @@
 """The service's records: dataflows, their tasks and subtasks, ClientToken answers and recent
-signature nonces, in SQLite
-(WAL) at `<workingDir>/service/service.db`.
+signature nonces, in SQLite (WAL) at `<workingDir>/service/service.db`.
 
 The file holds the dataflows' object-store addresses with their credentials, so it is created
 mode 0600 like a frozen job.cfg. Every state change is one statement (SQLite makes it atomic), so
