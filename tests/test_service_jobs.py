@@ -280,3 +280,13 @@ def test_a_second_service_on_the_same_working_directory_is_refused(svc: ServiceE
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "another service" in proc.stderr and str(svc.proc.pid if svc.proc else "") in proc.stderr
     assert svc.ok("DescribeJobs")["Jobs"]["Job"] == []  # the first one still serves
+
+
+def test_listens_on_ipv6_loopback(tmp_path: Path) -> None:
+    env = ServiceEnv(tmp_path, workers=False)
+    try:
+        env.start(listen="[::1]:0")
+        assert env.url.startswith("http://[::1]:")
+        assert env.ok("DescribeJobs")["Jobs"]["Job"] == []
+    finally:
+        env.stop()

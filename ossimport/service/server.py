@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -162,6 +163,8 @@ class ServiceServer(ThreadingHTTPServer):
 
         self.metrics = metrics.Metrics(service)
         self.pages = pages.Pages(self)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6  # --listen [::1]:PORT
         super().__init__(address, Handler)
         from ossimport.service.serve import is_loopback
 
