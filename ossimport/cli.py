@@ -176,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in ("console", "master", "worker"):
             return _job_front_end(argv)
+        if argv and argv[0] == "serve":
+            from ossimport import log as logsetup
+            from ossimport.service.serve import run_serve
+
+            logsetup.setup(0)
+            return run_serve(argv[1:])
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("no command given: use 'ossimport cp SRC DST' or 'ossimport sync SRC DST'")

@@ -296,8 +296,9 @@ INVALID_SYS = {
     "dispatcherThreadNum": "x", "workerAbortWhenUncatchedException": "maybe", "workerRecordMd5": "2",
     "javaHeapMaxSize": "1g\t2", "masterAddress": "127.0.0.1:13830", "workerCount": "-1", "leaseSeconds": "2",
     "heartbeatSeconds": "40", "allowShortIncrementalInterval": "yes", "curveKeysDir": "k\x00x",
+    "serviceAddress": "http://0.0.0.0:8567", "serviceAccessKeyId": "ak\tid", "serviceAccessKeySecret": "se\x01cret",
 }
-SECRETS = {"srcAccessKey", "srcSecretKey", "destAccessKey", "destSecretKey", "workerPassword"}
+SECRETS = {"srcAccessKey", "srcSecretKey", "destAccessKey", "destSecretKey", "workerPassword", "serviceAccessKeySecret"}
 
 
 def test_every_key_has_an_invalid_case() -> None:

@@ -71,6 +71,8 @@ def test_key_range_is_inclusive_and_stops_early() -> None:
         (Policy("sync", update=True), E("k", 5, 100), E("k", 1, 200), Action.SKIP),
         (Policy("sync", update=True), E("k", 5, 100), E("k", 1, 100), Action.COPY),
         (Policy.from_conflict("SKIP_THE_FILE"), E("k", 1, 900), E("k", 1, 100), Action.SKIP),
+        # "skips the file with the same name": also when the sizes differ
+        (Policy.from_conflict("SKIP_THE_FILE"), E("k", 11, 900), E("k", 3, 100), Action.SKIP),
         (Policy.from_conflict("KEEP_LATEST"), E("k", 1, 900), E("k", 1, 100), Action.COPY),
         (Policy.from_conflict("OVERWRITE_EXISTING"), E("k", 1, 1), E("k", 1, 100), Action.COPY),
         (Policy("sync"), None, E("k"), Action.EXTRA),

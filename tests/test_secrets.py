@@ -11,6 +11,7 @@ files allowed to hold one are the frozen 0600 job.cfg copies and the config file
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import stat
@@ -442,5 +443,97 @@ def test_split_signed_url_keeps_its_query_out_of_sight() -> None:
     check.assert_clean()
 
 
-def test_http_service_does_not_leak() -> None:
-    pytest.skip("no HTTP service yet")
+SVC_AK, SVC_SK = "svcLeakCheck0001", "SvcS3cr3t/Leak+0001"
+
+
+def test_http_service_does_not_leak(tmp_path: Path, backend_factory: Any, leak_oss: tuple[OSSShim, str]) -> None:
+    """Every answer of the service (both error and success, JSON and RPC door, metrics, events,
+    pages), its output and every file it writes: no secret, only the 0600 database holds them."""
+    import base64
+    import http.client
+    import threading
+
+    from serviceenv import ServiceEnv
+
+    s3 = backend_factory("s3-moto")
+    root = s3.new_root()
+    loc = parse_address(s3.address(root))
+    shim, bucket = leak_oss
+    check = LeakCheck([*SECRETS, SVC_SK])
+    env = ServiceEnv(tmp_path, {"serviceAccessKeyId": SVC_AK, "serviceAccessKeySecret": SVC_SK})
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{SVC_AK}:{SVC_SK}".encode()).decode()}
+    answers: list[str] = []
+
+    def call(action: str, **params: Any) -> dict[str, Any]:
+        status, body = env.call(action, headers=auth, **params)
+        answers.append(f"{action} -> {status} {json.dumps(body)}")
+        return body
+
+    src = tmp_path / "src"
+    write_tree(src, {"a.txt": b"alpha", "b/c.txt": b"beta"})
+    fs = tmp_path / "fs"
+    (fs / "oss").mkdir(parents=True)
+    (fs / "oss" / "up.txt").write_bytes(b"up")
+    events: list[str] = []
+    env.start()
+    try:
+        host, port = env.url.split("//", 1)[1].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        conn.request("GET", "/api/events", headers=auth)
+        stream = conn.getresponse()
+        reader = threading.Thread(target=lambda: events.extend(iter(lambda: stream.readline().decode(), "")),
+                                  daemon=True)
+        reader.start()
+        s3_job = {"destType": "s3", "destDomain": f"http://{loc.endpoint}", "destBucket": loc.bucket,
+                  "destPrefix": f"{root}/job/", "destAccessKey": JOB_AK, "destSecretKey": JOB_SK}
+        call("CreateJob", jobName="leak_svc", srcType="local", srcPrefix=f"{src}/", **s3_job)
+        call("CreateJob", jobName="leak_bad", srcType="local", srcPrefix=f"{src}/",
+             **{**s3_job, "destDomain": f"http://u:{SFTP_PW}@bad host"})
+        call("CreateJob", jobName="leak_oss_wrong", srcType="local", srcPrefix=f"{src}/", destType="oss",
+             destDomain=f"http://127.0.0.1:{shim.port}", destBucket=bucket, destPrefix=f"{root}/",
+             destAccessKey=OSS_AK, destSecretKey=JOB_OSS_WRONG)
+        addr = f"s3://{q(S3_AK)}:{q(S3_SK)}:{q(S3_TOKEN)}@{loc.bucket}.{loc.endpoint}"
+        flow = call("CreateDataFlow", FileSystemId=str(fs), SourceStorage=addr, FileSystemPath="/oss/",
+                    SourceStoragePath=f"/{root}/flow/")["DataFlowId"]
+        wrong = f"oss://{q(OSS_AK)}:{q(OSS_WRONG)}:{q(OSS_TOKEN)}@{bucket}.127.0.0.1:{shim.port}"
+        bad_flow = call("CreateDataFlow", FileSystemId=str(fs), SourceStorage=wrong, FileSystemPath="/oss/")
+        call("CreateDataFlow", FileSystemId=str(fs), SourceStorage=f"s3://{q(S3_AK)}:{q(S3_SK)}@bad bucket")
+        task = call("CreateDataFlowTask", FileSystemId=str(fs), DataFlowId=flow, TaskAction="StreamExport",
+                    Directory="/", DstDirectory="/")["TaskId"]
+        sub = call("CreateDataFlowSubTask", FileSystemId=str(fs), DataFlowId=flow, DataFlowTaskId=task,
+                   SrcFilePath="/up.txt", DstFilePath="/up.txt")["DataFlowSubTaskId"]
+        env.wait(lambda: call("DescribeDataFlowSubTasks", FileSystemId=str(fs))["DataFlowSubTask"]
+                 ["DataFlowSubTask"][0]["Status"] == "COMPLETE", 60, "the subtask")
+        for name in ("leak_svc", "leak_oss_wrong"):
+            env.wait(lambda n=name: env.call("DescribeJob", headers=auth, JobName=n)[1]["Job"]["State"]
+                     in ("SUCCEED", "FAILED"), 90, f"job {name}")
+            call("DescribeJob", JobName=name)
+        assert call("DescribeJob", JobName="leak_svc")["Job"]["State"] == "SUCCEED"
+        assert call("DescribeJob", JobName="leak_oss_wrong")["Job"]["FilesFailed"] == 2
+        call("DescribeJobs")
+        call("DescribeDataFlows", FileSystemId=str(fs))
+        call("DescribeDataFlowTasks", FileSystemId=str(fs))
+        call("RetryJob", JobName="leak_oss_wrong")
+        call("CancelDataFlowSubTask", FileSystemId=str(fs), DataFlowId=flow, DataFlowTaskId=task,
+             DataFlowSubTaskId=sub)
+        for path in ("/metrics", "/openapi.json", "/", "/login.html", "/app.js"):
+            status, raw, _ = env.request("GET", path, headers=auth)
+            answers.append(f"GET {path} -> {status} {raw.decode(errors='replace')}")
+        assert "Misconfigured" in json.dumps(bad_flow) or "DataFlowId" in bad_flow
+        conn.close()
+    finally:
+        env.stop()
+    for i, text in enumerate(answers):
+        check.text(f"answer {i}", text)
+    check.text("events", "".join(events))
+    check.text("service output", "".join(env.output))
+    db_files = set((env.workdir / "service").glob("service.db*"))
+    for path in db_files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path} holds credentials"
+    check.tree(tmp_path, allowed=db_files | {env.sys_path})  # sys.properties: the config the test wrote
+    assert len(answers) > 20 and check.files_checked > 10 and len(events) > 5
+    assert any('"JobName": "leak_svc"' in line for line in events)
+    probe = LeakCheck([*SECRETS, SVC_SK])
+    probe.text("requests", addr + wrong + json.dumps(s3_job) + SVC_SK)
+    assert {S3_SK, OSS_WRONG, JOB_SK, SVC_SK} <= probe.found
+    check.assert_clean()

@@ -35,6 +35,7 @@ class Policy:
     update: bool = False
     checksum: bool = False
     skip_existing: bool = False
+    keep_existing: bool = False  # dataflow SKIP_THE_FILE: any destination of the name is kept
 
     def __post_init__(self) -> None:
         if self.mode not in ("cp", "sync"):
@@ -45,8 +46,8 @@ class Policy:
         """The policy of a dataflow ConflictPolicy."""
         if conflict == "OVERWRITE_EXISTING":
             return cls(mode="cp")
-        if conflict == "SKIP_THE_FILE":
-            return cls(mode="sync", skip_existing=True)
+        if conflict == "SKIP_THE_FILE":  # "skips the file with the same name", whatever its size
+            return cls(mode="sync", keep_existing=True)
         if conflict == "KEEP_LATEST":
             return cls(mode="sync", update=True)
         raise UsageError(f"ConflictPolicy {conflict!r} is not one of {', '.join(CONFLICT_POLICIES)}")
@@ -55,13 +56,15 @@ class Policy:
     def needs_destination(self) -> bool:
         """Whether deciding needs the destination's listing at all. A plain cp does not, so it
         starts copying at once and never pays for listing a large destination."""
-        return self.mode != "cp" or self.update or self.skip_existing
+        return self.mode != "cp" or self.update or self.skip_existing or self.keep_existing
 
     def decide(self, src: Entry | None, dst: Entry | None) -> Action:
         if src is None:
             return Action.EXTRA
         if dst is None:
             return Action.COPY
+        if self.keep_existing:
+            return Action.SKIP
         if self.skip_existing:
             return Action.SKIP if dst.size == src.size else Action.COPY
         src_sec, dst_sec = int(src.mtime), int(dst.mtime)

@@ -33,6 +33,7 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 UPSTREAM_TYPES = ("local", "oss", "qiniu", "bos", "ks3", "s3", "youpai", "http", "cos", "azure")
 TYPES = (*UPSTREAM_TYPES, "sftp", "minio", "obs", "ufile", "aoss")
 MIN_INCREMENTAL_INTERVAL = 900
+DEFAULT_SERVICE_ADDRESS = "127.0.0.1:8567"
 _YEAR_3000 = 32503680000  # a bigger "unix seconds" value is almost surely milliseconds
 
 # COS v4 short region names, as upstream templates write them (srcDomain=sh)
@@ -143,6 +144,10 @@ _SYS_KEYS: dict[str, _Key] = {
     "heartbeatSeconds": _Key("float", 0.05, 3600),
     "allowShortIncrementalInterval": _Key("bool"),
     "curveKeysDir": _Key("path"),
+    "serviceAddress": _Key("text", pattern=r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}",
+                           hint="use HOST:PORT, e.g. 127.0.0.1:8567"),
+    "serviceAccessKeyId": _Key("text"),
+    "serviceAccessKeySecret": _Key("secret"),
 }
 
 
@@ -649,6 +654,11 @@ class SysConfig:
     heartbeatSeconds: float = 5.0
     allowShortIncrementalInterval: bool = False  # tests: incrementalModeInterval below 900
     curveKeysDir: Path | None = None  # set by __post_init__
+    # `ossimport serve` (HTTP API and web UI); empty: `console start` starts no service and
+    # `serve` listens on DEFAULT_SERVICE_ADDRESS
+    serviceAddress: str = ""
+    serviceAccessKeyId: str = ""  # the service's own credentials: when set, every request is signed
+    serviceAccessKeySecret: str = field(default="", repr=False)
     source: str = field(default="<mapping>", compare=False)
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
     warnings: list[str] = field(default_factory=list, compare=False, repr=False)

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +60,15 @@ def _pick_job(wd: WorkDir, name: str | None) -> list[str]:
 
 # ---- commands -------------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    from ossimport.jobs.config import dump_job, load_job
+    from ossimport.jobs.config import load_job
+    from ossimport.jobs.submit import submit_job
 
     sysconf, wd = _configs(args)
     path = _job_path(args)
     cfg = load_job(path, allow_short_interval=sysconf.allowShortIncrementalInterval)
     for w in cfg.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    src, _ = cfg.locations()  # refuse now what could never run
-    if src.backend == "local" and not os.path.isdir(src.path):
-        raise UsageError(f"{path}: srcPrefix={src.path!r} is not an existing directory; fix srcPrefix")
-    wd.create()
-    if wd.exists(cfg.jobName):
-        raise UsageError(f"job {cfg.jobName!r} already exists: 'console.sh clean {cfg.jobName}' first, "
-                         "or 'console.sh retry' to retry its failed tasks")
-    wd.submit(cfg.jobName, dump_job(cfg))
-    wd.log("submit.log", f"submitted job {cfg.jobName} from {path}")
+    submit_job(wd, cfg, str(path))
     print(f"submitted job {cfg.jobName}")
     return 0
 
@@ -132,7 +126,29 @@ def cmd_start(args: argparse.Namespace) -> int:
                 "--curve-keys", str(sysconf.curveKeysDir)]
         _spawn(wd, f"worker-{i}", argv)
     print(f"{count} local workers running")
+    if sysconf.serviceAddress and not getattr(args, "no_service", False):
+        _start_service(wd, sys_path, sysconf.serviceAddress)
     return 0
+
+
+def _start_service(wd: WorkDir, sys_path: str, address: str, wait: float = 15.0) -> None:
+    """`ossimport serve` beside the master (it finds the master and workers already running)."""
+    import socket
+
+    if _alive(wd.run / "service.pid") is None:
+        _spawn(wd, "service", ["serve", "--sys", sys_path, "--no-workers"])
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            print(f"service and web UI on http://{address}/")
+            return
+        except OSError:
+            if _alive(wd.run / "service.pid") is None:
+                break
+            time.sleep(0.1)
+    print(f"the service did not start on {address}; see {wd.logs / 'ossimport2.log'}", file=sys.stderr)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -366,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("cfg", nargs="?")
     s = sub.add_parser("start", help="start the master and local workers in the background")
     s.add_argument("--workers", type=int, help="local worker processes (default workerCount or CPUs)")
+    s.add_argument("--no-service", action="store_true", help="do not start the HTTP service (serviceAddress)")
     sub.add_parser("stop", help="stop the master and local workers")
     s = sub.add_parser("stat", help="job status")
     s.add_argument("job", nargs="?")
