@@ -131,7 +131,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_service(wd: WorkDir, sys_path: str, address: str, wait: float = 15.0) -> None:
+def _start_service(wd: WorkDir, sys_path: str, address: str, wait: float = 60.0) -> None:
     """`ossimport serve` beside the master (it finds the master and workers already running)."""
     import socket
 
