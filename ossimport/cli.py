@@ -23,6 +23,7 @@ from ossimport.errors import OssimportError, UsageError
 
 if TYPE_CHECKING:
     from ossimport.address import Location
+    from ossimport.engine.outcome import Outcome
     from ossimport.engine.stats import Stats
     from ossimport.storage.base import Entry, Storage, StorageOptions
 
@@ -391,15 +392,17 @@ def _single_item(src: Storage, dst: Storage, src_key: str, dst_key: str, stats: 
 
 
 def _listener(args: argparse.Namespace) -> Any:
-    def on(event: str, entry: Entry, detail: str) -> None:
-        if event == "failed":
+    from ossimport.engine.outcome import Kind
+
+    def on(o: Outcome) -> None:
+        if o.kind is Kind.FAILED:
             from ossimport.log import redact
 
-            where = f" {entry.key}" if entry.key else ""
-            _err_line(redact(f"FAILED{where}: {detail}"))
+            where = f" {o.key}" if o.key else ""
+            _err_line(redact(f"FAILED{where}: {o.code}: {o.message}"))
         elif args.verbose:
-            verb = "would " + event if args.dryrun else event
-            log.info("%s %s", verb, entry.key)
+            verb = "would " + o.kind.value if args.dryrun else o.kind.value
+            log.info("%s %s", verb, o.key)
 
     return on
 
@@ -474,24 +477,26 @@ class _KeyLists:
         self.one_way = args.one_way
         self._lock = threading.Lock()
 
-    def on(self, event: str, entry: Entry, detail: str) -> None:
-        if event == "extra":
+    def on(self, o: Outcome) -> None:
+        from ossimport.engine.outcome import Kind
+
+        if o.kind is Kind.EXTRA:
             if self.one_way:
                 return
             kind = "extra"
-        elif event in ("failed", "not-tried"):
-            code = detail.split(":", 1)[0]
-            kind = self.CODES.get(code, "errors")
+        elif o.failed:
+            kind = self.CODES.get(o.code, "errors")
         else:
             return
         with self._lock:
             self.counts[kind] += 1
             if kind in self.files:
-                self.files[kind].write(entry.key + "\n")
-        if not self.quiet and event != "not-tried":
+                self.files[kind].write(o.key + "\n")
+        if not self.quiet and o.kind is not Kind.NOT_TRIED:
             from ossimport.log import redact
 
-            _err_line(redact(f"{kind.upper()} {entry.key}" + (f": {detail}" if kind in ("differ", "errors") else "")))
+            why = f": {o.code}: {o.message}" if kind in ("differ", "errors") else ""
+            _err_line(redact(f"{kind.upper()} {o.key}{why}"))
 
     def close(self) -> None:
         for f in self.files.values():

@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 from ossimport.engine.cancel import CancelToken
-from ossimport.engine.options import Listener, RunOptions
+from ossimport.engine.options import RunOptions
+from ossimport.engine.outcome import Kind, Listener, Outcome
 from ossimport.engine.stats import Stats
 from ossimport.errors import StorageError
-from ossimport.storage.base import Entry, Storage
+from ossimport.storage.base import Storage
 
 log = logging.getLogger("ossimport")
 
@@ -64,11 +65,11 @@ class Deleter:
                 self.dst.delete(extra)
         except StorageError as exc:
             self.stats.fail(extra, exc.code, f"delete failed: {exc}")
-            self._emit("failed", Entry(extra, 0, 0.0), f"{exc.code}: delete failed (it is in the way of "
-                                                       f"{blocked}): {exc}")
+            self._emit(Outcome(Kind.FAILED, extra, code=exc.code,
+                               message=f"delete failed (it is in the way of {blocked}): {exc}"))
             return True  # not again for the next key; the failure also cancels the other deletions
         self.stats.add(deleted=1)
-        self._emit("deleted", Entry(extra, 0, 0.0), extra)
+        self._emit(Outcome(Kind.DELETED, extra))
         return True
 
     def extras(self, spool: Spool, failed: bool) -> None:
@@ -87,10 +88,10 @@ class Deleter:
                 if not self.opts.dryrun:
                     self.dst.delete(key)
                 self.stats.add(deleted=1)
-                self._emit("deleted", Entry(key, 0, 0.0), key)
+                self._emit(Outcome(Kind.DELETED, key))
             except StorageError as exc:
                 self.stats.fail(key, exc.code, f"delete failed: {exc}")
-                self._emit("failed", Entry(key, 0, 0.0), f"{exc.code}: delete failed: {exc}")
+                self._emit(Outcome(Kind.FAILED, key, code=exc.code, message=f"delete failed: {exc}"))
             finally:
                 slots.release()
 

@@ -8,7 +8,7 @@ The parent lists and merges as always, and its queue of items feeds its own copy
 forwarder thread per helper. A helper is forked before any thread is started, asks for a batch of
 items whenever it runs short, copies them with a Runner of its own over fresh Storage instances
 (sockets and SSH sessions are never shared across a fork), and every few milliseconds sends back
-the events of what it finished and the change in its counters, so that progress, FAILED lines,
+the outcomes of what it finished and the change in its counters, so that progress, FAILED lines,
 job audit records and the summary are the same as with one process. A helper ignores Ctrl-C: the
 parent decides, and when its run is stopped it sends each helper SIGTERM, which stops the
 helper's run the same way (nothing new starts, copies in hand are abandoned). If a helper dies,
@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
 from ossimport.engine.cancel import CancelToken
+from ossimport.engine.outcome import TERMINAL, Listener, Outcome
 from ossimport.engine.stats import Stats
 from ossimport.storage.base import Entry, Storage
 
@@ -36,14 +37,11 @@ log = logging.getLogger("ossimport")
 
 BATCH = 32  # items per hand-out: enough to amortise a round trip, few enough to balance the load
 FLUSH_SECONDS = 0.02  # how often a helper reports (progress and FAILED lines stay live)
-# the events that end an item's handling (one per item); "deleted-source" may follow "copied"
-TERMINAL = frozenset({"copied", "skipped", "failed", "not-tried", "verified"})
 # counters a helper changes (listing counters such as found/extra stay with the parent)
 COUNTERS = ("skipped", "copied", "copied_bytes", "deleted", "failed", "failed_bytes", "not_tried",
             "bytes_moved")
 
 Item = tuple[Entry, "Entry | None", str]
-Event = tuple[str, str, int, str]  # (event, key, size, detail)
 
 
 def auto_processes(threads: int) -> int:
@@ -71,7 +69,7 @@ class Helper:
 
 
 def start(count: int, src: Storage, dst: Storage, threads: list[int],
-          make_runner: Callable[[Storage, Storage, Stats, int, Callable[[str, Entry, str], None]], Any],
+          make_runner: Callable[[Storage, Storage, Stats, int, Listener], Any],
           ) -> list[Helper]:
     """Fork `count` helpers. Call before the parent starts any thread: a fork copies only the
     calling thread, and a lock held by another one would stay locked in the child for good."""
@@ -100,15 +98,15 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
                  make_runner: Callable[..., Any]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
     send_lock = threading.Lock()
-    events: list[Event] = []
-    events_lock = threading.Lock()
+    outcomes: list[Outcome] = []
+    outcomes_lock = threading.Lock()
     stats = Stats()
     sent = dict.fromkeys(COUNTERS, 0)
     failures_sent = 0
 
-    def listener(event: str, entry: Entry, detail: str) -> None:
-        with events_lock:
-            events.append((event, entry.key, entry.size, detail))
+    def listener(outcome: Outcome) -> None:
+        with outcomes_lock:
+            outcomes.append(outcome)
 
     runner: Any = None
     parent_gone = threading.Event()
@@ -138,9 +136,9 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
 
     def report() -> None:
         nonlocal failures_sent
-        with events_lock:
-            batch = events[:]
-            events.clear()
+        with outcomes_lock:
+            batch = outcomes[:]
+            outcomes.clear()
         delta = {}
         for name in COUNTERS:
             now = getattr(stats, name)
@@ -190,11 +188,12 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
 
 # ---- the parent's side ----------------------------------------------------------------------------
 def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: Stats,
-            emit: Callable[[str, Entry, str], None], outcome: Callable[[str, str], str], stopped: CancelToken,
+            emit: Listener, outcome: Callable[[Outcome], Outcome], stopped: CancelToken,
             handle: Callable[[Item], None], work: Callable[[], None]) -> None:
     """The parent's thread for one helper: hands it items from `q` when it asks, applies its
-    reports (each event as `outcome(event, detail)` says it is to be reported), and takes over its items (and then its share of `q`) if it dies. Consumes exactly one
-    `done` marker from `q`, like a copy thread."""
+    reports (each outcome as `outcome(o)` says it is to be reported), and takes over its items
+    (and then its share of `q`) if it dies. Consumes exactly one `done` marker from `q`, like a
+    copy thread."""
     got_done = False
     handed = 0
     try:
@@ -238,14 +237,14 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
         work()
 
 
-def _apply(helper: Helper, events: list[Event], delta: dict[str, int],
+def _apply(helper: Helper, outcomes: list[Outcome], delta: dict[str, int],
            failures: list[tuple[str, str, str]], stats: Stats,
-           emit: Callable[[str, Entry, str], None], outcome: Callable[[str, str], str]) -> None:
+           emit: Listener, outcome: Callable[[Outcome], Outcome]) -> None:
     stats.merge(delta, failures)
-    for event, key, size, detail in events:
-        if event in TERMINAL:
-            helper.held.pop(key, None)
-        emit(outcome(event, detail), Entry(key, size, 0.0), detail)
+    for o in outcomes:
+        if o.kind in TERMINAL:
+            helper.held.pop(o.key, None)
+        emit(outcome(o))
 
 
 def stop_all(helpers: list[Helper]) -> None:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from ossimport.engine.cancel import CancelToken
 from ossimport.engine.deletion import Deleter, Spool
 from ossimport.engine.listing import KeyRange, Pair, checked_order, merge, ranged
-from ossimport.engine.options import Item, Listener, RunOptions
+from ossimport.engine.options import Item, RunOptions
+from ossimport.engine.outcome import Kind, Listener, Outcome
 from ossimport.engine.policy import Action
 from ossimport.engine.stats import Stats
 from ossimport.errors import OssimportError
@@ -79,10 +80,10 @@ class Planner:
         for item in items:
             if cancel.cancelled:
                 return
-            src, dst, dst_key = item
+            src, dst, _ = item
             if check and dst is not None and decide(src, dst) is skip:
                 self.stats.add(skipped=1)
-                self._emit("skipped", src, dst_key)
+                self._emit(Outcome(Kind.SKIPPED, src.key, src.size))
             else:
                 yield item
 
@@ -100,7 +101,7 @@ class Planner:
 
     def _extra(self, d: Entry) -> None:
         self.stats.add(extra=1)
-        self._emit("extra", d, d.key)
+        self._emit(Outcome(Kind.EXTRA, d.key, d.size))
 
     def _clearing_the_way(self, pairs: Iterable[Pair], extras: Spool) -> Iterator[Item]:
         """The items of a merged listing (with --delete-dst onto a file system), deleting first

@@ -24,7 +24,8 @@ from dataclasses import replace
 from ossimport.engine import fanout
 from ossimport.engine.cancel import Cancelled, CancelToken
 from ossimport.engine.deletion import Deleter, Spool
-from ossimport.engine.options import Item, Listener, RunOptions
+from ossimport.engine.options import Item, RunOptions
+from ossimport.engine.outcome import Kind, Listener, Outcome
 from ossimport.engine.planner import Planner
 from ossimport.engine.policy import Action
 from ossimport.engine.stats import Stats
@@ -115,7 +116,8 @@ class Runner:
             for st in (self.src, self.dst):
                 for problem in st.list_errors:
                     self.stats.fail("", "ListingIncomplete", f"{st.describe()}: {problem}")
-                    self._emit("failed", Entry("", 0, 0.0), f"listing of {st.describe()} incomplete: {problem}")
+                    self._emit(Outcome(Kind.FAILED, "", code="ListingIncomplete",
+                                       message=f"listing of {st.describe()} incomplete: {problem}"))
             self._deleter.extras(extras, failed=bool(self.stats.failed or self._errors))
             self._deleter.old_temps()
         finally:
@@ -252,11 +254,11 @@ class Runner:
                 self._not_tried(src, exc.code, "failed like an earlier file", str(exc))
                 return
             self.stats.fail(src.key, exc.code, str(exc), src.size)
-            self._emit("failed", src, f"{exc.code}: {exc}")
+            self._emit(Outcome(Kind.FAILED, src.key, src.size, exc.code, str(exc)))
         except Exception as exc:  # a bug or an unmapped library error: fail the file, not the run
             log.debug("unexpected error on %s", src.key, exc_info=True)
             self.stats.fail(src.key, type(exc).__name__, str(exc), src.size)
-            self._emit("failed", src, f"{type(exc).__name__}: {exc}")
+            self._emit(Outcome(Kind.FAILED, src.key, src.size, type(exc).__name__, str(exc)))
 
     def _stops_the_run(self, code: str) -> str:
         """"first" when a failure with `code` is the first that every further request would
@@ -274,18 +276,18 @@ class Runner:
     def _not_tried(self, src: Entry, code: str, why: str, message: str = "") -> None:
         self.stats.fail(src.key, code, message or f"not tried after {code}", src.size)
         self.stats.add(not_tried=1)
-        self._emit("not-tried", src, f"{code}: {why}")
+        self._emit(Outcome(Kind.NOT_TRIED, src.key, src.size, code, why))
 
-    def _helper_outcome(self, event: str, detail: str) -> str:
-        """The event to report for an outcome of a copy process (engine/fanout.py), which
-        decides like `_handle`: a failure like the one that stopped the run (in this process or
-        another) is one of the files not tried, so all processes together print one line."""
-        if event in ("copied", "skipped", "verified"):
+    def _helper_outcome(self, outcome: Outcome) -> Outcome:
+        """An outcome of a copy process (engine/fanout.py) as this run reports it, decided like
+        `_handle`: a failure like the one that stopped the run (in this process or another) is
+        one of the files not tried, so all processes together print one line."""
+        if outcome.kind in (Kind.COPIED, Kind.SKIPPED, Kind.VERIFIED):
             self._reached = True
-        elif event == "failed" and self._stops_the_run(detail.partition(":")[0]) == "again":
-            self.stats.add(not_tried=1)  # failure details start with their code
-            return "not-tried"
-        return event
+        elif outcome.kind is Kind.FAILED and self._stops_the_run(outcome.code) == "again":
+            self.stats.add(not_tried=1)
+            return replace(outcome, kind=Kind.NOT_TRIED)
+        return outcome
 
     def _one(self, src: Entry, dst: Entry | None, dst_key: str) -> None:
         if self.opts.verify_only:
@@ -297,17 +299,16 @@ class Runner:
             action = Action.SKIP if self.transfer.same_content(src, dst) else Action.COPY
         if action is Action.SKIP:
             self.stats.add(skipped=1)
-            self._emit("skipped", src, dst_key)
+            self._emit(Outcome(Kind.SKIPPED, src.key, src.size))
         else:
-            if not self.opts.dryrun:
-                self.transfer.copy(src, dst_key)
+            result = None if self.opts.dryrun else self.transfer.copy(src, dst_key)
             self.stats.add(copied=1, copied_bytes=src.size)
-            self._emit("copied", src, dst_key)
+            self._emit(Outcome(Kind.COPIED, src.key, src.size, checksums=dict(result.checksums) if result else {}))
         if self.opts.delete_src:
             if not self.opts.dryrun:
                 self.src.delete(src.key)
             self.stats.add(deleted=1)
-            self._emit("deleted-source", src, src.key)
+            self._emit(Outcome(Kind.DELETED_SOURCE, src.key, src.size))
 
     def _verify_one(self, src: Entry, dst: Entry | None) -> None:
         if dst is None:
@@ -318,11 +319,11 @@ class Runner:
         if self.opts.verify_checksum and not self.transfer.same_content(src, dst):
             raise StorageError(f"{src.key!r}: content differs", code="CHECKSUM_NOT_MATCH")
         self.stats.add(skipped=1)
-        self._emit("verified", src, src.key)
+        self._emit(Outcome(Kind.VERIFIED, src.key, src.size))
 
-    def _emit(self, event: str, entry: Entry, detail: str) -> None:
+    def _emit(self, outcome: Outcome) -> None:
         if self.listener is not None:
-            self.listener(event, entry, detail)
+            self.listener(outcome)
 
 
 
