@@ -530,11 +530,16 @@ def run_verify(args: argparse.Namespace) -> int:
         if src_loc.backend == "local" and not os.path.isdir(src_loc.path):
             raise UsageError(f"source directory {src_loc.path!r} does not exist")
         stats = Stats()
-        Runner(src, dst, opts, stats, listener=lists.on).run()
+        runner = Runner(src, dst, opts, stats, listener=lists.on)
+        with _stopped_by_ctrl_c(runner):
+            runner.run()
     finally:
         lists.close()
         src.close()
         dst.close()
+    if runner.cancelled:
+        print("ossimport: interrupted", file=sys.stderr)
+        return 130
     c = lists.counts
     # a listing that failed outright (missing bucket, unreachable endpoint) is counted in stats but
     # reaches no listener: it must not read as "identical"

@@ -137,4 +137,6 @@ class TaskRunner:
             "failed_bytes": stats.failed_bytes,
             "bytes": sum(e.size for e in entries),
         }
-        return TaskResult(ok=stats.failed == 0, done=done, audit=audit, errors=sorted(set(errors)))
+        # a stopped task left files unhandled (neither copied nor failed): never a success
+        ok = stats.failed == 0 and not runner.cancelled
+        return TaskResult(ok=ok, done=done, audit=audit, errors=sorted(set(errors)))
