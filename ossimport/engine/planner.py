@@ -39,6 +39,7 @@ class Planner:
         self._emit = emit
         self._cancel = cancel
         self._deleter = deleter
+        self.dst_listed = False  # the destination answered a listing: it can be reached
 
     def from_listing(self, extras: Spool) -> Iterator[Item]:
         """The items of the two roots' merged listings; extras go to `extras` (--delete-dst)."""
@@ -91,6 +92,8 @@ class Planner:
     def _listing(self, st: Storage, count: bool) -> Iterator[Entry]:
         kr, flt = self.opts.key_range, self.opts.filter
         for e in checked_order(ranged(st.list(start_after=kr.start_after()), kr), st.describe()):
+            if st is self.dst:
+                self.dst_listed = True
             if count:
                 self.stats.add(found=1, found_bytes=e.size)
             if flt.active and not flt.admits(e.key):
@@ -98,6 +101,8 @@ class Planner:
                     self.stats.add(excluded=1)
                 continue
             yield e
+        if st is self.dst:
+            self.dst_listed = True  # an empty listing answers too
 
     def _extra(self, d: Entry) -> None:
         self.stats.add(extra=1)

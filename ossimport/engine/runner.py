@@ -268,7 +268,8 @@ class Runner:
         with self._fatal_lock:
             if self._fatal is not None:
                 return "again" if code == self._fatal else ""
-            if code in FATAL_CODES or (code in UNREACHABLE_CODES and not self._reached):
+            never_reached = not (self._reached or self._planner.dst_listed)
+            if code in FATAL_CODES or (code in UNREACHABLE_CODES and never_reached):
                 self._fatal = code
                 return "first"
             return ""
