@@ -66,6 +66,10 @@ class Helper:
     pid: int
     conn: Connection
     held: dict[str, Item] = field(default_factory=dict)  # handed out, not yet reported, by key
+    # a pidfd (Linux): signals sent through it cannot reach another process that reuses the pid
+    # once the helper was reaped
+    pidfd: int | None = None
+    reaped: bool = False
 
 
 def start(count: int, src: Storage, dst: Storage, threads: list[int],
@@ -89,7 +93,7 @@ def start(count: int, src: Storage, dst: Storage, threads: list[int],
             finally:
                 os._exit(code)
         child_end.close()
-        helpers.append(Helper(pid, parent_end))
+        helpers.append(Helper(pid, parent_end, pidfd=_pidfd(pid)))
     return helpers
 
 
@@ -231,6 +235,7 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
             os.waitpid(helper.pid, 0)
         except ChildProcessError:
             pass
+        helper.reaped = True
     if not got_done:
         # a helper that died, or was stopped: serve the queue in its place up to the done marker
         # (after a stop, that only skips), so every copy thread still gets its own marker
@@ -245,6 +250,32 @@ def _apply(helper: Helper, outcomes: list[Outcome], delta: dict[str, int],
         if o.kind in TERMINAL:
             helper.held.pop(o.key, None)
         emit(outcome(o))
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    except OSError:
+        return None
+
+
+def terminate(helper: Helper) -> None:
+    """Send SIGTERM (which stops the helper's run, see _helper_main), never to a stranger."""
+    try:
+        if helper.pidfd is not None:
+            signal.pidfd_send_signal(helper.pidfd, signal.SIGTERM)
+        elif not helper.reaped:
+            os.kill(helper.pid, signal.SIGTERM)
+    except OSError:  # gone already
+        pass
+
+
+def release(helpers: list[Helper]) -> None:
+    """Close the helpers' pidfds once nothing will signal them."""
+    for h in helpers:
+        if h.pidfd is not None:
+            os.close(h.pidfd)
+            h.pidfd = None
 
 
 def stop_all(helpers: list[Helper]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -68,7 +67,7 @@ class Runner:
         self._fatal_lock = threading.Lock()
         self._reached = False  # an item succeeded: the stores can be reached
         self._helpers: list[fanout.Helper] | None = None  # forked copy processes, once started
-        self._forked: list[int] = []  # their pids, told to stop with the run
+        self._forked: list[fanout.Helper] = []  # told to stop with the run
         self._threads = [max(1, opts.threads)]  # copy threads per process, this one first
 
     # ---- entry points ---------------------------------------------------------------------------
@@ -102,7 +101,7 @@ class Runner:
             return Runner(src, dst, opts, stats, listener)
 
         self._helpers = fanout.start(o.processes - 1, self.src, self.dst, self._threads[1:], make_runner)
-        self._forked = [h.pid for h in self._helpers]
+        self._forked = list(self._helpers)
         log.info("copying with %d processes (threads: %s)", o.processes, "+".join(map(str, self._threads)))
 
     def run(self) -> Stats:
@@ -143,11 +142,8 @@ class Runner:
         """Stop the run (Ctrl-C, a job's lease lost): nothing new starts, copies in hand are
         abandoned, and the copy processes are told the same."""
         self.cancel.cancel()
-        for pid in self._forked:
-            try:
-                os.kill(pid, signal.SIGTERM)  # a helper's SIGTERM stops its runner (fanout.py)
-            except ProcessLookupError:
-                pass
+        for helper in self._forked:
+            fanout.terminate(helper)
 
     @property
     def cancelled(self) -> bool:
@@ -203,6 +199,8 @@ class Runner:
                 q.put(_DONE)
             if self._joined(workers):
                 self.transfer.close()
+                self._forked = []  # every helper was reaped: nothing signals them any more
+                fanout.release(helpers)
 
     def _joined(self, workers: list[threading.Thread]) -> bool:
         """Wait for the workers; after a stop, for CANCEL_GRACE at most (a copy in flight notices
