@@ -31,7 +31,8 @@ class Spool:
     """Keys written to a temporary file, read back once (the extras --delete-dst removes)."""
 
     def __init__(self) -> None:
-        self._file: IO[str] = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        # closed in close()
+        self._file: IO[str] = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115
         self.count = 0
 
     def add(self, key: str) -> None:

@@ -302,7 +302,8 @@ class Runner:
         else:
             result = None if self.opts.dryrun else self.transfer.copy(src, dst_key)
             self.stats.add(copied=1, copied_bytes=src.size)
-            self._emit(Outcome(Kind.COPIED, src.key, src.size, checksums=dict(result.checksums) if result else {}))
+            checksums = dict(result.checksums) if result else {}
+            self._emit(Outcome(Kind.COPIED, src.key, src.size, checksums=checksums))
         if self.opts.delete_src:
             if not self.opts.dryrun:
                 self.src.delete(src.key)
