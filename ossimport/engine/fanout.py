@@ -164,12 +164,15 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
         while not parent_gone.is_set():
             send(("more",))
             try:
-                batch = conn.recv()
+                answer = conn.recv()
             except (EOFError, OSError):
                 gone()
                 return
-            if batch is None:
+            if answer is None:
                 return
+            batch, reached = answer
+            if reached:
+                runner.reached()  # the parent's listing (or copies) reached the stores
             yield from batch
 
     my_src, my_dst = src.reopen(), dst.reopen()
@@ -191,13 +194,30 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
 
 
 # ---- the parent's side ----------------------------------------------------------------------------
-def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: Stats,
-            emit: Listener, outcome: Callable[[Outcome], Outcome], stopped: CancelToken,
-            handle: Callable[[Item], None], work: Callable[[], None]) -> None:
-    """The parent's thread for one helper: hands it items from `q` when it asks, applies its
-    reports (each outcome as `outcome(o)` says it is to be reported), and takes over its items
-    (and then its share of `q`) if it dies. Consumes exactly one `done` marker from `q`, like a
-    copy thread."""
+@dataclass
+class Parent:
+    """What a forwarder needs of the parent's run."""
+
+    queue: queue.SimpleQueue[object]  # the run's items, ended by one `done` marker per consumer
+    done: object
+    stats: Stats
+    emit: Listener
+    outcome: Callable[[Outcome], Outcome]  # a helper's outcome as the run reports it
+    cancel: CancelToken
+    handle: Callable[[Item], None]  # handle one item in this process
+    work: Callable[[], None]  # serve the queue in this process up to a done marker
+    reached: Callable[[], bool]  # the stores answered this run: a refused connection is an outage
+    halted: Callable[[], bool]  # a failure every request would repeat stopped the run
+
+
+def forward(helper: Helper, parent: Parent) -> None:
+    """The parent's thread for one helper: hands it items from the queue when it asks (with
+    what the run knows of the stores), applies its reports (each outcome as `parent.outcome`
+    says it is to be reported), and takes over its items (and then its share of the queue) if
+    it dies. Once the run is stopped or halted, the parent serves the queue itself (a halted run
+    fails the rest without a request each). Consumes exactly one `done` marker, like a copy
+    thread."""
+    q, stopped = parent.queue, parent.cancel
     got_done = False
     handed = 0
     try:
@@ -205,21 +225,21 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
             message = helper.conn.recv()
             if message[0] == "more":
                 batch: list[Item] = []
-                while not got_done and not stopped.cancelled and len(batch) < BATCH:
+                while not got_done and not stopped.cancelled and not parent.halted() and len(batch) < BATCH:
                     try:
                         item = q.get() if not batch else q.get_nowait()
                     except queue.Empty:
                         break
-                    if item is done:
+                    if item is parent.done:
                         got_done = True
                         break
                     batch.append(item)  # type: ignore[arg-type]
                 for item in batch:
                     helper.held[item[0].key] = item
                 handed += len(batch)
-                helper.conn.send(batch or None)
+                helper.conn.send((batch, parent.reached()) if batch else None)
             elif message[0] == "report":
-                _apply(helper, message[1], message[2], message[3], stats, emit, outcome)
+                _apply(helper, message[1], message[2], message[3], parent.stats, parent.emit, parent.outcome)
             elif message[0] == "done":
                 log.debug("copy process %d handled %d files", helper.pid, handed)
                 break
@@ -227,7 +247,7 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
         log.warning("a copy process exited unexpectedly; its %d files are copied by the main process",
                     len(helper.held))
         for item in list(helper.held.values()):
-            handle(item)
+            parent.handle(item)
         helper.held.clear()
     finally:
         helper.conn.close()
@@ -237,9 +257,10 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
             pass
         helper.reaped = True
     if not got_done:
-        # a helper that died, or was stopped: serve the queue in its place up to the done marker
-        # (after a stop, that only skips), so every copy thread still gets its own marker
-        work()
+        # a helper that died, was stopped or halted: serve the queue in its place up to the done
+        # marker (after a stop that only skips, after a halt it fails without requests), so every
+        # copy thread still gets its own marker
+        parent.work()
 
 
 def _apply(helper: Helper, outcomes: list[Outcome], delta: dict[str, int],

@@ -160,11 +160,11 @@ class Runner:
         helpers, self._helpers = self._helpers or [], []  # each run hands its items out once
         workers = [threading.Thread(target=self._work, args=(q,), name=f"copy-{i}", daemon=True)
                    for i in range(self._threads[0] if helpers else max(1, self.opts.threads))]
+        parent = fanout.Parent(q, _DONE, self.stats, self._emit, self._helper_outcome, self.cancel,
+                               self._handle, lambda: self._work(q), self._stores_answered,
+                               lambda: self._fatal is not None)
         workers += [threading.Thread(target=fanout.forward, name=f"helper-{h.pid}", daemon=True,
-                                     args=(h, q, _DONE, self.stats, self._emit, self._helper_outcome,
-                                           self.cancel, self._handle,
-                                           lambda: self._work(q)))
-                    for h in helpers]
+                                     args=(h, parent)) for h in helpers]
         for w in workers:
             w.start()
         threads = max(1, self.opts.threads)
@@ -266,11 +266,19 @@ class Runner:
         with self._fatal_lock:
             if self._fatal is not None:
                 return "again" if code == self._fatal else ""
-            never_reached = not (self._reached or self._planner.dst_listed)
-            if code in FATAL_CODES or (code in UNREACHABLE_CODES and never_reached):
+            if code in FATAL_CODES or (code in UNREACHABLE_CODES and not self._stores_answered()):
                 self._fatal = code
                 return "first"
             return ""
+
+    def _stores_answered(self) -> bool:
+        """Whether anything in this run reached the stores: an item succeeded, or the destination
+        answered a listing (a copy process learns it from the parent with its items)."""
+        return self._reached or self._planner.dst_listed
+
+    def reached(self) -> None:
+        """The stores answered (told to a copy process by the parent)."""
+        self._reached = True
 
     def _not_tried(self, src: Entry, code: str, why: str, message: str = "") -> None:
         self.stats.fail(src.key, code, message or f"not tried after {code}", src.size)
