@@ -136,6 +136,9 @@ class Runner:
             return self.stats
         self.stats.add(found=len(entries), found_bytes=sum(e.size for e in entries))
         self._execute(self._planner.from_manifest(entries))
+        # jobs remove the temp files of their tasks' keys themselves (remove_stale_temps); a
+        # worker keeps its storages from task to task, so what the listing met is not kept
+        self.dst.old_temps.clear()
         return self.stats
 
     def stop(self) -> None:
