@@ -274,7 +274,7 @@ def _split_bucket(host: str) -> tuple[str, str, str]:
     for i in dots[1:]:
         rest = host[i + 1:]
         name = rest[1:rest.index("]")] if rest.startswith("[") and "]" in rest else rest.rsplit(":", 1)[0]
-        if name == "localhost" or _is_ip(name):
+        if (name == "localhost" or _is_ip(name)) and _DOTTED_BUCKET_RE.match(host[:i]):
             return host[:i], ".", rest
     return host.partition(".")
 

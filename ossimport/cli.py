@@ -25,6 +25,7 @@ from ossimport.errors import OssimportError, UsageError
 if TYPE_CHECKING:
     from ossimport.address import Location
     from ossimport.engine.listing import Filter
+    from ossimport.engine.outcome import Outcome
     from ossimport.engine.stats import Stats
     from ossimport.storage.base import Entry, Storage, StorageOptions
 
@@ -457,15 +458,17 @@ def _single_item(src: Storage, dst: Storage, src_key: str, dst_key: str, stats: 
 
 
 def _listener(args: argparse.Namespace) -> Any:
-    def on(event: str, entry: Entry, detail: str) -> None:
-        if event == "failed":
+    from ossimport.engine.outcome import Kind
+
+    def on(o: Outcome) -> None:
+        if o.kind is Kind.FAILED:
             from ossimport.log import redact
 
-            where = f" {entry.key}" if entry.key else ""
-            _err_line(redact(f"FAILED{where}: {detail}"))
+            where = f" {o.key}" if o.key else ""
+            _err_line(redact(f"FAILED{where}: {o.code}: {o.message}"))
         elif args.verbose:
-            verb = _WOULD.get(event, "would " + event) if args.dryrun else event
-            log.info("%s %s", verb, entry.key)
+            verb = _WOULD.get(o.kind.value, "would " + o.kind.value) if args.dryrun else o.kind.value
+            log.info("%s %s", verb, o.key)
 
     return on
 
@@ -550,24 +553,26 @@ class _KeyLists:
         self.one_way = args.one_way
         self._lock = threading.Lock()
 
-    def on(self, event: str, entry: Entry, detail: str) -> None:
-        if event == "extra":
+    def on(self, o: Outcome) -> None:
+        from ossimport.engine.outcome import Kind
+
+        if o.kind is Kind.EXTRA:
             if self.one_way:
                 return
             kind = "extra"
-        elif event in ("failed", "not-tried"):
-            code = detail.split(":", 1)[0]
-            kind = self.CODES.get(code, "errors")
+        elif o.failed:
+            kind = self.CODES.get(o.code, "errors")
         else:
             return
         with self._lock:
             self.counts[kind] += 1
             if kind in self.files:
-                self.files[kind].write(entry.key + "\n")
-        if not self.quiet and event != "not-tried":
+                self.files[kind].write(o.key + "\n")
+        if not self.quiet and o.kind is not Kind.NOT_TRIED:
             from ossimport.log import redact
 
-            _err_line(redact(f"{kind.upper()} {entry.key}" + (f": {detail}" if kind in ("differ", "errors") else "")))
+            why = f": {o.code}: {o.message}" if kind in ("differ", "errors") else ""
+            _err_line(redact(f"{kind.upper()} {o.key}{why}"))
 
     def close(self) -> None:
         for f in self.files.values():
@@ -601,11 +606,16 @@ def run_verify(args: argparse.Namespace) -> int:
         if src_loc.backend == "local" and not os.path.isdir(src_loc.path):
             raise UsageError(f"source directory {src_loc.path!r} does not exist")
         stats = Stats()
-        Runner(src, dst, opts, stats, listener=lists.on).run()
+        runner = Runner(src, dst, opts, stats, listener=lists.on)
+        with _stopped_by_ctrl_c(runner):
+            runner.run()
     finally:
         lists.close()
         src.close()
         dst.close()
+    if runner.cancelled:
+        print("ossimport: interrupted", file=sys.stderr)
+        return 130
     c = lists.counts
     # a listing that failed outright (missing bucket, unreachable endpoint) is counted in stats but
     # reaches no listener: it must not read as "identical"

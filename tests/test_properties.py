@@ -327,6 +327,7 @@ def test_delete_dst_clears_nothing_in_a_dry_run(tmp_path: Path) -> None:
 def test_delete_dst_clears_nothing_when_the_source_listing_is_incomplete(tmp_path: Path) -> None:
     """What the source listing left out might be the very file in the way: then the copy fails."""
     from ossimport.address import parse_address
+    from ossimport.engine.outcome import Kind, Outcome
     from ossimport.engine.runner import Runner, RunOptions
     from ossimport.storage import open_storage
 
@@ -335,9 +336,8 @@ def test_delete_dst_clears_nothing_when_the_source_listing_is_incomplete(tmp_pat
     write_files(src, {"a/b": b"a is a directory now", "c": b"c is a file now"})
     with open_storage(parse_address(f"{src}/")) as s, open_storage(parse_address(f"{dst}/")) as d:
         s.list_errors.append("x: permission denied")  # as an unreadable directory would leave it
-        events: list[tuple[str, str]] = []
-        stats = Runner(s, d, RunOptions(delete_dst=True, threads=2),
-                       listener=lambda ev, e, detail: events.append((ev, detail))).run()
+        events: list[Outcome] = []
+        stats = Runner(s, d, RunOptions(delete_dst=True, threads=2), listener=events.append).run()
     assert (stats.copied, stats.deleted) == (0, 0), events
-    assert {detail.split(":")[0] for ev, detail in events if ev == "failed"} >= {"PathConflict"}, events
+    assert {o.code for o in events if o.kind is Kind.FAILED} >= {"PathConflict"}, events
     assert files_of(dst) == {"a": b"file a", "c/d": b"in c"}

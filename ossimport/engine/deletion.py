@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 from ossimport.engine.cancel import CancelToken
-from ossimport.engine.options import Listener, RunOptions
+from ossimport.engine.options import RunOptions
+from ossimport.engine.outcome import Kind, Listener, Outcome
 from ossimport.engine.stats import Stats
 from ossimport.errors import StorageError
-from ossimport.storage.base import Entry, Storage
+from ossimport.storage.base import Storage
 
 log = logging.getLogger("ossimport")
 
@@ -30,7 +31,8 @@ class Spool:
     """Keys written to a temporary file, read back once (the extras --delete-dst removes)."""
 
     def __init__(self) -> None:
-        self._file: IO[str] = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        # closed in close()
+        self._file: IO[str] = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115
         self.count = 0
 
     def add(self, key: str) -> None:
@@ -52,14 +54,15 @@ class Deleter:
         self._emit = emit
         self._cancel = cancel
 
-    def delete(self, st: Storage, entry: Entry, event: str) -> None:
-        """Delete `entry` from `st` and count it; a dry run only counts it, as would_delete."""
+    def delete(self, st: Storage, key: str, kind: Kind, size: int = 0) -> None:
+        """Delete `key` from `st` and count it; a dry run only counts it, as would_delete (the
+        outcome is the same: front ends know a dry run and say "would delete")."""
         if self.opts.dryrun:
             self.stats.add(would_delete=1)
         else:
-            st.delete(entry.key)
+            st.delete(key)
             self.stats.add(deleted=1)
-        self._emit(event, entry, entry.key)
+        self._emit(Outcome(kind, key, size))
 
     def clear(self, extra: str, blocked: str) -> bool:
         """Delete the destination extra `extra` now, before the copy of `blocked` it stands in the
@@ -69,11 +72,11 @@ class Deleter:
             return False
         log.debug("deleting %s first: it is in the way of %s", extra, blocked)
         try:
-            self.delete(self.dst, Entry(extra, 0, 0.0), "deleted")
+            self.delete(self.dst, extra, Kind.DELETED)
         except StorageError as exc:
             self.stats.fail(extra, exc.code, f"delete failed: {exc}")
-            self._emit("failed", Entry(extra, 0, 0.0), f"{exc.code}: delete failed (it is in the way of "
-                                                       f"{blocked}): {exc}")
+            self._emit(Outcome(Kind.FAILED, extra, code=exc.code,
+                               message=f"delete failed (it is in the way of {blocked}): {exc}"))
             return True  # not again for the next key; the failure also cancels the other deletions
         return True
 
@@ -90,10 +93,10 @@ class Deleter:
             try:
                 if self._cancel.cancelled:
                     return
-                self.delete(self.dst, Entry(key, 0, 0.0), "deleted")
+                self.delete(self.dst, key, Kind.DELETED)
             except StorageError as exc:
                 self.stats.fail(key, exc.code, f"delete failed: {exc}")
-                self._emit("failed", Entry(key, 0, 0.0), f"{exc.code}: delete failed: {exc}")
+                self._emit(Outcome(Kind.FAILED, key, code=exc.code, message=f"delete failed: {exc}"))
             finally:
                 slots.release()
 

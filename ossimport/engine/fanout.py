@@ -8,7 +8,7 @@ The parent lists and merges as always, and its queue of items feeds its own copy
 forwarder thread per helper. A helper is forked before any thread is started, asks for a batch of
 items whenever it runs short, copies them with a Runner of its own over fresh Storage instances
 (sockets and SSH sessions are never shared across a fork), and every few milliseconds sends back
-the events of what it finished and the change in its counters, so that progress, FAILED lines,
+the outcomes of what it finished and the change in its counters, so that progress, FAILED lines,
 job audit records and the summary are the same as with one process. A helper ignores Ctrl-C: the
 parent decides, and when its run is stopped it sends each helper SIGTERM, which stops the
 helper's run the same way (nothing new starts, copies in hand are abandoned). If a helper dies,
@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
 from ossimport.engine.cancel import CancelToken
+from ossimport.engine.outcome import TERMINAL, Listener, Outcome
 from ossimport.engine.stats import Stats
 from ossimport.storage.base import Entry, Storage
 
@@ -36,14 +37,11 @@ log = logging.getLogger("ossimport")
 
 BATCH = 32  # items per hand-out: enough to amortise a round trip, few enough to balance the load
 FLUSH_SECONDS = 0.02  # how often a helper reports (progress and FAILED lines stay live)
-# the events that end an item's handling (one per item); "deleted-source" may follow "copied"
-TERMINAL = frozenset({"copied", "skipped", "failed", "not-tried", "verified"})
 # counters a helper changes (listing counters such as found/extra stay with the parent)
 COUNTERS = ("skipped", "copied", "copied_bytes", "deleted", "would_delete", "failed", "failed_bytes", "not_tried",
             "bytes_moved")
 
 Item = tuple[Entry, "Entry | None", str]
-Event = tuple[str, str, int, str]  # (event, key, size, detail)
 
 
 def auto_processes(threads: int) -> int:
@@ -68,10 +66,14 @@ class Helper:
     pid: int
     conn: Connection
     held: dict[str, Item] = field(default_factory=dict)  # handed out, not yet reported, by key
+    # a pidfd (Linux): signals sent through it cannot reach another process that reuses the pid
+    # once the helper was reaped
+    pidfd: int | None = None
+    reaped: bool = False
 
 
 def start(count: int, src: Storage, dst: Storage, threads: list[int],
-          make_runner: Callable[[Storage, Storage, Stats, int, Callable[[str, Entry, str], None]], Any],
+          make_runner: Callable[[Storage, Storage, Stats, int, Listener], Any],
           ) -> list[Helper]:
     """Fork `count` helpers. Call before the parent starts any thread: a fork copies only the
     calling thread, and a lock held by another one would stay locked in the child for good."""
@@ -91,7 +93,7 @@ def start(count: int, src: Storage, dst: Storage, threads: list[int],
             finally:
                 os._exit(code)
         child_end.close()
-        helpers.append(Helper(pid, parent_end))
+        helpers.append(Helper(pid, parent_end, pidfd=_pidfd(pid)))
     return helpers
 
 
@@ -100,15 +102,15 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
                  make_runner: Callable[..., Any]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
     send_lock = threading.Lock()
-    events: list[Event] = []
-    events_lock = threading.Lock()
+    outcomes: list[Outcome] = []
+    outcomes_lock = threading.Lock()
     stats = Stats()
     sent = dict.fromkeys(COUNTERS, 0)
     failures_sent = 0
 
-    def listener(event: str, entry: Entry, detail: str) -> None:
-        with events_lock:
-            events.append((event, entry.key, entry.size, detail))
+    def listener(outcome: Outcome) -> None:
+        with outcomes_lock:
+            outcomes.append(outcome)
 
     runner: Any = None
     parent_gone = threading.Event()
@@ -138,9 +140,9 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
 
     def report() -> None:
         nonlocal failures_sent
-        with events_lock:
-            batch = events[:]
-            events.clear()
+        with outcomes_lock:
+            batch = outcomes[:]
+            outcomes.clear()
         delta = {}
         for name in COUNTERS:
             now = getattr(stats, name)
@@ -162,12 +164,15 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
         while not parent_gone.is_set():
             send(("more",))
             try:
-                batch = conn.recv()
+                answer = conn.recv()
             except (EOFError, OSError):
                 gone()
                 return
-            if batch is None:
+            if answer is None:
                 return
+            batch, reached = answer
+            if reached:
+                runner.reached()  # the parent's listing (or copies) reached the stores
             yield from batch
 
     my_src, my_dst = src.reopen(), dst.reopen()
@@ -189,12 +194,30 @@ def _helper_main(conn: Connection, src: Storage, dst: Storage, threads: int,
 
 
 # ---- the parent's side ----------------------------------------------------------------------------
-def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: Stats,
-            emit: Callable[[str, Entry, str], None], outcome: Callable[[str, str], str], stopped: CancelToken,
-            handle: Callable[[Item], None], work: Callable[[], None]) -> None:
-    """The parent's thread for one helper: hands it items from `q` when it asks, applies its
-    reports (each event as `outcome(event, detail)` says it is to be reported), and takes over its items (and then its share of `q`) if it dies. Consumes exactly one
-    `done` marker from `q`, like a copy thread."""
+@dataclass
+class Parent:
+    """What a forwarder needs of the parent's run."""
+
+    queue: queue.SimpleQueue[object]  # the run's items, ended by one `done` marker per consumer
+    done: object
+    stats: Stats
+    emit: Listener
+    outcome: Callable[[Outcome], Outcome]  # a helper's outcome as the run reports it
+    cancel: CancelToken
+    handle: Callable[[Item], None]  # handle one item in this process
+    work: Callable[[], None]  # serve the queue in this process up to a done marker
+    reached: Callable[[], bool]  # the stores answered this run: a refused connection is an outage
+    halted: Callable[[], bool]  # a failure every request would repeat stopped the run
+
+
+def forward(helper: Helper, parent: Parent) -> None:
+    """The parent's thread for one helper: hands it items from the queue when it asks (with
+    what the run knows of the stores), applies its reports (each outcome as `parent.outcome`
+    says it is to be reported), and takes over its items (and then its share of the queue) if
+    it dies. Once the run is stopped or halted, the parent serves the queue itself (a halted run
+    fails the rest without a request each). Consumes exactly one `done` marker, like a copy
+    thread."""
+    q, stopped = parent.queue, parent.cancel
     got_done = False
     handed = 0
     try:
@@ -202,21 +225,21 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
             message = helper.conn.recv()
             if message[0] == "more":
                 batch: list[Item] = []
-                while not got_done and not stopped.cancelled and len(batch) < BATCH:
+                while not got_done and not stopped.cancelled and not parent.halted() and len(batch) < BATCH:
                     try:
                         item = q.get() if not batch else q.get_nowait()
                     except queue.Empty:
                         break
-                    if item is done:
+                    if item is parent.done:
                         got_done = True
                         break
                     batch.append(item)  # type: ignore[arg-type]
                 for item in batch:
                     helper.held[item[0].key] = item
                 handed += len(batch)
-                helper.conn.send(batch or None)
+                helper.conn.send((batch, parent.reached()) if batch else None)
             elif message[0] == "report":
-                _apply(helper, message[1], message[2], message[3], stats, emit, outcome)
+                _apply(helper, message[1], message[2], message[3], parent.stats, parent.emit, parent.outcome)
             elif message[0] == "done":
                 log.debug("copy process %d handled %d files", helper.pid, handed)
                 break
@@ -224,7 +247,7 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
         log.warning("a copy process exited unexpectedly; its %d files are copied by the main process",
                     len(helper.held))
         for item in list(helper.held.values()):
-            handle(item)
+            parent.handle(item)
         helper.held.clear()
     finally:
         helper.conn.close()
@@ -232,20 +255,48 @@ def forward(helper: Helper, q: queue.SimpleQueue[object], done: object, stats: S
             os.waitpid(helper.pid, 0)
         except ChildProcessError:
             pass
+        helper.reaped = True
     if not got_done:
-        # a helper that died, or was stopped: serve the queue in its place up to the done marker
-        # (after a stop, that only skips), so every copy thread still gets its own marker
-        work()
+        # a helper that died, was stopped or halted: serve the queue in its place up to the done
+        # marker (after a stop that only skips, after a halt it fails without requests), so every
+        # copy thread still gets its own marker
+        parent.work()
 
 
-def _apply(helper: Helper, events: list[Event], delta: dict[str, int],
+def _apply(helper: Helper, outcomes: list[Outcome], delta: dict[str, int],
            failures: list[tuple[str, str, str]], stats: Stats,
-           emit: Callable[[str, Entry, str], None], outcome: Callable[[str, str], str]) -> None:
+           emit: Listener, outcome: Callable[[Outcome], Outcome]) -> None:
     stats.merge(delta, failures)
-    for event, key, size, detail in events:
-        if event in TERMINAL:
-            helper.held.pop(key, None)
-        emit(outcome(event, detail), Entry(key, size, 0.0), detail)
+    for o in outcomes:
+        if o.kind in TERMINAL:
+            helper.held.pop(o.key, None)
+        emit(outcome(o))
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    except OSError:
+        return None
+
+
+def terminate(helper: Helper) -> None:
+    """Send SIGTERM (which stops the helper's run, see _helper_main), never to a stranger."""
+    try:
+        if helper.pidfd is not None:
+            signal.pidfd_send_signal(helper.pidfd, signal.SIGTERM)
+        elif not helper.reaped:
+            os.kill(helper.pid, signal.SIGTERM)
+    except OSError:  # gone already
+        pass
+
+
+def release(helpers: list[Helper]) -> None:
+    """Close the helpers' pidfds once nothing will signal them."""
+    for h in helpers:
+        if h.pidfd is not None:
+            os.close(h.pidfd)
+            h.pidfd = None
 
 
 def stop_all(helpers: list[Helper]) -> None:

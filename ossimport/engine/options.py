@@ -1,8 +1,7 @@
-"""What a run is asked to do (RunOptions) and the shapes the engine's stages pass each other."""
+"""What a run is asked to do (RunOptions) and the items the engine's stages pass each other."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ossimport.engine.listing import Filter, KeyRange
@@ -31,4 +30,3 @@ class RunOptions:
 
 # (source entry, destination entry or None, destination key)
 Item = tuple[Entry, Entry | None, str]
-Listener = Callable[[str, Entry, str], None]  # (event, entry, detail): "copied", "failed", ...

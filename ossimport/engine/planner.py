@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from ossimport.engine.cancel import CancelToken
 from ossimport.engine.deletion import Deleter, Spool
 from ossimport.engine.listing import KeyRange, Pair, as_file_tree, checked_order, merge, ranged
-from ossimport.engine.options import Item, Listener, RunOptions
+from ossimport.engine.options import Item, RunOptions
+from ossimport.engine.outcome import Kind, Listener, Outcome
 from ossimport.engine.policy import Action
 from ossimport.engine.stats import Stats
 from ossimport.errors import OssimportError, StorageError
@@ -41,6 +42,7 @@ class Planner:
         self._emit = emit
         self._cancel = cancel
         self._deleter = deleter
+        self.dst_listed = False  # the destination answered a listing: it can be reached
 
     def from_listing(self, extras: Spool) -> Iterator[Item]:
         """The items of the two roots' merged listings; extras go to `extras` (--delete-dst)."""
@@ -84,10 +86,10 @@ class Planner:
         for item in items:
             if cancel.cancelled:
                 return
-            src, dst, dst_key = item
+            src, dst, _ = item
             if check and dst is not None and decide(src, dst) is skip:
                 self.stats.add(skipped=1)
-                self._emit("skipped", src, dst_key)
+                self._emit(Outcome(Kind.SKIPPED, src.key, src.size))
             else:
                 yield item
 
@@ -95,6 +97,8 @@ class Planner:
     def _listing(self, st: Storage, count: bool) -> Iterator[Entry]:
         kr, flt = self.opts.key_range, self.opts.filter
         for e in checked_order(ranged(st.list(start_after=kr.start_after()), kr), st.describe()):
+            if st is self.dst:
+                self.dst_listed = True
             if count:
                 self.stats.add(found=1, found_bytes=e.size)
             if flt.active and not flt.admits(e.key):
@@ -102,6 +106,8 @@ class Planner:
                     self.stats.add(excluded=1)
                 continue
             yield e
+        if st is self.dst:
+            self.dst_listed = True  # an empty listing answers too
 
     def _not_a_file(self, src: Entry, child: str) -> None:
         """A source key a file-system destination cannot hold as a file (see `as_file_tree`)."""
@@ -111,7 +117,7 @@ class Planner:
                 log.warning("not copying the %d bytes of the directory marker %s: a file system keeps a "
                             "directory, not content, under that name", src.size, dst_key)
             self.stats.add(skipped=1)
-            self._emit("skipped", src, dst_key)
+            self._emit(Outcome(Kind.SKIPPED, src.key, src.size))
             return
         try:
             self.dst.check_name(dst_key)  # a name the destination refuses anyway (`..`) says so
@@ -122,11 +128,11 @@ class Planner:
             message = (f"{dst_key} is a file and also a directory at the source (it holds {child}): a file "
                        "system cannot hold both, so the directory was copied and this file was not; rename one")
         self.stats.fail(src.key, code, message, src.size)
-        self._emit("failed", src, f"{code}: {message}")
+        self._emit(Outcome(Kind.FAILED, src.key, src.size, code=code, message=message))
 
     def _extra(self, d: Entry) -> None:
         self.stats.add(extra=1)
-        self._emit("extra", d, d.key)
+        self._emit(Outcome(Kind.EXTRA, d.key, d.size))
 
     def _clearing_the_way(self, pairs: Iterable[Pair], extras: Spool) -> Iterator[Item]:
         """The items of a merged listing (with --delete-dst onto a file system), deleting first

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -24,7 +23,8 @@ from dataclasses import replace
 from ossimport.engine import fanout
 from ossimport.engine.cancel import Cancelled, CancelToken
 from ossimport.engine.deletion import Deleter, Spool
-from ossimport.engine.options import Item, Listener, RunOptions
+from ossimport.engine.options import Item, RunOptions
+from ossimport.engine.outcome import Kind, Listener, Outcome
 from ossimport.engine.planner import Planner
 from ossimport.engine.policy import Action
 from ossimport.engine.stats import Stats
@@ -67,7 +67,7 @@ class Runner:
         self._fatal_lock = threading.Lock()
         self._reached = False  # an item succeeded: the stores can be reached
         self._helpers: list[fanout.Helper] | None = None  # forked copy processes, once started
-        self._forked: list[int] = []  # their pids, told to stop with the run
+        self._forked: list[fanout.Helper] = []  # told to stop with the run
         self._threads = [max(1, opts.threads)]  # copy threads per process, this one first
 
     # ---- entry points ---------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class Runner:
             return Runner(src, dst, opts, stats, listener)
 
         self._helpers = fanout.start(o.processes - 1, self.src, self.dst, self._threads[1:], make_runner)
-        self._forked = [h.pid for h in self._helpers]
+        self._forked = list(self._helpers)
         log.info("copying with %d processes (threads: %s)", o.processes, "+".join(map(str, self._threads)))
 
     def run(self) -> Stats:
@@ -115,7 +115,8 @@ class Runner:
             for st in (self.src, self.dst):
                 for problem in st.list_errors:
                     self.stats.fail("", "ListingIncomplete", f"{st.describe()}: {problem}")
-                    self._emit("failed", Entry("", 0, 0.0), f"listing of {st.describe()} incomplete: {problem}")
+                    self._emit(Outcome(Kind.FAILED, "", code="ListingIncomplete",
+                                       message=f"listing of {st.describe()} incomplete: {problem}"))
             self._deleter.extras(extras, failed=bool(self.stats.failed or self._errors))
             self._deleter.old_temps()
         finally:
@@ -135,17 +136,17 @@ class Runner:
             return self.stats
         self.stats.add(found=len(entries), found_bytes=sum(e.size for e in entries))
         self._execute(self._planner.from_manifest(entries))
+        # jobs remove the temp files of their tasks' keys themselves (remove_stale_temps); a
+        # worker keeps its storages from task to task, so what the listing met is not kept
+        self.dst.old_temps.clear()
         return self.stats
 
     def stop(self) -> None:
         """Stop the run (Ctrl-C, a job's lease lost): nothing new starts, copies in hand are
         abandoned, and the copy processes are told the same."""
         self.cancel.cancel()
-        for pid in self._forked:
-            try:
-                os.kill(pid, signal.SIGTERM)  # a helper's SIGTERM stops its runner (fanout.py)
-            except ProcessLookupError:
-                pass
+        for helper in self._forked:
+            fanout.terminate(helper)
 
     @property
     def cancelled(self) -> bool:
@@ -162,11 +163,11 @@ class Runner:
         helpers, self._helpers = self._helpers or [], []  # each run hands its items out once
         workers = [threading.Thread(target=self._work, args=(q,), name=f"copy-{i}", daemon=True)
                    for i in range(self._threads[0] if helpers else max(1, self.opts.threads))]
+        parent = fanout.Parent(q, _DONE, self.stats, self._emit, self._helper_outcome, self.cancel,
+                               self._handle, lambda: self._work(q), self._stores_answered,
+                               lambda: self._fatal is not None)
         workers += [threading.Thread(target=fanout.forward, name=f"helper-{h.pid}", daemon=True,
-                                     args=(h, q, _DONE, self.stats, self._emit, self._helper_outcome,
-                                           self.cancel, self._handle,
-                                           lambda: self._work(q)))
-                    for h in helpers]
+                                     args=(h, parent)) for h in helpers]
         for w in workers:
             w.start()
         threads = max(1, self.opts.threads)
@@ -201,6 +202,8 @@ class Runner:
                 q.put(_DONE)
             if self._joined(workers):
                 self.transfer.close()
+                self._forked = []  # every helper was reaped: nothing signals them any more
+                fanout.release(helpers)
 
     def _joined(self, workers: list[threading.Thread]) -> bool:
         """Wait for the workers; after a stop, for CANCEL_GRACE at most (a copy in flight notices
@@ -252,11 +255,11 @@ class Runner:
                 self._not_tried(src, exc.code, "failed like an earlier file", str(exc))
                 return
             self.stats.fail(src.key, exc.code, str(exc), src.size)
-            self._emit("failed", src, f"{exc.code}: {exc}")
+            self._emit(Outcome(Kind.FAILED, src.key, src.size, exc.code, str(exc)))
         except Exception as exc:  # a bug or an unmapped library error: fail the file, not the run
             log.debug("unexpected error on %s", src.key, exc_info=True)
             self.stats.fail(src.key, type(exc).__name__, str(exc), src.size)
-            self._emit("failed", src, f"{type(exc).__name__}: {exc}")
+            self._emit(Outcome(Kind.FAILED, src.key, src.size, type(exc).__name__, str(exc)))
 
     def _stops_the_run(self, code: str) -> str:
         """"first" when a failure with `code` is the first that every further request would
@@ -266,26 +269,35 @@ class Runner:
         with self._fatal_lock:
             if self._fatal is not None:
                 return "again" if code == self._fatal else ""
-            if code in FATAL_CODES or (code in UNREACHABLE_CODES and not self._reached):
+            if code in FATAL_CODES or (code in UNREACHABLE_CODES and not self._stores_answered()):
                 self._fatal = code
                 return "first"
             return ""
 
+    def _stores_answered(self) -> bool:
+        """Whether anything in this run reached the stores: an item succeeded, or the destination
+        answered a listing (a copy process learns it from the parent with its items)."""
+        return self._reached or self._planner.dst_listed
+
+    def reached(self) -> None:
+        """The stores answered (told to a copy process by the parent)."""
+        self._reached = True
+
     def _not_tried(self, src: Entry, code: str, why: str, message: str = "") -> None:
         self.stats.fail(src.key, code, message or f"not tried after {code}", src.size)
         self.stats.add(not_tried=1)
-        self._emit("not-tried", src, f"{code}: {why}")
+        self._emit(Outcome(Kind.NOT_TRIED, src.key, src.size, code, why))
 
-    def _helper_outcome(self, event: str, detail: str) -> str:
-        """The event to report for an outcome of a copy process (engine/fanout.py), which
-        decides like `_handle`: a failure like the one that stopped the run (in this process or
-        another) is one of the files not tried, so all processes together print one line."""
-        if event in ("copied", "skipped", "verified"):
+    def _helper_outcome(self, outcome: Outcome) -> Outcome:
+        """An outcome of a copy process (engine/fanout.py) as this run reports it, decided like
+        `_handle`: a failure like the one that stopped the run (in this process or another) is
+        one of the files not tried, so all processes together print one line."""
+        if outcome.kind in (Kind.COPIED, Kind.SKIPPED, Kind.VERIFIED):
             self._reached = True
-        elif event == "failed" and self._stops_the_run(detail.partition(":")[0]) == "again":
-            self.stats.add(not_tried=1)  # failure details start with their code
-            return "not-tried"
-        return event
+        elif outcome.kind is Kind.FAILED and self._stops_the_run(outcome.code) == "again":
+            self.stats.add(not_tried=1)
+            return replace(outcome, kind=Kind.NOT_TRIED)
+        return outcome
 
     def _one(self, src: Entry, dst: Entry | None, dst_key: str) -> None:
         if self.opts.verify_only:
@@ -306,17 +318,17 @@ class Runner:
             action = Action.SKIP if same else Action.COPY
         if action is Action.SKIP:
             self.stats.add(skipped=1)
-            self._emit("skipped", src, dst_key)
+            self._emit(Outcome(Kind.SKIPPED, src.key, src.size))
         else:
             self.dst.check_name(dst_key)
-            copied = src
-            if not self.opts.dryrun:
-                # the size copied (and checked): a file may have grown or shrunk since it was listed
-                copied = replace(src, size=self.transfer.copy(src, dst_key).size)
-            self.stats.add(copied=1, copied_bytes=copied.size)
-            self._emit("copied", copied, dst_key)
+            result = None if self.opts.dryrun else self.transfer.copy(src, dst_key)
+            # the size copied (and checked): a file may have grown or shrunk since it was listed
+            size = result.size if result is not None else src.size
+            self.stats.add(copied=1, copied_bytes=size)
+            checksums = dict(result.checksums) if result else {}
+            self._emit(Outcome(Kind.COPIED, src.key, size, checksums=checksums))
         if self.opts.delete_src:
-            self._deleter.delete(self.src, src, "deleted-source")
+            self._deleter.delete(self.src, src.key, Kind.DELETED_SOURCE, src.size)
 
     def _verify_one(self, src: Entry, dst: Entry | None) -> None:
         if dst is None:
@@ -327,11 +339,11 @@ class Runner:
         if self.opts.verify_checksum and not self.transfer.same_content(src, dst):
             raise StorageError(f"{src.key!r}: content differs", code="CHECKSUM_NOT_MATCH")
         self.stats.add(skipped=1)
-        self._emit("verified", src, src.key)
+        self._emit(Outcome(Kind.VERIFIED, src.key, src.size))
 
-    def _emit(self, event: str, entry: Entry, detail: str) -> None:
+    def _emit(self, outcome: Outcome) -> None:
         if self.listener is not None:
-            self.listener(event, entry, detail)
+            self.listener(outcome)
 
 
 

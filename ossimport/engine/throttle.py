@@ -16,7 +16,8 @@ class TokenBucket:
     burst-sized slices so one large read cannot starve the others for long."""
 
     def __init__(self, rate: float, burst: float | None = None, *,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = float(rate)

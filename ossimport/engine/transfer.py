@@ -137,7 +137,8 @@ class Transfer:
         hasher = None
         if names or not self._kernel_copy:
             hasher = Hasher(names) if names else None
-            reader = MeteredReader(raw, hasher=hasher, bucket=self.opts.bucket, cancel=self.cancel, on_bytes=self.stats.moved)
+            reader = MeteredReader(raw, hasher=hasher, bucket=self.opts.bucket, cancel=self.cancel,
+                                   on_bytes=self.stats.moved)
         try:
             result = self.dst.put(dst_key, reader, entry.size, mtime=entry.mtime, mode=self._mode(entry),
                                   content_md5=known)
@@ -194,7 +195,8 @@ class Transfer:
             if failed.is_set():
                 raise StorageError(f"{entry.key!r}: part {number} not sent: another part failed", code="Cancelled")
             with self.src.open(entry.key, offset, offset + length) as raw:
-                reader = MeteredReader(raw, bucket=self.opts.bucket, cancel=self.cancel, on_bytes=self.stats.moved)
+                reader = MeteredReader(raw, bucket=self.opts.bucket, cancel=self.cancel,
+                                       on_bytes=self.stats.moved)
                 data = reader.read(length + 1)
             if len(data) != length:
                 raise SourceChanged(f"{entry.key!r}: part {number} read {len(data)} bytes, expected {length}")
@@ -216,7 +218,8 @@ class Transfer:
                     raise StorageError(f"{entry.key!r}: range at {offset} not read: another failed", code="Cancelled")
                 pos = offset
                 with self.src.open(entry.key, offset, offset + length) as raw:
-                    reader = MeteredReader(raw, bucket=self.opts.bucket, cancel=self.cancel, on_bytes=self.stats.moved)
+                    reader = MeteredReader(raw, bucket=self.opts.bucket, cancel=self.cancel,
+                                           on_bytes=self.stats.moved)
                     while pos < offset + length and (chunk := reader.read(min(MiB, offset + length - pos))):
                         writer.write_at(pos, chunk)
                         pos += len(chunk)

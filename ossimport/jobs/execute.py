@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ossimport.address import Location
+from ossimport.engine.outcome import Kind, Outcome
 from ossimport.engine.policy import Policy
 from ossimport.engine.runner import Runner, RunOptions
 from ossimport.engine.stats import Stats
@@ -98,14 +99,14 @@ class TaskRunner:
         errors: list[str] = []
         lock = threading.Lock()
 
-        def listener(event: str, entry: Entry, detail: str) -> None:
+        def listener(o: Outcome) -> None:
             with lock:
-                if event in ("failed", "not-tried"):
-                    audit.append(f"FAILED\t{entry.key}\t{detail}")
-                    if entry.key:
-                        errors.append(entry.key)
-                elif event in ("copied", "skipped", "verified"):
-                    audit.append(f"{event.upper()}\t{entry.key}\t{entry.size}")
+                if o.failed:
+                    audit.append(f"FAILED\t{o.key}\t{o.code}: {o.message}")
+                    if o.key:
+                        errors.append(o.key)
+                elif o.kind in (Kind.COPIED, Kind.SKIPPED, Kind.VERIFIED):
+                    audit.append(f"{o.kind.value.upper()}\t{o.key}\t{o.size}")
 
         verify = spec.job_type == "audit"
         if verify and spec.last_modify:
@@ -147,4 +148,6 @@ class TaskRunner:
             "failed_bytes": stats.failed_bytes,
             "bytes": sum(e.size for e in entries),
         }
-        return TaskResult(ok=stats.failed == 0, done=done, audit=audit, errors=sorted(set(errors)))
+        # a stopped task left files unhandled (neither copied nor failed): never a success
+        ok = stats.failed == 0 and not runner.cancelled
+        return TaskResult(ok=ok, done=done, audit=audit, errors=sorted(set(errors)))

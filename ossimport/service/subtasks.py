@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ossimport.address import parse_address
+from ossimport.engine.outcome import Kind, Outcome
 from ossimport.engine.policy import Policy
 from ossimport.engine.runner import Runner, RunOptions
 from ossimport.engine.stats import Stats
@@ -199,14 +200,15 @@ class Executor:
             # an earlier run was killed mid-copy: its temporary file goes (object stores drop
             # unfinished multipart uploads of the key in the transfer itself)
             dst.remove_stale_temps([dst_key])
-        outcome: list[tuple[str, str]] = []
+        outcomes: list[Outcome] = []
         opts = RunOptions(policy=policy, threads=1, transfer=TransferOptions(**TRANSFER))  # type: ignore[arg-type]
         runner = Runner(src, Arriving(dst, arrival), opts, Stats(),  # type: ignore[arg-type]
-                        listener=lambda event, e, text: outcome.append((event, text)))
+                        listener=outcomes.append)
         started = time.monotonic()
         runner.run_items([(entry, existing, dst_key)])
         seconds = max(time.monotonic() - started, 1e-3)
-        event, text = outcome[-1] if outcome else ("failed", "no outcome")
+        last = outcomes[-1] if outcomes else Outcome(Kind.FAILED, dst_key, code="Internal", message="no outcome")
+        event, text = last.kind.value, f"{last.code}: {last.message}" if last.failed else ""
         crc, arrived = arrival.checksum()
         if arrival.cancel.is_set() and event != "copied" and self._closed:
             # the service is stopping, nobody canceled: waiting again for the next start, and
