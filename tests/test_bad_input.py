@@ -175,7 +175,7 @@ BAD_ADDRESSES = [
     ("s3://b.127.0.0.1:/p/", "'127.0.0.1:' is not a valid endpoint"),
     ("s3://b.127.0.0.1:1:2/p/", "'127.0.0.1:1:2' is not a valid endpoint"),
     ("s3://b.127.0.0.1 :9000/p/", "'127.0.0.1 :9000' is not a valid endpoint"),
-    ("s3://b..127.0.0.1/p/", "'b.' is not a valid bucket name"),
+    ("s3://b..127.0.0.1/p/", "'.127.0.0.1' is not a valid endpoint"),
     ("s3://b./p/", "has an empty endpoint after 'b.'"),  # was: the AWS default endpoint, over the network
     ("minio://127.0.0.1:9000/", "write minio://[AK:SK@]HOST:PORT/BUCKET"),
     ("list://", "list:// needs the path of a URL list file"),
