@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need on a fresh machine, then runs them:
-#   Debian packages: openssh-server (SFTP tests), ceph-mon ceph-osd radosgw ceph-common (Ceph RGW tests)
+#   Debian packages: openssh-server (SFTP tests), fuse3 (mount tests), ceph-mon ceph-osd radosgw ceph-common (Ceph RGW tests)
 #   Python: a .venv (sharing the system's site-packages) with ossimport and its test extras
 # Extra arguments go to pytest, e.g. ./test.sh -k s3 -x
 set -euo pipefail
 cd "$(dirname "$0")"
 
-bin/apt-install openssh-server ceph-mon ceph-osd radosgw ceph-common >/dev/null
+bin/apt-install openssh-server fuse3 ceph-mon ceph-osd radosgw ceph-common >/dev/null
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -138,6 +138,22 @@ class OSSStorage(Storage):
             raise self._error(e, "list", prefix) from e
         return sorted(dirs, key=lambda k: k.encode())
 
+    def list_level(self, prefix: str = "") -> Iterator[Entry]:
+        it = oss2.ObjectIteratorV2(self._bucket, prefix=self._root + prefix, delimiter="/",
+                                   max_keys=self.list_page_size)
+        cut = len(self._root)
+        while True:
+            try:
+                obj = next(it)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise self._error(e, "list", prefix) from e
+            if obj.is_prefix():
+                yield Entry(obj.key[cut:], 0, 0.0)
+            elif not (obj.key.endswith("/") and obj.size == 0):  # markers are not files
+                yield Entry(obj.key[cut:], obj.size, float(obj.last_modified), _etag(obj.etag))
+
     def head(self, key: str) -> Entry:
         try:
             r = self._bucket.head_object(self._full(key))

@@ -300,6 +300,21 @@ class S3Storage(Storage):
             dirs = [p["Prefix"][cut:] for page in pages for p in page.get("CommonPrefixes", ())]
         return sorted(dirs, key=lambda k: k.encode())
 
+    def list_level(self, prefix: str = "") -> Iterator[Entry]:
+        # one delimiter listing, page by page (a mount's `ls` shows the first page at once)
+        full = self.root + prefix
+        cut = len(self.root)
+        with self._errors("list", prefix):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/")
+            for page in pages:
+                for p in page.get("CommonPrefixes", ()):
+                    yield Entry(p["Prefix"][cut:], 0, 0.0)
+                for o in page.get("Contents", ()):
+                    if o["Key"].endswith("/") and o["Size"] == 0:
+                        continue  # directory markers
+                    yield Entry(o["Key"][cut:], o["Size"], whole_seconds(o["LastModified"]), _etag(o.get("ETag")))
+
     def _boto_pages(self, prefix: str, after: str) -> Iterator[list[tuple[str, int, float, str | None]]]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if after:

@@ -1,0 +1,421 @@
+"""`ossimport mount`: real FUSE mounts (libfuse 3 through mfusepy) over real servers (moto S3 and the
+OSS shim), driven by the real CLI in its own process, read and written with plain file calls."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import run_cli, tree
+
+from ossimport.errors import NotFound
+from ossimport.mount.command import alive, mounted
+
+MiB = 1024 * 1024
+OBJECT_BACKENDS = ["s3-moto", "oss"]
+
+
+def _fuse_missing() -> str | None:
+    import ctypes.util
+    import shutil
+
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist"
+    if not shutil.which("fusermount3"):
+        return "fusermount3 is not installed (Debian package fuse3)"
+    if not ctypes.util.find_library("fuse3"):
+        return "libfuse3 is not installed (Debian package fuse3)"
+    try:
+        import mfusepy  # noqa: F401
+    except ImportError:
+        return "mfusepy is not installed"
+    except OSError as exc:
+        return f"mfusepy cannot load libfuse: {exc}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def fuse_available() -> None:
+    why = _fuse_missing()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"FUSE is required under CI=true: {why}")
+        pytest.skip(f"FUSE not usable here: {why}")
+
+
+def _wait(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Mount:
+    """`ossimport mount` of one backend root at a fresh directory; `umount` on exit."""
+
+    def __init__(self, backend: Any, root: str, tmp: Path, *extra: str) -> None:
+        self.backend = backend
+        self.root = root
+        self.path = Path(tempfile.mkdtemp(prefix="mnt-", dir=tmp))
+        self.env = {**backend.env(), "XDG_CACHE_HOME": str(tmp / "cache")}
+        self.extra = extra
+        self.pid: int | None = None
+
+    def __enter__(self) -> Mount:
+        proc = run_cli("mount", *self.extra, self.backend.address(self.root), str(self.path), env=self.env,
+                       timeout=120)
+        assert proc.returncode == 0, f"mount failed ({proc.returncode}): {proc.stderr}"
+        assert mounted(str(self.path))
+        from ossimport.mount.command import state_dir
+
+        old = os.environ.get("XDG_CACHE_HOME")
+        os.environ["XDG_CACHE_HOME"] = self.env["XDG_CACHE_HOME"]
+        try:
+            self.state = state_dir(str(self.path))
+        finally:
+            if old is None:
+                os.environ.pop("XDG_CACHE_HOME")
+            else:
+                os.environ["XDG_CACHE_HOME"] = old
+        self.pid = int(Path(self.state, "pid").read_text())
+        return self
+
+    def umount(self) -> subprocess.CompletedProcess[str]:
+        return run_cli("umount", str(self.path), env=self.env, timeout=120)
+
+    def __exit__(self, *exc: object) -> None:
+        if mounted(str(self.path)):
+            proc = self.umount()
+            if proc.returncode != 0:  # leave nothing behind even when a test failed half way
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
+        if self.pid and alive(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def log(self) -> str:
+        try:
+            return Path(self.state, "mount.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def _walk(top: Path) -> dict[str, bytes]:
+    found = {}
+    for dirpath, _, files in os.walk(top):
+        for name in files:
+            p = Path(dirpath, name)
+            found[str(p.relative_to(top))] = p.read_bytes()
+    return found
+
+
+# ---- reads --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", OBJECT_BACKENDS)
+def test_mounted_tree_reads_back_exactly(backend_factory: Any, tmp_path: Path, name: str) -> None:
+    b = backend_factory(name)
+    root = b.new_root()
+    files = tree(big=3 * MiB + 17)
+    b.seed(root, files)
+    st = b.storage(root)
+    st.put("made-by-console/", io.BytesIO(b""), 0)  # a directory that only a marker names
+    with Mount(b, root, tmp_path) as m:
+        assert _walk(m.path) == files
+        assert sorted(os.listdir(m.path)) == sorted({k.split("/")[0] for k in files} | {"made-by-console"})
+        assert os.listdir(m.path / "made-by-console") == []
+        assert os.path.getsize(m.path / "large/blob.bin") == len(files["large/blob.bin"])
+        # reads at offsets (random access) return the exact bytes
+        data = files["large/blob.bin"]
+        rnd = random.Random(7)
+        with open(m.path / "large/blob.bin", "rb", buffering=0) as f:
+            for _ in range(30):
+                off = rnd.randrange(len(data))
+                n = rnd.choice([1, 4096, 100_000, MiB])
+                f.seek(off)
+                assert f.read(n) == data[off:off + n]
+        assert not (m.path / "nope").exists()
+        with pytest.raises(FileNotFoundError):
+            open(m.path / "a/nope.txt", "rb")
+
+
+def test_large_file_sequential_random_and_concurrent_reads(backend_factory: Any, tmp_path: Path) -> None:
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    data = random.Random(3).randbytes(40 * MiB + 5)
+    b.seed(root, {"big.bin": data})
+    with Mount(b, root, tmp_path) as m:
+        path = m.path / "big.bin"
+        assert hashlib.md5(path.read_bytes()).hexdigest() == hashlib.md5(data).hexdigest()
+        # several reader processes at once, one sequential and two at random offsets
+        script = (
+            "import sys, random, hashlib\n"
+            "p, mode, seed, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])\n"
+            "f = open(p, 'rb', buffering=0)\n"
+            "if mode == 'seq':\n"
+            "    h = hashlib.md5()\n"
+            "    while c := f.read(1 << 20): h.update(c)\n"
+            "    print(h.hexdigest())\n"
+            "else:\n"
+            "    r = random.Random(seed); out = hashlib.md5()\n"
+            "    for _ in range(40):\n"
+            "        off = r.randrange(size); f.seek(off); out.update(f.read(65536))\n"
+            "    print(out.hexdigest())\n"
+        )
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(path), mode, str(seed), str(len(data))],
+                                  stdout=subprocess.PIPE, text=True)
+                 for mode, seed in (("seq", 0), ("rand", 1), ("rand", 2))]
+        outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+        assert outs[0] == hashlib.md5(data).hexdigest()
+        for seed, got in zip((1, 2), outs[1:], strict=True):
+            r, want = random.Random(seed), hashlib.md5()
+            for _ in range(40):
+                off = r.randrange(len(data))
+                want.update(data[off:off + 65536])
+            assert got == want.hexdigest()
+
+
+def test_reader_widens_window_when_sequential_and_fetches_nothing_ahead_when_random(
+        backend_factory: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ossimport.mount.readahead import MemoryBudget, Reader
+
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    data = random.Random(5).randbytes(24 * MiB)
+    b.seed(root, {"f": data})
+    st = b.storage(root)
+    budget = MemoryBudget(16 * MiB)
+    with ThreadPoolExecutor(8) as pool:
+        seq = Reader(st, "f", len(data), pool, budget, max_window=8 * MiB)
+        got = b"".join(seq.read(off, 128 * 1024) for off in range(0, len(data), 128 * 1024))
+        assert got == data
+        # 1 MiB, then doubling to 8 MiB windows in 2 MiB blocks: far fewer GETs than 1 MiB each
+        assert seq.gets <= 16, seq.gets
+        assert budget.peak <= budget.limit
+        seq.close()
+        assert budget.used == 0
+        rnd = Reader(st, "f", len(data), pool, budget)
+        r = random.Random(9)
+        for _ in range(20):
+            off = r.randrange(1, len(data))
+            assert rnd.read(off, 4096) == data[off:off + 4096]
+        assert rnd.gets == 20  # exactly one ranged GET per random read, nothing fetched ahead
+        assert budget.used == 0
+
+
+def test_listing_a_large_directory_is_complete(backend_factory: Any, tmp_path: Path) -> None:
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    names = {f"img{i:05d}.jpg": i.to_bytes(4, "big") for i in range(1_250)}  # more than one 1000-key page
+    names["sub/inner.txt"] = b"x"
+    b.seed(root, {f"d/{k}": v for k, v in names.items()})
+    with Mount(b, root, tmp_path) as m:
+        listed = os.listdir(m.path / "d")
+        assert len(listed) == 1_251
+        assert set(listed) == {k for k in names if "/" not in k} | {"sub"}
+        with os.scandir(m.path / "d") as it:
+            kinds = {e.name: e.is_dir() for e in it}
+        assert kinds["sub"] is True and kinds["img00000.jpg"] is False
+        assert (m.path / "d/img01249.jpg").read_bytes() == (1249).to_bytes(4, "big")
+
+
+def test_killed_reader_leaves_the_mount_working(backend_factory: Any, tmp_path: Path) -> None:
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    data = random.Random(4).randbytes(30 * MiB)
+    b.seed(root, {"big.bin": data})
+    with Mount(b, root, tmp_path) as m:
+        reader = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys\nf = open(sys.argv[1], 'rb', buffering=0)\nf.read(1 << 20)\n"
+             "print('reading', flush=True)\nwhile f.read(1 << 16): pass\n", str(m.path / "big.bin")],
+            stdout=subprocess.PIPE, text=True)
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
+        reader.kill()  # mid-read, with read-ahead in flight
+        reader.wait(timeout=30)
+        assert m.pid is not None and alive(m.pid)
+        assert (m.path / "big.bin").read_bytes() == data
+        assert sorted(os.listdir(m.path)) == ["big.bin"]
+
+
+# ---- writes -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", OBJECT_BACKENDS)
+def test_write_rename_unlink_mkdir_rmdir_round_trip(backend_factory: Any, tmp_path: Path, name: str) -> None:
+    b = backend_factory(name)
+    root = b.new_root()
+    b.seed(root, {"keep/old.txt": b"old"})
+    st = b.storage(root)
+    big = random.Random(6).randbytes(20 * MiB + 3)  # above the 16 MiB multipart threshold
+    local = tmp_path / "big.bin"
+    local.write_bytes(big)
+    with Mount(b, root, tmp_path) as m:
+        # cp in: uploaded on close, verified, byte-identical in the store
+        subprocess.run(["cp", str(local), str(m.path / "in.bin")], check=True)
+        assert st.head("in.bin").size == len(big)
+        with st.open("in.bin") as f:
+            assert f.read() == big
+        # cp out: byte-identical
+        subprocess.run(["cp", str(m.path / "in.bin"), str(tmp_path / "out.bin")], check=True)
+        assert (tmp_path / "out.bin").read_bytes() == big
+        # a small file written with several writes, then rewritten whole (O_TRUNC)
+        with open(m.path / "keep/new.txt", "wb") as f:
+            f.write(b"hello ")
+            f.write(b"world")
+        assert _read(st, "keep/new.txt") == b"hello world"
+        (m.path / "keep/old.txt").write_bytes(b"replaced")
+        assert _read(st, "keep/old.txt") == b"replaced"
+        # rename of a file: server-side copy, then the old key is gone
+        os.rename(m.path / "in.bin", m.path / "keep/moved.bin")
+        with pytest.raises(NotFound):
+            st.head("in.bin")
+        assert st.head("keep/moved.bin").size == len(big)
+        assert sorted(os.listdir(m.path / "keep")) == ["moved.bin", "new.txt", "old.txt"]
+        # unlink
+        os.unlink(m.path / "keep/moved.bin")
+        with pytest.raises(NotFound):
+            st.head("keep/moved.bin")
+        assert not (m.path / "keep/moved.bin").exists()
+        # mkdir makes a lasting (marker) directory; rmdir of an empty one removes it
+        os.mkdir(m.path / "newdir")
+        assert st.head("newdir/").size == 0
+        assert (m.path / "newdir").is_dir() and os.listdir(m.path / "newdir") == []
+        (m.path / "newdir/f.txt").write_bytes(b"f")
+        with pytest.raises(OSError) as exc:
+            os.rmdir(m.path / "newdir")
+        assert exc.value.errno == errno.ENOTEMPTY
+        os.unlink(m.path / "newdir/f.txt")
+        os.rmdir(m.path / "newdir")
+        with pytest.raises(NotFound):
+            st.head("newdir/")
+        assert "newdir" not in os.listdir(m.path)
+
+
+def _read(st: Any, key: str) -> bytes:
+    with st.open(key) as f:
+        return f.read()
+
+
+def _errno(fn: Any) -> int:
+    with pytest.raises(OSError) as exc:
+        fn()
+    return exc.value.errno
+
+
+def test_what_a_store_cannot_do_fails_at_once_with_its_errno(backend_factory: Any, tmp_path: Path) -> None:
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    b.seed(root, {"f.txt": b"content", "d/g.txt": b"g"})
+    st = b.storage(root)
+    with Mount(b, root, tmp_path) as m:
+        f = m.path / "f.txt"
+        assert _errno(lambda: os.link(f, m.path / "hard")) == errno.EPERM
+        assert _errno(lambda: os.symlink("f.txt", m.path / "soft")) == errno.EPERM
+        assert _errno(lambda: open(f, "ab")) == errno.EOPNOTSUPP  # append without rewriting
+        assert _errno(lambda: open(f, "r+b")) == errno.EOPNOTSUPP  # in-place edit
+        assert _errno(lambda: os.truncate(f, 3)) == errno.EOPNOTSUPP
+        assert _errno(lambda: os.chmod(f, 0o600)) == errno.EPERM
+        assert _errno(lambda: os.rename(m.path / "d", m.path / "e")) == errno.EXDEV
+        assert _errno(lambda: os.rmdir(m.path / "d")) == errno.ENOTEMPTY
+        assert _errno(lambda: os.unlink(m.path / "d")) == errno.EISDIR
+        os.chmod(f, 0o644)  # what is shown: a no-op
+        assert _read(st, "f.txt") == b"content"  # nothing above touched it
+        assert _read(st, "d/g.txt") == b"g"
+    with Mount(b, root, tmp_path, "--read-only") as m:
+        assert (m.path / "f.txt").read_bytes() == b"content"
+        assert _errno(lambda: open(m.path / "new.txt", "wb")) == errno.EROFS
+        assert _errno(lambda: os.unlink(m.path / "f.txt")) == errno.EROFS
+        assert _errno(lambda: os.mkdir(m.path / "x")) == errno.EROFS
+    assert sorted(k.key for k in st.list()) == ["d/g.txt", "f.txt"]
+
+
+# ---- life cycle ---------------------------------------------------------------------------------------
+def test_umount_and_sigterm_upload_pending_writes_and_leave_no_process(backend_factory: Any,
+                                                                       tmp_path: Path) -> None:
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    b.seed(root, {"a.txt": b"a"})
+    st = b.storage(root)
+    with Mount(b, root, tmp_path) as m:
+        proc = m.umount()
+        assert proc.returncode == 0, proc.stderr
+        assert not mounted(str(m.path))
+        assert m.pid is not None and not alive(m.pid)
+    with Mount(b, root, tmp_path) as m:
+        # a writer holds a file open with bytes not yet uploaded; the mount is told to stop
+        writer = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys, time\nf = open(sys.argv[1], 'wb')\nf.write(b'pending bytes')\nf.flush()\n"
+             "print('written', flush=True)\nsys.stdin.read()\n", str(m.path / "pending.txt")],
+            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout is not None and writer.stdout.readline().strip() == "written"
+            assert m.pid is not None
+            os.kill(m.pid, signal.SIGTERM)
+            _wait(lambda: not alive(m.pid), "the mount process to exit after SIGTERM")
+            assert _read(st, "pending.txt") == b"pending bytes"
+            assert not mounted(str(m.path))
+        finally:
+            writer.kill()
+            writer.wait(timeout=30)
+
+
+def test_mount_errors_are_one_line_before_daemonising(backend_factory: Any, tmp_path: Path) -> None:
+    moto, oss = backend_factory("s3-moto"), backend_factory("oss")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    good = moto.address(moto.new_root())
+    cases = {
+        "bad address": ("ftp://x/y", "unknown storage type"),
+        "not a bucket": (str(tmp_path), "is not a bucket"),
+        "missing bucket": (good.replace("@ossimport-test.", "@no-such-bucket-x."), "does not exist"),
+        "wrong keys": (oss.address("r").replace(":OSSSECRET5678@", ":WRONGSECRET99@"), "cannot mount"),
+        "missing mount point": (good, "does not exist"),
+    }
+    for what, (address, words) in cases.items():
+        target = tmp_path / "absent" if what == "missing mount point" else mp
+        proc = run_cli("mount", address, str(target), env=env, timeout=120)
+        assert proc.returncode == 2, (what, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (what, proc.stderr)
+        assert "WRONGSECRET99" not in proc.stderr and "Traceback" not in proc.stderr
+        assert not mounted(str(mp))
+    with Mount(moto, moto.new_root(), tmp_path) as m:  # busy: mounted already
+        proc = run_cli("mount", good, str(m.path), env=env, timeout=120)
+        assert proc.returncode == 2 and "busy" in proc.stderr, proc.stderr
+    # no /dev/fuse: in a private mount namespace whose /dev is an empty tmpfs
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs none /dev && exec "$0" -m ossimport mount "$1" "$2"', sys.executable, good, str(mp)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    if "unshare failed" in proc.stderr or "Operation not permitted" in proc.stderr.split("\n")[0][:80]:
+        pytest.skip(f"cannot make a mount namespace here: {proc.stderr.strip()}")
+    assert proc.returncode == 2, proc.stderr
+    assert "/dev/fuse does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["s3-moto", "oss", "local"])
+def test_list_level_shows_one_level_with_marker_only_directories(backend_factory: Any, name: str) -> None:
+    b = backend_factory(name)
+    root = b.new_root()
+    b.seed(root, {"a.txt": b"1", "d/x.txt": b"22", "d/e/y.txt": b"3", "z/w.txt": b"4"})
+    st = b.storage(root)
+    if name != "local":
+        st.put("m/", io.BytesIO(b""), 0)
+        st.put("d/", io.BytesIO(b""), 0)
+    got = {e.key: e.size for e in st.list_level("")}
+    want = {"a.txt": 1, "d/": 0, "z/": 0} | ({} if name == "local" else {"m/": 0})
+    assert got == want
+    assert {e.key: e.size for e in st.list_level("d/")} == {"d/x.txt": 2, "d/e/": 0}
+    assert list(st.list_level("nothing/")) == []
