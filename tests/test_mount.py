@@ -418,4 +418,9 @@ def test_list_level_shows_one_level_with_marker_only_directories(backend_factory
     want = {"a.txt": 1, "d/": 0, "z/": 0} | ({} if name == "local" else {"m/": 0})
     assert got == want
     assert {e.key: e.size for e in st.list_level("d/")} == {"d/x.txt": 2, "d/e/": 0}
+    # a bounded question ("anything in d/?") is answered past d/'s own marker
+    assert len(list(st.list_level("d/", limit=1))) == 1
+    assert len(list(st.list_level("", limit=2))) == 2
+    if name != "local":
+        assert list(st.list_level("m/", limit=1)) == []  # only a marker: empty
     assert list(st.list_level("nothing/")) == []

@@ -161,17 +161,12 @@ def mount_location(address: str) -> Location:
 
 def preflight(storage: Storage, loc: Location) -> None:
     """One listing of the root: wrong keys, a missing bucket or an unreachable endpoint show now."""
-    entries = storage.list_level("")
     try:
-        next(iter(entries), None)
+        list(storage.list_level("", limit=1))
     except StorageError as exc:
         from ossimport.log import redact
 
         raise UsageError(f"cannot mount {loc.display()}: {redact(str(exc))}") from None
-    finally:
-        close = getattr(entries, "close", None)
-        if close:
-            close()
 
 
 # ---- mount ---------------------------------------------------------------------------------------------

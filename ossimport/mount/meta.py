@@ -6,6 +6,7 @@ what consoles write). Sizes and mtimes come from listings and HEADs.
 
 Two caches keep the store from being asked again and again (both invalidated by our own writes):
   attributes        one path's answer (including "does not exist"), for `attr_ttl` seconds
+                    (`dir_ttl` for a directory: it has no size or mtime to go stale)
   directory lists   one directory's names and attributes, for `dir_ttl` seconds; while a
                     directory's list is fresh, lookups of names in it are answered from it
 A key that is both an object and a directory prefix shows as the directory in listings (a
@@ -85,8 +86,10 @@ class Namespace:
             if listed and listed[0] > now:
                 return listed[1].get(name)
         found = self._resolve(key)
+        # a directory has no size or mtime to go stale: it is kept as long as listings are
+        ttl = self.dir_ttl if found is not None and found.is_dir else self.attr_ttl
         with self._lock:
-            self._attrs[key] = (self._clock() + self.attr_ttl, found)
+            self._attrs[key] = (self._clock() + ttl, found)
         return found
 
     def _resolve(self, key: str) -> Attr | None:
@@ -106,13 +109,8 @@ class Namespace:
         return DIR
 
     def has_children(self, key: str) -> bool:
-        entries = self.storage.list_level(key + "/")
-        try:
-            return next(iter(entries), None) is not None
-        finally:
-            close = getattr(entries, "close", None)
-            if close:
-                close()
+        """Whether a file or directory lies under `key` (markers do not count). One small LIST."""
+        return any(True for _ in self.storage.list_level(key + "/", limit=1))
 
     def listdir(self, key: str) -> Iterator[tuple[str, Attr]]:
         """The names in directory `key` with their attributes, streaming page by page from the

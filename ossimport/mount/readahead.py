@@ -1,6 +1,7 @@
 """Reads of one open object: ranged GETs, with read-ahead only while the reader is sequential.
 
-A reader that starts at 0 or continues where its last read ended is sequential: the next
+A file no larger than the first window is read whole by its first read, in one GET. For larger
+ones, a reader that starts at 0 or continues where its last read ended is sequential: the next
 `window` bytes are fetched ahead in blocks by a shared thread pool (several ranges in flight per
 file), and the window doubles each time the reader has used half of what was fetched, from
 `first_window` (1 MiB) up to `max_window`. A read anywhere else is random: it costs exactly one
@@ -92,12 +93,15 @@ class Reader:
         self._trigger = 0  # a sequential read reaching this offset fetches the next window
         self._grown = False  # the first window is not doubled
         self._last_end = 0  # where the previous read ended: a read starting here is sequential
+        self._whole: bytes | None = None  # all of a small file, once read
         self.gets = 0  # ranged GETs made (read-ahead blocks and direct reads): for tests and stats
 
     def read(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
+        if self.size <= self._first:
+            return self._small(offset, end)
         with self._lock:
             blocks = self._plan(offset, end)
             self._last_end = end
@@ -115,10 +119,25 @@ class Reader:
             parts.append(data[max(offset, b.start) - b.start: min(end, b.end) - b.start])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def _small(self, offset: int, end: int) -> bytes:
+        """A file no larger than the first window: one GET of all of it, in the calling thread
+        (no hand-off to the pool: per-file latency is what bounds many small files)."""
+        data = self._whole
+        if data is None:
+            self.gets += 1
+            data = fetch(self.storage, self.key, 0, self.size)
+            with self._lock:
+                if self._whole is None and self._budget.take(self.size):
+                    self._whole = data  # later reads of it (a reader asking 4 KiB at a time) are free
+        return data[offset:end]
+
     def close(self) -> None:
         with self._lock:
             self._drop(len(self._blocks))
             self._streaming = False
+            if self._whole is not None:
+                self._budget.give(self.size)
+                self._whole = None
 
     # ---- planning (under the lock) ----------------------------------------------------------------
     def _plan(self, offset: int, end: int) -> list[_Block] | None:

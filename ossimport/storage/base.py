@@ -13,6 +13,7 @@ setting mtime, POSIX mode, symlinks, reported checksums.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import posixpath
 from abc import ABC, abstractmethod
@@ -225,12 +226,16 @@ class Storage(ABC):
         in '/': what a delimiter listing calls common prefixes. Lets a job scan in parallel."""
         raise self._unsupported("listing one level")
 
-    def list_level(self, prefix: str = "") -> Iterator[Entry]:
+    def list_level(self, prefix: str = "", limit: int | None = None) -> Iterator[Entry]:
         """What `ls` of the directory `prefix` ("" or ending in '/') shows, streaming: the files
         directly in it as entries, and each directory one level below as an entry whose key ends
-        in '/' (size 0). Not sorted across kinds. Object stores override this with one delimiter
+        in '/' (size 0). Not sorted across kinds. `limit`: at most that many entries (one small
+        request answers "is anything there?"). Object stores override this with one delimiter
         listing; this default jumps over each subdirectory with a new `list` (one request per
         subdirectory) and adds, at the end, directories that hold only markers."""
+        if limit is not None:
+            yield from itertools.islice(self.list_level(prefix), limit)
+            return
         seen: set[str] = set()
         after = ""
         while True:

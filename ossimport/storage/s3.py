@@ -300,20 +300,25 @@ class S3Storage(Storage):
             dirs = [p["Prefix"][cut:] for page in pages for p in page.get("CommonPrefixes", ())]
         return sorted(dirs, key=lambda k: k.encode())
 
-    def list_level(self, prefix: str = "") -> Iterator[Entry]:
+    def list_level(self, prefix: str = "", limit: int | None = None) -> Iterator[Entry]:
         # one delimiter listing, page by page (a mount's `ls` shows the first page at once)
         full = self.root + prefix
         cut = len(self.root)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "Delimiter": "/"}
+        if limit is not None:  # one page; one key more, for the directory's own marker
+            args["PaginationConfig"] = {"PageSize": limit + 1, "MaxItems": limit + 1}
+        n = 0
         with self._errors("list", prefix):
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=full, Delimiter="/")
-            for page in pages:
-                for p in page.get("CommonPrefixes", ()):
-                    yield Entry(p["Prefix"][cut:], 0, 0.0)
-                for o in page.get("Contents", ()):
-                    if o["Key"].endswith("/") and o["Size"] == 0:
-                        continue  # directory markers
-                    yield Entry(o["Key"][cut:], o["Size"], whole_seconds(o["LastModified"]), _etag(o.get("ETag")))
+            for page in self._client.get_paginator("list_objects_v2").paginate(**args):
+                entries = [Entry(p["Prefix"][cut:], 0, 0.0) for p in page.get("CommonPrefixes", ())]
+                entries += [Entry(o["Key"][cut:], o["Size"], whole_seconds(o["LastModified"]), _etag(o.get("ETag")))
+                            for o in page.get("Contents", ())
+                            if not (o["Key"].endswith("/") and o["Size"] == 0)]  # markers are not files
+                for e in entries[: None if limit is None else limit - n]:
+                    n += 1
+                    yield e
+                if limit is not None:
+                    return
 
     def _boto_pages(self, prefix: str, after: str) -> Iterator[list[tuple[str, int, float, str | None]]]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
