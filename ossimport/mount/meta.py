@@ -94,6 +94,7 @@ class Namespace:
 
     def _resolve(self, key: str) -> Attr | None:
         """Ask the store: an object named `key`, else a directory (keys under it, or a marker)."""
+        log.debug("looking up %s in the store", key)
         try:
             e = self.storage.head(key)
         except NotFound:
