@@ -249,6 +249,42 @@ def test_killed_reader_leaves_the_mount_working(backend_factory: Any, tmp_path: 
         assert sorted(os.listdir(m.path)) == ["big.bin"]
 
 
+class _Via:
+    """A backend reached through a FaultProxy: same server, the proxy's port in the address."""
+
+    def __init__(self, backend: Any, proxy: Any) -> None:
+        self.backend, self.proxy = backend, proxy
+
+    def address(self, root: str) -> str:
+        return self.backend.address(root).replace(f":{self.backend.handle.port}/", f":{self.proxy.port}/")
+
+    def env(self) -> dict[str, str]:
+        return self.backend.env()
+
+
+def test_rewrite_is_one_upload_and_reads_survive_broken_connections(backend_factory: Any,
+                                                                    tmp_path: Path) -> None:
+    from servers.faultproxy import Fault, FaultProxy
+
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    data = random.Random(8).randbytes(6 * MiB)
+    b.seed(root, {"old.txt": b"old content", "big.bin": data})
+    st = b.storage(root)
+    with FaultProxy("127.0.0.1", b.handle.port) as proxy, Mount(_Via(b, proxy), root, tmp_path) as m:
+        # a shell's `>` over an existing file (open O_TRUNC, dup2 to stdout, close the first
+        # descriptor, write): one PUT of the new bytes, never an empty object in between
+        proxy.reset_counters()
+        subprocess.run(["sh", "-c", 'echo new > "$0"', str(m.path / "old.txt")], check=True)
+        puts = [r for r in proxy.records if r.method == "PUT" and r.path.endswith("/old.txt")]
+        assert len(puts) == 1, [(r.method, r.path) for r in puts]
+        assert _read(st, "old.txt") == b"new\n"
+        # ranged GETs cut off half way are fetched again: the bytes still come out exact
+        proxy.add(Fault("reset_mid", count=3, method="GET", path=r"/big\.bin$"))
+        assert (m.path / "big.bin").read_bytes() == data
+        assert proxy.injected["reset_mid"] == 3
+
+
 # ---- writes -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", OBJECT_BACKENDS)
 def test_write_rename_unlink_mkdir_rmdir_round_trip(backend_factory: Any, tmp_path: Path, name: str) -> None:

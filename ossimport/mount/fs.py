@@ -374,12 +374,15 @@ class MountFS(mfusepy.Operations):
 
     def flush(self, path: str, fi: Any) -> int:
         handle = self._files.get(fi.fh)
-        if isinstance(handle, SpoolFile) and handle.dirty and not handle.unlinked:
+        if isinstance(handle, SpoolFile) and handle.dirty and handle.written and not handle.unlinked:
             self._upload(handle)
         return 0
 
     def fsync(self, path: str, datasync: int, fi: Any) -> int:
-        return self.flush(path, fi)
+        handle = self._files.get(fi.fh)
+        if isinstance(handle, SpoolFile) and handle.dirty and not handle.unlinked:
+            self._upload(handle)
+        return 0
 
     def _upload(self, sf: SpoolFile) -> None:
         try:

@@ -2,7 +2,7 @@
 
 An object cannot be changed in place, so a file opened for writing is a new object being built:
 its bytes collect in a spool file under the cache directory (any write order works there), and
-`flush` (every close), `fsync` and the last `release` upload it through the engine's transfer,
+`flush` (every close, once something was written), `fsync` and the last `release` upload it through the engine's transfer,
 the same code path as `ossimport cp` (multipart when large, size and MD5/CRC64 verified). Only
 then is the new content visible in the store, all at once. An upload that fails is reported to
 the writer's close() or fsync() as EIO.
@@ -38,6 +38,10 @@ class SpoolFile:
         self.name = os.path.basename(path)
         self.fd = fd
         self.dirty = False  # holds bytes the store does not have yet
+        # written to through a handle since the last upload. A flush without it is a close of a
+        # descriptor before any write (a shell's `>` opens, dup2()s and closes the first one):
+        # uploading there would publish an empty object before the real bytes
+        self.written = False
         self.unlinked = False  # removed while open: never uploaded
         self.refs = 1
         self.lock = threading.Lock()  # one write, truncate or upload at a time
@@ -51,7 +55,7 @@ class SpoolFile:
     def write(self, data: bytes, offset: int) -> int:
         with self.lock:
             n = os.pwrite(self.fd, data, offset)
-            self.dirty = True
+            self.dirty = self.written = True
         return n
 
     def read(self, size: int, offset: int) -> bytes:
@@ -60,7 +64,7 @@ class SpoolFile:
     def truncate(self, length: int) -> None:
         with self.lock:
             os.ftruncate(self.fd, length)
-            self.dirty = True
+            self.dirty = self.written = True
 
     def set_mtime(self, mtime_ns: int) -> None:
         """The mtime the object gets (stores that keep one, see Abilities.set_mtime)."""
@@ -93,7 +97,7 @@ class Spool:
         with sf.lock:
             st = os.fstat(sf.fd)
             result = self.transfer.copy(Entry(sf.name, st.st_size, st.st_mtime), sf.key)
-            sf.dirty = False
+            sf.dirty = sf.written = False
         log.info("uploaded %s (%d bytes)", sf.key, st.st_size)
         return result
 
