@@ -129,6 +129,12 @@ def test_mounted_tree_reads_back_exactly(backend_factory: Any, tmp_path: Path, n
     st = b.storage(root)
     st.put("made-by-console/", io.BytesIO(b""), 0)  # a directory that only a marker names
     with Mount(b, root, tmp_path) as m:
+        # the long-lived mount process shows no key to `ps`
+        from ossimport.address import parse_address
+
+        cmdline = Path(f"/proc/{m.pid}/cmdline").read_bytes().decode()
+        secret = parse_address(b.address(root)).secret_key
+        assert secret not in cmdline and b.address(root).split("@")[0] not in cmdline, cmdline
         assert _walk(m.path) == files
         assert sorted(os.listdir(m.path)) == sorted({k.split("/")[0] for k in files} | {"made-by-console"})
         assert os.listdir(m.path / "made-by-console") == []

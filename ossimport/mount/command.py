@@ -2,9 +2,9 @@
 
 Everything that can be checked is checked before the mount goes to the background (the address,
 /dev/fuse and libfuse 3, the mount point, the keys and the bucket, by listing the root once), so
-a mistake is one line and exit 2 in the user's terminal, not a line in a log. Then the process
-forks twice and the mount runs detached; the parent waits until the kernel has the mount (or
-the mount failed) and exits.
+a mistake is one line and exit 2 in the user's terminal, not a line in a log. Then the mount
+process starts detached (`python -m ossimport.mount.command`, settings on its stdin so that no
+key shows in `ps`); the command waits until the kernel has the mount (or it failed) and exits.
 
 Per mount point, a state directory (XDG_CACHE_HOME or ~/.cache, then ossimport/mount/<hash>)
 holds `pid`, `mount.log` and the spool of files being written (unless --cache-dir). `umount`
@@ -17,20 +17,22 @@ from __future__ import annotations
 import argparse
 import ctypes.util
 import hashlib
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from ossimport.errors import OssimportError, StorageError, UsageError
 
 if TYPE_CHECKING:
     from ossimport.address import Location
-    from ossimport.mount.fs import MountOptions
-    from ossimport.storage.base import Storage
+    from ossimport.storage.base import Storage, StorageOptions
 
 FUSE_DEVICE = "/dev/fuse"
 READY = b"ready\n"
@@ -170,20 +172,15 @@ def preflight(storage: Storage, loc: Location) -> None:
 
 
 # ---- mount ---------------------------------------------------------------------------------------------
-def run_mount(args: argparse.Namespace, storage_options: Any) -> int:
+def run_mount(args: argparse.Namespace, storage_options: StorageOptions) -> int:
     from ossimport.storage import open_storage
 
     loc = mount_location(args.address)
     mountpoint = os.path.abspath(args.mountpoint)
-    check_fuse()  # before mfusepy is imported: it loads libfuse when imported
+    check_fuse()
     check_mountpoint(mountpoint)
-    from ossimport.mount.fs import MountOptions
-
     if args.read_threads < 1:
         raise UsageError("--read-threads must be at least 1")
-    opts = MountOptions(read_only=args.read_only, attr_ttl=args.attr_ttl, dir_ttl=args.dir_ttl,
-                        read_ahead=args.read_ahead, read_memory=args.read_memory,
-                        read_threads=args.read_threads)
     # connections: one per read-ahead thread plus the FUSE threads that read and write directly
     st_opts = replace(storage_options, max_pool=args.read_threads + 32)
     storage = open_storage(loc, st_opts)
@@ -193,28 +190,36 @@ def run_mount(args: argparse.Namespace, storage_options: Any) -> int:
         storage.close()
     state = state_dir(mountpoint)
     os.makedirs(state, mode=0o700, exist_ok=True)
-    spool = os.path.abspath(args.cache_dir) if args.cache_dir else os.path.join(state, "spool")
-
-    def serve(on_ready: Any) -> None:
-        _serve(open_storage(loc, st_opts), mountpoint, opts, spool, args.allow_other, on_ready, state)
-
+    # the spool is this mount's own (emptied when it starts), also inside a shared --cache-dir
+    spool = os.path.join(os.path.abspath(args.cache_dir), os.path.basename(state)) if args.cache_dir \
+        else os.path.join(state, "spool")
+    spec = {"args": vars(args), "storage": asdict(st_opts), "mountpoint": mountpoint, "spool": spool}
     if args.foreground:
-        serve(None)
+        _serve(spec, None)
         return 0
-    return _daemonize(serve, state)
+    return _start_daemon(spec, state)
 
 
-def _serve(storage: Storage, mountpoint: str, opts: MountOptions, spool: str, allow_other: bool,
-           on_ready: Any, state: str) -> None:
-    from ossimport.mount.fs import FUSE, MountFS
+def _serve(spec: dict[str, Any], on_ready: Callable[[], None] | None) -> None:
+    """Mount and serve until unmounted (runs in the mount process)."""
+    from ossimport.mount.fs import FUSE, MountFS, MountOptions
+    from ossimport.storage import open_storage
+    from ossimport.storage.base import StorageOptions
 
+    args = argparse.Namespace(**spec["args"])
+    mountpoint = spec["mountpoint"]
+    state = state_dir(mountpoint)
+    opts = MountOptions(read_only=args.read_only, attr_ttl=args.attr_ttl, dir_ttl=args.dir_ttl,
+                        read_ahead=args.read_ahead, read_memory=args.read_memory,
+                        read_threads=args.read_threads)
+    storage = open_storage(mount_location(args.address), StorageOptions(**spec["storage"]))
     pid_file = os.path.join(state, "pid")
     with open(pid_file, "w", encoding="ascii") as f:
         f.write(f"{os.getpid()}\n")
-    fs = MountFS(storage, spool, opts, on_ready)
+    fs = MountFS(storage, spec["spool"], opts, on_ready)
     kwargs: dict[str, Any] = {"foreground": True, "fsname": "ossimport", "subtype": "ossimport",
                               "max_threads": 64}
-    if allow_other:
+    if args.allow_other:
         kwargs.update(allow_other=True, default_permissions=True)
     if opts.read_only:
         kwargs["ro"] = True
@@ -226,62 +231,70 @@ def _serve(storage: Storage, mountpoint: str, opts: MountOptions, spool: str, al
             os.unlink(pid_file)
 
 
-def _daemonize(serve: Any, state: str) -> int:
-    """Run `serve` in a detached grandchild; return once it has mounted (0) or failed (2)."""
+def _start_daemon(spec: dict[str, Any], state: str, timeout: float = 120.0) -> int:
+    """Start the mount process detached (its own session, output to mount.log) and wait until it
+    has mounted (0) or failed (2). It gets its settings on stdin, not on its command line, where
+    every local user could read the keys for as long as the mount lasts."""
     log_path = os.path.join(state, "mount.log")
     r, w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        os.close(w)
-        os.waitpid(pid, 0)  # the middle process exits at once
-        with os.fdopen(r, "rb") as pipe:
-            said = pipe.read()
-        if said == READY:
-            return 0
-        text = said.decode("utf-8", "replace").strip()
-        if not text:
-            text = f"the mount process ended before mounting; see {log_path}"
-        raise UsageError(text)
-    # the middle process: a new session, then away, so the mount is nobody's child
-    os.close(r)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    try:
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        os.close(null)
-        os.chdir("/")
-    except OSError as exc:
-        os.write(w, f"cannot start the mount process: {exc}".encode())
-        os._exit(2)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ossimport.mount.command", str(w)], stdin=subprocess.PIPE,
+            stdout=log, stderr=log, cwd="/", start_new_session=True, pass_fds=(w,))
+    os.close(w)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(spec).encode())
+    proc.stdin.close()
+    said = b""
+    deadline = time.monotonic() + timeout
+    with os.fdopen(r, "rb", buffering=0) as pipe:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = pipe.read(4096)
+            if not chunk:
+                break  # the mount process said what it had to and closed its end (or died)
+            said += chunk
+    if said == READY:
+        return 0
+    if proc.poll() is None and not said:
+        proc.kill()
+        raise UsageError(f"the mount did not come up within {timeout:.0f}s; see {log_path}")
+    text = said.decode("utf-8", "replace").strip()
+    raise UsageError(text or f"the mount process ended before mounting; see {log_path}")
+
+
+def _daemon_main(argv: list[str]) -> int:
+    """The mount process: `python -m ossimport.mount.command READY_FD`, settings on stdin."""
+    ready_fd = int(argv[0])
+    spec = json.loads(sys.stdin.buffer.read())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    from ossimport import log as logsetup
+
+    logsetup.setup(spec["args"].get("verbose") or 0)
     told = False
 
     def ready() -> None:
         nonlocal told
-        os.write(w, READY)
-        os.close(w)
+        os.write(ready_fd, READY)
+        os.close(ready_fd)
         told = True
 
-    code = 0
     try:
-        serve(ready)
-    except BaseException as exc:  # noqa: BLE001 - reported to the waiting parent or the log
-        code = 2
+        _serve(spec, ready)
+    except BaseException as exc:  # noqa: BLE001 - reported to the waiting command or the log
         if not told:
-            os.write(w, f"cannot mount: {_last_fuse_line(log_path) or exc}".encode())
+            log_path = os.path.join(state_dir(spec["mountpoint"]), "mount.log")
+            os.write(ready_fd, f"cannot mount: {_last_fuse_line(log_path) or exc}".encode())
         print(f"mount ended: {exc}", file=sys.stderr)
+        return 2
     finally:
         if not told:
-            os.close(w)
-    sys.stderr.flush()
-    os._exit(code)
+            os.close(ready_fd)
+    return 0
 
 
 def _last_fuse_line(log_path: str) -> str:
@@ -330,3 +343,7 @@ def _which(name: str) -> str | None:
     import shutil
 
     return shutil.which(name)
+
+
+if __name__ == "__main__":
+    sys.exit(_daemon_main(sys.argv[1:]))
