@@ -311,9 +311,12 @@ def test_write_rename_unlink_mkdir_rmdir_round_trip(backend_factory: Any, tmp_pa
         # cp out: byte-identical
         subprocess.run(["cp", str(m.path / "in.bin"), str(tmp_path / "out.bin")], check=True)
         assert (tmp_path / "out.bin").read_bytes() == big
-        # a small file written with several writes, then rewritten whole (O_TRUNC)
+        # a small file written with several writes, then rewritten whole (O_TRUNC); while it is
+        # open it is listed (the store has it only after close)
         with open(m.path / "keep/new.txt", "wb") as f:
             f.write(b"hello ")
+            f.flush()
+            assert "new.txt" in os.listdir(m.path / "keep")
             f.write(b"world")
         assert _read(st, "keep/new.txt") == b"hello world"
         (m.path / "keep/old.txt").write_bytes(b"replaced")

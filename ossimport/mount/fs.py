@@ -195,8 +195,16 @@ class MountFS(mfusepy.Operations):
                 raise self._storage_failed("list", handle.key, exc) from None
             if item is None:
                 handle.done = True
+                handle.seen += self._files_being_written(handle.key, {name for name, _ in handle.seen})
             else:
                 handle.seen.append(item)
+
+    def _files_being_written(self, dir_key: str, listed: set[str]) -> list[tuple[str, Attr]]:
+        """New files still open for writing: not in the store yet, but there for whoever lists."""
+        with self._lock:
+            writers = [sf for k, sf in self._writers.items() if split(k)[0] == dir_key and not sf.unlinked]
+        return [(split(sf.key)[1], Attr(False, sf.size(), sf.mtime())) for sf in writers
+                if split(sf.key)[1] not in listed]
 
     def releasedir(self, path: str, fh: int) -> int:
         with self._lock:
