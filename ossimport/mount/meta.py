@@ -9,6 +9,7 @@ Two caches keep the store from being asked again and again (both invalidated by 
                     (`dir_ttl` for a directory: it has no size or mtime to go stale)
   directory lists   one directory's names and attributes, for `dir_ttl` seconds; while a
                     directory's list is fresh, lookups of names in it are answered from it
+Both are bounded (MAX_ATTRS answers, MAX_LISTED names), so memory does not grow with the tree.
 A key that is both an object and a directory prefix shows as the directory in listings (a
 lookup without a fresh listing finds the object: one HEAD, not a HEAD and a LIST per file).
 """
@@ -25,6 +26,11 @@ from ossimport.errors import NotFound
 from ossimport.storage.base import Storage
 
 log = logging.getLogger("ossimport")
+
+# what the caches may hold (about 100 MB together): answers for single paths, and names in cached
+# directory listings over all directories (the oldest listing goes first)
+MAX_ATTRS = 200_000
+MAX_LISTED = 500_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +96,17 @@ class Namespace:
         ttl = self.dir_ttl if found is not None and found.is_dir else self.attr_ttl
         with self._lock:
             self._attrs[key] = (self._clock() + ttl, found)
+            if len(self._attrs) > MAX_ATTRS:
+                self._trim_attrs()
         return found
+
+    def _trim_attrs(self) -> None:
+        """Under the lock: drop expired answers, then the oldest, down to 90% of the cap."""
+        now = self._clock()
+        for k in [k for k, (expires, _) in self._attrs.items() if expires <= now]:
+            del self._attrs[k]
+        while len(self._attrs) > MAX_ATTRS * 9 // 10:
+            del self._attrs[next(iter(self._attrs))]
 
     def _resolve(self, key: str) -> Attr | None:
         """Ask the store: an object named `key`, else a directory (keys under it, or a marker)."""
@@ -138,13 +154,15 @@ class Namespace:
             attr = DIR if is_dir else Attr(False, e.size, e.mtime, e.etag)
             names[name] = attr
             yield name, attr
+        if len(names) > MAX_LISTED // 2:
+            return  # a giant directory streams every time rather than taking the cache alone
         expires = self._clock() + self.dir_ttl
         with self._lock:
-            self._dirs[key] = (expires, names)
-            # the listing also answers lookups of its names until the attributes expire
-            attr_expires = self._clock() + self.attr_ttl
-            for name, attr in names.items():
-                self._attrs[f"{prefix}{name}"] = (attr_expires, attr)
+            self._dirs.pop(key, None)
+            self._dirs[key] = (expires, names)  # (re)inserted last: the newest
+            total = sum(len(n) for _, n in self._dirs.values())
+            while total > MAX_LISTED:
+                total -= len(self._dirs.pop(next(iter(self._dirs)))[1])
 
     # ---- our own changes ---------------------------------------------------------------------
     def added(self, key: str, attr: Attr) -> None:
