@@ -393,6 +393,17 @@ def test_umount_and_sigterm_upload_pending_writes_and_leave_no_process(backend_f
     b.seed(root, {"a.txt": b"a"})
     st = b.storage(root)
     with Mount(b, root, tmp_path) as m:
+        # busy: a process has a file open there; umount says so and leaves the mount working
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys\nf = open(sys.argv[1], 'rb')\nprint('open', flush=True)\n"
+             "sys.stdin.read()\n", str(m.path / "a.txt")],
+            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        proc = m.umount()
+        assert proc.returncode == 1 and "busy" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert (m.path / "a.txt").read_bytes() == b"a"
+        holder.communicate("", timeout=30)
         proc = m.umount()
         assert proc.returncode == 0, proc.stderr
         assert not mounted(str(m.path))
