@@ -280,15 +280,22 @@ def test_rewrite_is_one_upload_and_reads_survive_broken_connections(backend_fact
     with FaultProxy("127.0.0.1", b.handle.port) as proxy, Mount(_Via(b, proxy), root, tmp_path) as m:
         # a shell's `>` over an existing file (open O_TRUNC, dup2 to stdout, close the first
         # descriptor, write): one PUT of the new bytes, never an empty object in between
+        assert (m.path / "old.txt").read_bytes() == b"old content"  # twice: its pages may be kept
+        assert (m.path / "old.txt").read_bytes() == b"old content"
         proxy.reset_counters()
         subprocess.run(["sh", "-c", 'echo new > "$0"', str(m.path / "old.txt")], check=True)
         puts = [r for r in proxy.records if r.method == "PUT" and r.path.endswith("/old.txt")]
         assert len(puts) == 1, [(r.method, r.path) for r in puts]
         assert _read(st, "old.txt") == b"new\n"
+        assert (m.path / "old.txt").read_bytes() == b"new\n"  # not the kept pages of the old object
         # ranged GETs cut off half way are fetched again: the bytes still come out exact
         proxy.add(Fault("reset_mid", count=3, method="GET", path=r"/big\.bin$"))
         assert (m.path / "big.bin").read_bytes() == data
         assert proxy.injected["reset_mid"] == 3
+        # read again, unchanged: served from the kernel's page cache, no request at all
+        proxy.reset_counters()
+        assert (m.path / "big.bin").read_bytes() == data
+        assert [r for r in proxy.records if r.method == "GET"] == []
 
 
 # ---- writes -------------------------------------------------------------------------------------------

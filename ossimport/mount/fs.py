@@ -44,6 +44,7 @@ log = logging.getLogger("ossimport")
 MiB = 1024 * 1024
 # libfuse passes utimensat's special nanosecond values through
 _UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+_MAX_OPENED = 100_000  # objects whose identity at the last open is remembered (for keep_cache)
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AuthenticationFailed"}
 
 
@@ -99,6 +100,8 @@ class MountFS(mfusepy.Operations):
         self._files: dict[int, Reader | SpoolFile] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._writers: dict[str, SpoolFile] = {}  # key -> the spool file open for writing it
+        # key -> (size, mtime, etag) when last opened for reading, oldest first
+        self._opened: dict[str, tuple[int, float, str | None]] = {}
 
     # ---- life cycle ------------------------------------------------------------------------------
     def init_with_config(self, conn_info: Any, config: Any) -> None:
@@ -267,8 +270,15 @@ class MountFS(mfusepy.Operations):
             raise _fail(errno.EISDIR)
         reader = Reader(self.storage, key, attr.size, self.pool, self.budget,
                         max_window=self.opts.read_ahead)
+        ident = (attr.size, attr.mtime, attr.etag)
         with self._lock:
             fi.fh = self._register(reader)
+            # the same object as at the last open: the kernel may keep the pages it read then
+            # (a second epoch over a data set costs no requests)
+            fi.keep_cache = int(self._opened.pop(key, None) == ident)
+            self._opened[key] = ident
+            if len(self._opened) > _MAX_OPENED:
+                del self._opened[next(iter(self._opened))]
         return 0
 
     def _register(self, handle: Reader | SpoolFile) -> int:
