@@ -508,3 +508,22 @@ def test_metadata_caches_stay_within_their_bounds(backend_factory: Any, monkeypa
         assert sorted(name for name, _ in ns.listdir(f"d{d}")) == [f"f{i}" for i in range(5)]
     assert sorted(ns._dirs) == ["d1", "d2"]  # 15 names do not fit in 11: the oldest listing went
     assert ns.attr("d0/f3").size == 3  # answered again from the store
+
+
+def test_a_killed_mount_process_is_unmounted_and_mounted_again(backend_factory: Any, tmp_path: Path) -> None:
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    b.seed(root, {"a.txt": b"a"})
+    with Mount(b, root, tmp_path) as m:
+        assert m.pid is not None
+        os.kill(m.pid, signal.SIGKILL)
+        _wait(lambda: not alive(m.pid), "the killed mount process to go")
+        with pytest.raises(OSError) as exc:
+            os.listdir(m.path)
+        assert exc.value.errno == errno.ENOTCONN  # what the kernel says of a dead FUSE mount
+        proc = m.umount()
+        assert proc.returncode == 0, proc.stderr
+        assert not mounted(str(m.path))
+        again = run_cli("mount", b.address(root), str(m.path), env=m.env, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert (m.path / "a.txt").read_bytes() == b"a"
