@@ -384,7 +384,10 @@ def test_what_a_store_cannot_do_fails_at_once_with_its_errno(backend_factory: An
         os.chmod(f, 0o644)  # what is shown: a no-op
         assert _read(st, "f.txt") == b"content"  # nothing above touched it
         assert _read(st, "d/g.txt") == b"g"
-    with Mount(b, root, tmp_path, "--read-only") as m:
+    with Mount(b, root, tmp_path, "--read-only", "--allow-other") as m:
+        options = next(line.split()[3] for line in Path("/proc/mounts").read_text().splitlines()
+                       if line.split()[1] == str(m.path))
+        assert "ro" in options.split(",") and "allow_other" in options.split(","), options
         assert (m.path / "f.txt").read_bytes() == b"content"
         assert _errno(lambda: open(m.path / "new.txt", "wb")) == errno.EROFS
         assert _errno(lambda: os.unlink(m.path / "f.txt")) == errno.EROFS
