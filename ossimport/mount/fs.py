@@ -461,6 +461,8 @@ class MountFS(mfusepy.Operations):
 
     def rename(self, old: str, new: str) -> int:
         src, dst = self._writable_key(old), key_of(new)
+        if src == dst:
+            return 0  # copy + delete of a key onto itself would delete it
         attr = self._attr(src)
         if attr is None:
             raise _fail(errno.ENOENT)
