@@ -523,7 +523,8 @@ def test_a_killed_mount_process_is_unmounted_and_mounted_again(backend_factory: 
         _wait(lambda: not alive(m.pid), "the killed mount process to go")
         with pytest.raises(OSError) as exc:
             os.listdir(m.path)
-        assert exc.value.errno == errno.ENOTCONN  # what the kernel says of a dead FUSE mount
+        # what the kernel says of a dead FUSE mount (ECONNABORTED while it tears the connection down)
+        assert exc.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
         proc = m.umount()
         assert proc.returncode == 0, proc.stderr
         assert not mounted(str(m.path))
