@@ -220,6 +220,36 @@ def test_reader_widens_window_when_sequential_and_fetches_nothing_ahead_when_ran
         assert budget.used == 0
 
 
+def test_many_sequential_readers_share_the_read_ahead_budget(backend_factory: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ossimport.mount.readahead import MemoryBudget, Reader
+
+    b = backend_factory("s3-moto")
+    root = b.new_root()
+    files = {f"shard{i}.tar": random.Random(i).randbytes(8 * MiB) for i in range(8)}
+    b.seed(root, files)
+    st = b.storage(root)
+    budget = MemoryBudget(16 * MiB)  # much less than 8 files x 64 MiB windows
+    with ThreadPoolExecutor(16) as pool, ThreadPoolExecutor(8) as readers:
+        opened = {k: Reader(st, k, len(v), pool, budget) for k, v in files.items()}
+
+        def read_all(key: str) -> bytes:
+            r = opened[key]
+            return b"".join(r.read(off, 128 * 1024) for off in range(0, r.size, 128 * 1024))
+
+        got = dict(zip(files, readers.map(read_all, files), strict=True))
+        assert got == files
+        assert budget.peak <= budget.limit
+        # each file kept streaming in blocks: not one 128 KiB GET per read (64 per file) once the
+        # budget ran short
+        gets = sorted(r.gets for r in opened.values())
+        assert sum(gets) <= 8 * 16, gets
+        for r in opened.values():
+            r.close()
+    assert budget.used == 0 and budget.streams == 0
+
+
 def test_listing_a_large_directory_is_complete(backend_factory: Any, tmp_path: Path) -> None:
     b = backend_factory("s3-moto")
     root = b.new_root()

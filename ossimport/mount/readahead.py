@@ -7,8 +7,10 @@ file), and the window doubles each time the reader has used half of what was fet
 `first_window` (1 MiB) up to `max_window`. A read anywhere else is random: it costs exactly one
 ranged GET of the bytes asked for, fetches nothing ahead and resets the window.
 
-Every fetched-ahead byte is charged to one `MemoryBudget` shared by all open files: when it is
-spent, files read on without read-ahead (one GET per read) until blocks are used and released.
+Every fetched-ahead byte is charged to one `MemoryBudget` shared by all open files. Windows grow
+only to a fair share of it (budget / 2 / files being read sequentially), so many large files read
+at once (data loader workers over tar shards) all keep streaming; when it is spent anyway, a
+file reads on without read-ahead (one GET per read) until blocks are used and released.
 """
 
 from __future__ import annotations
@@ -34,7 +36,17 @@ class MemoryBudget:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.streams = 0  # files being read sequentially now: they share the budget
         self._lock = threading.Lock()
+
+    def joined(self, delta: int) -> None:
+        with self._lock:
+            self.streams += delta
+
+    def fair_window(self, first: int, largest: int) -> int:
+        """The widest window one stream may grow to: a fair share of the budget (a stream holds up
+        to about twice its window: what is fetched ahead plus what is still being read)."""
+        return max(first, min(largest, self.limit // (2 * max(1, self.streams))))
 
     def take(self, n: int) -> bool:
         with self._lock:
@@ -134,7 +146,7 @@ class Reader:
     def close(self) -> None:
         with self._lock:
             self._drop(len(self._blocks))
-            self._streaming = False
+            self._set_streaming(False)
             if self._whole is not None:
                 self._budget.give(self.size)
                 self._whole = None
@@ -151,13 +163,13 @@ class Reader:
             return None  # a late read just behind the stream: leave the stream alone
         else:
             self._drop(len(self._blocks))  # random access: no read-ahead
-            self._streaming = False
+            self._set_streaming(False)
             return None
         while self._blocks and self._blocks[0].end + self._first <= offset:
             self._drop(1)  # well behind the reader: used
         if offset >= self._trigger or end > self._frontier:
             if self._grown:
-                self._window = min(self._window * 2, self._max_window)
+                self._window = min(self._window * 2, self._budget.fair_window(self._first, self._max_window))
             start = self._frontier
             self._schedule(max(end, start + self._window))
             self._grown = True
@@ -168,9 +180,14 @@ class Reader:
             return None  # the budget is spent: this read goes directly
         return covering
 
+    def _set_streaming(self, on: bool) -> None:
+        if on != self._streaming:
+            self._budget.joined(1 if on else -1)
+            self._streaming = on
+
     def _restart(self, offset: int) -> None:
         self._drop(len(self._blocks))
-        self._streaming = True
+        self._set_streaming(True)
         self._frontier = self._trigger = offset
         self._window = self._first
         self._grown = False
