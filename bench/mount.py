@@ -7,6 +7,7 @@ Starts its own S3 server on 127.0.0.1 (`rclone serve s3`, see bench/servers.py),
 object and many small ones with `ossimport cp`, then per round, interleaved:
   cp big      `ossimport cp` of the large object to local disk             -> MiB/s
   mount big   `dd bs=1M` of it through a fresh `ossimport mount`           -> MiB/s, mount peak RSS
+  writes      `cp` of the same bytes into the mount, and `ossimport cp` upload -> MiB/s
   cp small    `ossimport cp` of the small objects to local disk            -> files/s
   mount small listing, then `--readers` processes reading every file once  -> files/s
   ls -R       with --tree-keys N: `ls -R` of N keys, 1,000 per directory -> seconds, mount peak RSS
@@ -71,6 +72,7 @@ def seed(ep: Endpoint, work: Path, big_mib: int, small: int, small_kib: int, tre
         (src / "small" / f"f{i:05d}.bin").write_bytes(os.urandom(small_kib * 1024))
     create_bucket(ep, BUCKET)
     ossimport("-q", "cp", f"{src}/", address(ep, ""))
+    os.replace(src / "big.bin", work / "big.bin")  # kept for the write scenarios
     shutil.rmtree(src)
 
 
@@ -179,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
                                              capture_output=True))
             rss.append(peak.stop())
             res.setdefault("mount big MiB/s", []).append(args.big_mib / t)
+            # writing: `cp` into the mount (spooled, uploaded and verified on close)
+            t = timed(lambda r=rnd: subprocess.run(["cp", str(work / "big.bin"), f"{mp}/up-mount-{r}.bin"], check=True))
+            res.setdefault("mount write big MiB/s", []).append(args.big_mib / t)
             umount(mp, env)
+            t = timed(lambda r=rnd: ossimport("-q", "cp", str(work / "big.bin"), address(ep, f"up-cp-{r}.bin")))
+            res.setdefault("cp upload big MiB/s", []).append(args.big_mib / t)
             t = timed(lambda: ossimport("-q", "cp", address(ep, "small/"), f"{out}/small/"))
             res.setdefault("cp small files/s", []).append(args.small / t)
             mount(ep, mp, env)

@@ -15,7 +15,6 @@ process has uploaded what it still held and exited.
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import hashlib
 import json
 import os
@@ -131,6 +130,8 @@ def check_fuse() -> None:
         raise UsageError(f"cannot open {FUSE_DEVICE} ({exc.strerror}): run as a user allowed to mount "
                          "(root, or a member of the fuse group)") from None
     if not os.environ.get("FUSE_LIBRARY_PATH"):
+        import ctypes.util  # here, not at the top: the parser imports this module for every command
+
         lib = ctypes.util.find_library("fuse3")
         if not lib:
             raise UsageError("libfuse 3 is not installed: install the fuse3 package (apt-get install fuse3)")
