@@ -84,7 +84,7 @@ class Spool:
                 os.unlink(os.path.join(directory, name))
         self._local = LocalStorage(Location(backend="local", flavour="local", path=directory))
         self.transfer = Transfer(self._local, storage, opts or TransferOptions(
-            multipart_threshold=16 * MiB, part_size=16 * MiB, part_threads=4, keep_perms=False), Stats())
+            multipart_threshold=16 * MiB, part_size=16 * MiB, part_threads=8, keep_perms=False), Stats())
         self._seq = itertools.count(1)
 
     def new(self, key: str) -> SpoolFile:
