@@ -51,7 +51,7 @@ def add_parsers(sub: Any, size: Any, nonneg: Any) -> None:
     a("--anonymous", metavar="SIDE", default=hide, help="'src' or 'both': no credentials (public bucket)")
     a("--verbose", "-v", action="count", default=hide, help="log every upload (-vv: debug) to the mount log")
     a("address", metavar="ADDRESS", help="a bucket address as for cp, e.g. s3://ak:sk@bucket.host/prefix/")
-    a("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    a("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     a("--foreground", "-f", action="store_true", help="stay in the foreground (stop with Ctrl-C)")
     a("--read-only", dest="read_only", action="store_true", help="refuse every change (EROFS)")
     a("--allow-other", dest="allow_other", action="store_true",
