@@ -135,6 +135,10 @@ def test_mounted_tree_reads_back_exactly(backend_factory: Any, tmp_path: Path, n
         cmdline = Path(f"/proc/{m.pid}/cmdline").read_bytes().decode()
         secret = parse_address(b.address(root)).secret_key
         assert secret not in cmdline and b.address(root).split("@")[0] not in cmdline, cmdline
+        if os.geteuid() == 0:  # the kernel reads ahead (and asks the mount) 1 MiB at a time
+            dev = os.stat(m.path).st_dev
+            ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+            _wait(lambda: ra.read_text().strip() == "1024", "the kernel's read-ahead to be 1 MiB")
         assert _walk(m.path) == files
         assert sorted(os.listdir(m.path)) == sorted({k.split("/")[0] for k in files} | {"made-by-console"})
         assert os.listdir(m.path / "made-by-console") == []

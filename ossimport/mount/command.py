@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -32,6 +34,8 @@ from ossimport.errors import OssimportError, StorageError, UsageError
 if TYPE_CHECKING:
     from ossimport.address import Location
     from ossimport.storage.base import Storage, StorageOptions
+
+log = logging.getLogger("ossimport")
 
 FUSE_DEVICE = "/dev/fuse"
 READY = b"ready\n"
@@ -74,16 +78,24 @@ def add_parsers(sub: Any, size: Any, nonneg: Any) -> None:
 
 
 # ---- state ------------------------------------------------------------------------------------------
+def canonical(mountpoint: str) -> str:
+    """The mount point's real path, resolving links on the way to it but not through it: a
+    stat of a live mount would wait for the mount process itself (a deadlock inside its own
+    init) and fails on a dead one."""
+    path = os.path.abspath(mountpoint)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def state_dir(mountpoint: str) -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(canonical(mountpoint).encode()).hexdigest()[:16]
     return os.path.join(base, "ossimport", "mount", digest)
 
 
 def mounted(mountpoint: str) -> bool:
     """Whether something is mounted at `mountpoint` (a dead FUSE mount too: os.path.ismount
     fails to stat one and says no)."""
-    target = os.path.realpath(mountpoint)
+    target = canonical(mountpoint)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
@@ -217,7 +229,16 @@ def _serve(spec: dict[str, Any], on_ready: Callable[[], None] | None) -> None:
     pid_file = os.path.join(state, "pid")
     with open(pid_file, "w", encoding="ascii") as f:
         f.write(f"{os.getpid()}\n")
-    fs = MountFS(storage, spec["spool"], opts, on_ready)
+
+    def ready() -> None:
+        # the kernel sets its read-ahead when it gets the answer to INIT, after this callback:
+        # widen it from a thread, once the mount answers a stat (so INIT is through)
+        threading.Thread(target=lambda: os.stat(mountpoint) and widen_kernel_readahead(mountpoint),
+                         name="widen-read-ahead", daemon=True).start()
+        if on_ready:
+            on_ready()
+
+    fs = MountFS(storage, spec["spool"], opts, ready)
     kwargs: dict[str, Any] = {"foreground": True, "fsname": "ossimport", "subtype": "ossimport",
                               "max_threads": 64}
     if args.allow_other:
@@ -230,6 +251,20 @@ def _serve(spec: dict[str, Any], on_ready: Callable[[], None] | None) -> None:
         storage.close()
         if _read_pid(state) == os.getpid():
             os.unlink(pid_file)
+
+
+def widen_kernel_readahead(mountpoint: str, kib: int = 1024) -> None:
+    """Let the kernel read ahead (and so ask us) 1 MiB at a time instead of its default 128 KiB:
+    eight times fewer requests through Python for a sequential read. Root only (sysfs); others
+    keep the default."""
+    target = canonical(mountpoint)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            dev = next(line.split()[2] for line in f if _unescape(line.split()[4]) == target)
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w", encoding="ascii") as f:
+            f.write(str(kib))
+    except (OSError, StopIteration) as exc:
+        log.debug("kernel read-ahead of %s left as it is: %s", mountpoint, exc)
 
 
 def _start_daemon(spec: dict[str, Any], state: str, timeout: float = 120.0) -> int:
