@@ -143,6 +143,7 @@ def test_mounted_tree_reads_back_exactly(backend_factory: Any, tmp_path: Path, n
         assert sorted(os.listdir(m.path)) == sorted({k.split("/")[0] for k in files} | {"made-by-console"})
         assert os.listdir(m.path / "made-by-console") == []
         assert os.path.getsize(m.path / "large/blob.bin") == len(files["large/blob.bin"])
+        assert os.stat(m.path / "large/blob.bin").st_blksize == MiB  # cp and friends move 1 MiB a call
         # reads at offsets (random access) return the exact bytes
         data = files["large/blob.bin"]
         rnd = random.Random(7)
