@@ -310,7 +310,7 @@ def test_rewrite_is_one_upload_and_reads_survive_broken_connections(backend_fact
     b = backend_factory("s3-moto")
     root = b.new_root()
     data = random.Random(8).randbytes(6 * MiB)
-    b.seed(root, {"old.txt": b"old content", "big.bin": data})
+    b.seed(root, {"old.txt": b"old content", "big.bin": data, "flaky.txt": b"flaky"})
     st = b.storage(root)
     with FaultProxy("127.0.0.1", b.handle.port) as proxy, Mount(_Via(b, proxy), root, tmp_path) as m:
         # a shell's `>` over an existing file (open O_TRUNC, dup2 to stdout, close the first
@@ -327,6 +327,11 @@ def test_rewrite_is_one_upload_and_reads_survive_broken_connections(backend_fact
         proxy.add(Fault("reset_mid", count=3, method="GET", path=r"/big\.bin$"))
         assert (m.path / "big.bin").read_bytes() == data
         assert proxy.injected["reset_mid"] == 3
+        # a store that keeps failing: the read fails with EIO after its retries, the mount lives on
+        proxy.add(Fault("internal_error", probability=1.0, method="GET", path=r"/flaky\.txt$"))
+        assert _errno(lambda: (m.path / "flaky.txt").read_bytes()) == errno.EIO
+        proxy.clear()
+        assert (m.path / "flaky.txt").read_bytes() == b"flaky"
         # read again, unchanged: served from the kernel's page cache, no request at all
         proxy.reset_counters()
         assert (m.path / "big.bin").read_bytes() == data
