@@ -62,6 +62,21 @@ def _wait(predicate: Any, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def _state_of(mountpoint: Path, env: dict[str, str]) -> str:
+    """The mount's state directory as the mount process computes it (under env's XDG_CACHE_HOME)."""
+    from ossimport.mount.command import state_dir
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = env["XDG_CACHE_HOME"]
+    try:
+        return state_dir(str(mountpoint))
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+
+
 class Mount:
     """`ossimport mount` of one backend root at a fresh directory; `umount` on exit."""
 
@@ -78,17 +93,7 @@ class Mount:
                        timeout=120)
         assert proc.returncode == 0, f"mount failed ({proc.returncode}): {proc.stderr}"
         assert mounted(str(self.path))
-        from ossimport.mount.command import state_dir
-
-        old = os.environ.get("XDG_CACHE_HOME")
-        os.environ["XDG_CACHE_HOME"] = self.env["XDG_CACHE_HOME"]
-        try:
-            self.state = state_dir(str(self.path))
-        finally:
-            if old is None:
-                os.environ.pop("XDG_CACHE_HOME")
-            else:
-                os.environ["XDG_CACHE_HOME"] = old
+        self.state = _state_of(self.path, self.env)
         self.pid = int(Path(self.state, "pid").read_text())
         return self
 
@@ -501,6 +506,16 @@ def test_mount_errors_are_one_line_before_daemonising(backend_factory: Any, tmp_
     with Mount(moto, moto.new_root(), tmp_path) as m:  # busy: mounted already
         proc = run_cli("mount", good, str(m.path), env=env, timeout=120)
         assert proc.returncode == 2 and "busy" in proc.stderr, proc.stderr
+    # busy: another mount process for this mount point is starting (it holds the state lock)
+    import fcntl
+
+    state = _state_of(mp, env)
+    os.makedirs(state, exist_ok=True)
+    with open(os.path.join(state, "lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = run_cli("mount", good, str(mp), env=env, timeout=120)
+    assert proc.returncode == 2 and "another ossimport mount is starting" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not mounted(str(mp))
     # no /dev/fuse: in a private mount namespace whose /dev is an empty tmpfs
     proc = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",

@@ -15,6 +15,7 @@ process has uploaded what it still held and exited.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -225,6 +226,14 @@ def _serve(spec: dict[str, Any], on_ready: Callable[[], None] | None) -> None:
     opts = MountOptions(read_only=args.read_only, attr_ttl=args.attr_ttl, dir_ttl=args.dir_ttl,
                         read_ahead=args.read_ahead, read_memory=args.read_memory,
                         read_threads=args.read_threads)
+    # held for the mount's life: a second mount process for this mount point (two `mount`
+    # commands at once) must not empty the spool of the first
+    lock = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise UsageError(f"mount point {mountpoint} is busy: another ossimport mount is starting there") from None
     storage = open_storage(mount_location(args.address), StorageOptions(**spec["storage"]))
     pid_file = os.path.join(state, "pid")
     with open(pid_file, "w", encoding="ascii") as f:
@@ -311,6 +320,7 @@ def _daemon_main(argv: list[str]) -> int:
     from ossimport import log as logsetup
 
     logsetup.setup(spec["args"].get("verbose") or 0)
+    log_start = os.fstat(2).st_size  # the log is appended to: what this process says starts here
     told = False
 
     def ready() -> None:
@@ -324,7 +334,8 @@ def _daemon_main(argv: list[str]) -> int:
     except BaseException as exc:  # noqa: BLE001 - reported to the waiting command or the log
         if not told:
             log_path = os.path.join(state_dir(spec["mountpoint"]), "mount.log")
-            os.write(ready_fd, f"cannot mount: {_last_fuse_line(log_path) or exc}".encode())
+            why = str(exc) if isinstance(exc, OssimportError) else _last_fuse_line(log_path, log_start) or exc
+            os.write(ready_fd, f"cannot mount: {why}".encode())
         print(f"mount ended: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -333,10 +344,11 @@ def _daemon_main(argv: list[str]) -> int:
     return 0
 
 
-def _last_fuse_line(log_path: str) -> str:
-    """libfuse says why a mount failed on stderr (now the log): its last line."""
+def _last_fuse_line(log_path: str, start: int) -> str:
+    """libfuse says why a mount failed on stderr (now the log, from `start`): its last line."""
     try:
         with open(log_path, encoding="utf-8", errors="replace") as f:
+            f.seek(start)
             lines = [ln.strip() for ln in f.readlines()[-20:] if ln.strip().startswith("fuse")]
     except OSError:
         return ""
