@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need on a fresh machine, then runs them:
 #   Debian packages: openssh-server (SFTP tests), python3-venv (the deploy tests' worker host makes a
-#   venv with the sshd session's python3), ceph-mon ceph-osd radosgw ceph-common (Ceph RGW tests),
-#   chromium (the service's web UI test, driven by playwright without downloading a browser)
+#   venv with the sshd session's python3), fuse3 (mount tests), ceph-mon ceph-osd radosgw ceph-common
+#   (Ceph RGW tests), chromium (the service's web UI test, driven by playwright without downloading
+#   a browser)
 #   Python: a .venv (sharing the system's site-packages) with ossimport and its test extras
 # Extra arguments go to pytest, e.g. ./test.sh -k s3 -x
 set -euo pipefail
 cd "$(dirname "$0")"
 
-bin/apt-install openssh-server python3-venv ceph-mon ceph-osd radosgw ceph-common chromium >/dev/null
+bin/apt-install openssh-server python3-venv fuse3 ceph-mon ceph-osd radosgw ceph-common chromium >/dev/null
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

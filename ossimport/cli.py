@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only check that every SRC file is at DST: keys only at DST are not differences")
     vp.add_argument("src", metavar="SRC")
     vp.add_argument("dst", metavar="DST")
+    from ossimport.mount.command import add_parsers
+
+    add_parsers(sub, _size, _nonneg_float)
     return p
 
 
@@ -185,12 +188,21 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(argv[1:])
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("no command given: use 'ossimport cp SRC DST' or 'ossimport sync SRC DST'")
+            raise UsageError("no command given: use 'ossimport cp SRC DST', 'ossimport sync SRC DST' "
+                             "or 'ossimport mount ADDRESS MOUNTPOINT'")
         from ossimport import log as logsetup
 
         logsetup.setup(-1 if args.quiet else args.verbose)
         if args.command in ("verify", "check"):
             return run_verify(args)
+        if args.command == "mount":
+            from ossimport.mount.command import run_mount
+
+            return run_mount(args, _storage_options(args, "src"))
+        if args.command in ("umount", "unmount"):
+            from ossimport.mount.command import run_umount
+
+            return run_umount(args)
         return run_copy(args)
     except KeyboardInterrupt:
         print("ossimport: interrupted", file=sys.stderr)

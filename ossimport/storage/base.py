@@ -13,6 +13,7 @@ setting mtime, POSIX mode, symlinks, reported checksums.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import posixpath
 import time
@@ -290,6 +291,39 @@ class Storage(ABC):
         """The directories one level below `prefix` ("" or ending in '/'), as sorted keys ending
         in '/': what a delimiter listing calls common prefixes. Lets a job scan in parallel."""
         raise self._unsupported("listing one level")
+
+    def list_level(self, prefix: str = "", limit: int | None = None) -> Iterator[Entry]:
+        """What `ls` of the directory `prefix` ("" or ending in '/') shows, streaming: the files
+        directly in it as entries, and each directory one level below as an entry whose key ends
+        in '/' (size 0). Not sorted across kinds. `limit`: at most that many entries (one small
+        request answers "is anything there?"). Object stores override this with one delimiter
+        listing; this default jumps over each subdirectory with a new `list` (one request per
+        subdirectory) and adds, at the end, directories that hold only markers."""
+        if limit is not None:
+            yield from itertools.islice(self.list_level(prefix), limit)
+            return
+        seen: set[str] = set()
+        after = ""
+        while True:
+            jumped = False
+            for entry in self.list(prefix, after):
+                rest = entry.key[len(prefix):]
+                slash = rest.find("/")
+                if slash < 0:
+                    yield entry
+                    continue
+                sub = prefix + rest[: slash + 1]
+                if sub in seen:
+                    continue  # a key sorting after the jump point below (U+10FFFF in a name)
+                seen.add(sub)
+                yield Entry(sub, 0, entry.mtime)
+                after, jumped = sub + "\U0010ffff", True  # past every ordinary key under `sub`
+                break
+            if not jumped:
+                break
+        for sub in self.list_dirs(prefix):
+            if sub not in seen:
+                yield Entry(sub, 0, 0.0)
 
     def remove_stale_temps(self, keys: list[str], older_than: float | None = None) -> int:
         """Remove what interrupted writes of `keys` left behind (a process killed mid-copy cannot

@@ -148,6 +148,34 @@ class OSSStorage(Storage):
             raise self._error(e, "list", prefix) from e
         return sorted(dirs, key=lambda k: k.encode())
 
+    def list_level(self, prefix: str = "", limit: int | None = None) -> Iterator[Entry]:
+        if limit is not None:  # a small page (one key more, for the directory's own marker)
+            cut = len(self._root)
+            try:
+                result = self._bucket.list_objects_v2(prefix=self._root + prefix, delimiter="/",
+                                                      max_keys=limit + 1, encoding_type="url")
+            except Exception as e:
+                raise self._error(e, "list", prefix) from e
+            found = [Entry(p[cut:], 0, 0.0) for p in result.prefix_list] + [
+                Entry(o.key[cut:], o.size, float(o.last_modified), _etag(o.etag))
+                for o in result.object_list if not (o.key.endswith("/") and o.size == 0)]
+            yield from found[:limit]
+            return
+        it = oss2.ObjectIteratorV2(self._bucket, prefix=self._root + prefix, delimiter="/",
+                                   max_keys=self.list_page_size)
+        cut = len(self._root)
+        while True:
+            try:
+                obj = next(it)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise self._error(e, "list", prefix) from e
+            if obj.is_prefix():
+                yield Entry(obj.key[cut:], 0, 0.0)
+            elif not (obj.key.endswith("/") and obj.size == 0):  # markers are not files
+                yield Entry(obj.key[cut:], obj.size, float(obj.last_modified), _etag(obj.etag))
+
     def head(self, key: str) -> Entry:
         try:
             r = self._bucket.head_object(self._full(key))

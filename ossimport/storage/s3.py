@@ -326,27 +326,61 @@ class S3Storage(Storage):
             dirs = [p["Prefix"][cut:] for page in pages for p in page.get("CommonPrefixes", ())]
         return sorted(dirs, key=lambda k: k.encode())
 
-    def _boto_pages(self, prefix: str, after: str) -> Iterator[list[tuple[str, int, float, str | None]]]:
+    def list_level(self, prefix: str = "", limit: int | None = None) -> Iterator[Entry]:
+        # one delimiter listing, page by page (a mount's `ls` shows the first page at once)
+        full = self.root + prefix
+        cut = len(self.root)
+        size = None if limit is None else limit + 1  # one key more, for the directory's own marker
+        pages = (self._lean_pages(full, "", delimiter="/", page_size=size) if self._lean
+                 else self._boto_pages(full, "", delimiter="/", page_size=size))
+        n = 0
+        with self._errors("list", prefix):
+            for page in pages:
+                for key, length, mtime, etag in page:
+                    if key.endswith("/") and length == 0:
+                        continue  # directory markers are not files
+                    if limit is not None and n >= limit:
+                        return
+                    n += 1
+                    # a common prefix (length -1) is a directory: an entry whose key ends in '/'
+                    yield Entry(key[cut:], max(length, 0), mtime, etag)
+                if limit is not None:
+                    return  # a bounded question is answered by its first page
+
+    # Pages of (key, size, mtime, etag). With a delimiter, common prefixes come too, as
+    # (prefix, -1, 0.0, None); `page_size` asks for smaller pages than the server's 1000.
+    def _boto_pages(self, prefix: str, after: str, *, delimiter: str = "",
+                    page_size: int | None = None) -> Iterator[list[tuple[str, int, float, str | None]]]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if after:
             args["StartAfter"] = after
+        if delimiter:
+            args["Delimiter"] = delimiter
+        if page_size:
+            args["PaginationConfig"] = {"PageSize": page_size}
         for page in self._client.get_paginator("list_objects_v2").paginate(**args):
-            yield [(o["Key"], o["Size"], whole_seconds(o["LastModified"]), _etag(o.get("ETag")))
-                   for o in page.get("Contents", ())]
+            yield [(p["Prefix"], -1, 0.0, None) for p in page.get("CommonPrefixes", ())] + [
+                (o["Key"], o["Size"], whole_seconds(o["LastModified"]), _etag(o.get("ETag")))
+                for o in page.get("Contents", ())]
 
-    def _lean_pages(self, prefix: str, after: str) -> Iterator[list[tuple[str, int, float, str | None]]]:
+    def _lean_pages(self, prefix: str, after: str, *, delimiter: str = "",
+                    page_size: int | None = None) -> Iterator[list[tuple[str, int, float, str | None]]]:
         lean = self._lean
         assert lean is not None
         query: dict[str, str | None] = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
         if after:
             query["start-after"] = after
+        if delimiter:
+            query["delimiter"] = delimiter
+        if page_size:
+            query["max-keys"] = str(page_size)
         seen: set[str] = set()
         try:
             _, data = lean.request("GET", None, query=query)
         except ServerError as exc:
             if not self._handed_to_boto3(exc):
                 raise
-            yield from self._boto_pages(prefix, after)
+            yield from self._boto_pages(prefix, after, delimiter=delimiter, page_size=page_size)
             return
         while True:
             root = xml_root(data)  # type: ignore[arg-type]
@@ -355,6 +389,9 @@ class S3Storage(Storage):
             ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
             decode = root.findtext(ns + "EncodingType") == "url"
             page = []
+            for common in root.iter(ns + "CommonPrefixes"):
+                p = common.findtext(ns + "Prefix") or ""
+                page.append((unquote_plus(p) if decode else p, -1, 0.0, None))
             for obj in root.iter(ns + "Contents"):
                 key = obj.findtext(ns + "Key") or ""
                 page.append((
