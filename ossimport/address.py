@@ -2,6 +2,8 @@
 
 Forms (ads-cli grammar, see README "Addresses"):
   NAME://[AK:SK[:TOKEN]@]BUCKET[.ENDPOINT][/PREFIX]   NAME in s3 oss cos obs bos ks3 qiniu ufile aoss
+  azure://ACCOUNT:KEY@CONTAINER[.ENDPOINT][/PREFIX]   ENDPOINT: the suffix (core.windows.net), or
+                                                      an emulator's IP/localhost:PORT (path style)
   minio://[AK:SK[:TOKEN]@]HOST:PORT/BUCKET[/PREFIX]
   [user[:pass]@]host[:port]:path                       SFTP (no '://', has ':')
   sftp://[user[:pass]@]host[:port]/path                SFTP, the path absolute (/~/path: from home)
@@ -37,6 +39,7 @@ SCHEMES: dict[str, tuple[str, str]] = {
     "aoss": ("s3", "aoss"),
     "minio": ("s3", "minio"),
     "oss": ("oss", "oss"),
+    "azure": ("azure", "azure"),
 }
 
 _SFTP_RE = re.compile(
@@ -87,6 +90,8 @@ class Location:
             port = f":{self.port}" if self.port else ""
             return f"{user}{self.host}{port}:{self.path}"
         creds = "***:***@" if (self.access_key or self.secret_key) else ""
+        if self.flavour == "azure" and self.access_key:  # an account name is no secret, its key is
+            creds = f"{self.access_key}:***@" if self.secret_key else f"{self.access_key}@"
         if self.flavour == "minio":
             return f"minio://{creds}{self.endpoint}/{self.bucket}/{self.prefix}"
         host = f"{self.bucket}.{self.endpoint}" if self.endpoint else self.bucket
@@ -134,6 +139,8 @@ class Location:
         if self.backend == "http":
             return ("http",), self.path
         endpoint = self.endpoint.lower() or f"{self.flavour} default"
+        if self.backend == "azure":  # a container is one account's
+            endpoint = f"{self.access_key}@{endpoint}"
         return (self.backend, endpoint, self.bucket), ("/" + self.prefix).rstrip("/")
 
     def child(self, name: str) -> Location:
