@@ -199,7 +199,7 @@ class AzureStorage(Storage):
         try:
             with self._errors("get", key):
                 # validate_content: the service sends each range's MD5, the SDK checks it
-                down = self._blob(self._full(key)).download_blob(offset=start or None, length=length,
+                down = self._blob(self._full(key)).download_blob(offset=start, length=length,
                                                                  validate_content=True)
         except StorageError as exc:
             # a range from the end of the blob on (416) is simply no bytes, as a file read past EOF
@@ -436,9 +436,13 @@ class _Reader(StreamReader):
         self.checksums: dict[str, str] = {}
 
     def _read_some(self, n: int) -> bytes:
-        if not self._buf:
+        # n bytes unless the blob ends first, as an HTTP body gives them (part reads count on it)
+        while len(self._buf) < n:
             with self._storage._errors("read", self._key):
-                self._buf = next(self._chunks, b"")
+                chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._buf += chunk
         out, self._buf = self._buf[:n], self._buf[n:]
         return out
 
