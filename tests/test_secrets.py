@@ -326,6 +326,8 @@ def test_reprs_hide_secrets(tmp_path: Path) -> None:
         f"s3://{q(S3_AK)}:{q(S3_SK)}:{q(S3_TOKEN)}@bucket.127.0.0.1:9000/pre/",
         f"minio://{q(S3_AK)}:{q(S3_SK)}@127.0.0.1:9000/bucket/pre/",
         f"oss://{q(OSS_AK)}:{q(OSS_SK)}:{q(OSS_TOKEN)}@bucket.oss-cn-hangzhou.aliyuncs.com/p/",
+        f"azure://account:{q(S3_SK)}@container.core.chinacloudapi.cn/p/",
+        f"azure://account:{q(S3_SK)}@container.127.0.0.1:10000/p/",
         f"user:{q(SFTP_PW)}@127.0.0.1:2222:/data/",
         f"https://user:{q(SFTP_PW)}@example.com/file?X-Amz-Signature={q(S3_SK)}",
     ]

@@ -54,11 +54,11 @@ META_MD5 = "md5"  # on a marker: the content MD5 (hex) to set at commit
 _RETRYABLE = frozenset({"ServerBusy", "OperationTimedOut", "InternalError", "IncrementalCopyOfEarlierVersionSnapshotNotAllowed"})
 _HINTS = {
     "AuthenticationFailed": "check the account name and key (escape '/' in the key as %2F)",
-    "AuthorizationFailure": "the key or SAS does not allow this operation on the container",
+    "AuthorizationFailure": "check the account key, the account's firewall and the key's or SAS's permissions",
     "AuthorizationPermissionMismatch": "the key or SAS does not allow this operation on the container",
     "InvalidBlockList": "a staged block is missing (expired or discarded by another writer's commit)",
 }
-_ACCESS_DENIED = frozenset({"AuthorizationFailure", "AuthorizationPermissionMismatch",
+_ACCESS_DENIED = frozenset({"AuthorizationPermissionMismatch",
                             "AuthorizationResourceTypeMismatch", "InsufficientAccountPermissions"})
 
 # the SDK logs every request and answer header at INFO: keep --verbose output ours
@@ -380,7 +380,8 @@ class AzureStorage(Storage):
         where = self._where(key)
         if isinstance(exc, az_exc.HttpResponseError) and exc.status_code is not None:
             status = exc.status_code
-            code = str(getattr(exc, "error_code", None) or _STATUS_CODES.get(status, f"HTTP{status}"))
+            given = getattr(exc, "error_code", None)  # a StorageErrorCode (a str enum) or a plain str
+            code = str(getattr(given, "value", given) or _STATUS_CODES.get(status, f"HTTP{status}"))
             if code == "ContainerNotFound":
                 return NotFound(f"{op} {where}: container {self.container!r} does not exist in account "
                                 f"{self.account!r}; create it or fix the container name in the address",

@@ -1,0 +1,118 @@
+"""Azure Blob end to end: addresses, what a user sees when Azure says no, and a job from the
+upstream blob template, against Azurite (tests/backends/azure.py). The storage contract itself is
+tests/test_conformance.py; cp/sync between backends tests/test_cli_copy.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from backends import azure as azurite
+from helpers import md5s, run_cli, tree, write_tree
+from jobenv import JobEnv, free_port
+
+from ossimport.address import parse_address
+from ossimport.storage import open_storage
+
+COMPAT_BLOB = Path(__file__).resolve().parents[2] / "shared" / "compat" / "ossimport-conf" / "blob" / "job.cfg"
+WRONG_KEY = base64.b64encode(b"not the account key, 64 bytes long like a real one......").decode()
+
+
+# ---- addresses ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("address", "url", "prefix"), [
+    ("azure://acct:a2V5%2F==@box/", "https://acct.blob.core.windows.net", ""),
+    ("azure://acct:a2V5@box.core.chinacloudapi.cn/docs/", "https://acct.blob.core.chinacloudapi.cn", "docs/"),
+    ("azure://devstoreaccount1:a2V5@box.127.0.0.1:10000/p/", "http://127.0.0.1:10000/devstoreaccount1", "p/"),
+    ("azure://devstoreaccount1:a2V5@box.localhost:10000/", "http://localhost:10000/devstoreaccount1", ""),
+])
+def test_address_names_account_container_endpoint(address: str, url: str, prefix: str) -> None:
+    loc = parse_address(address)
+    assert (loc.backend, loc.bucket, loc.prefix) == ("azure", "box", prefix)
+    with open_storage(loc) as st:  # no request is made until the first operation
+        assert st.url == url  # type: ignore[attr-defined]
+    assert loc.secret_key.startswith("a2V5") and loc.secret_key not in repr(loc) + loc.display()
+    assert loc.display().startswith(f"azure://{loc.access_key}:***@box")
+
+
+def test_one_container_name_in_two_accounts_is_two_places() -> None:
+    a = parse_address("azure://one:a2V5@box/p/")
+    b = parse_address("azure://two:a2V5@box/p/")
+    assert a.place() != b.place() and a.place() == parse_address("azure://one:eHl6@box/p").place()
+
+
+# ---- Azure says no: one line each ------------------------------------------------------------------------
+@pytest.fixture
+def azure(backend_factory: Any) -> Any:
+    return backend_factory("azure")
+
+
+def _address(azure: Any, root: str, *, key: str = azurite.KEY, container: str = "", port: int = 0) -> str:
+    h = azure.handle
+    return (f"azure://{azurite.ACCOUNT}:{quote(key, safe='')}@{container or h.container}."
+            f"127.0.0.1:{port or h.port}/{root}/")
+
+
+@pytest.mark.parametrize(("case", "code", "says"), [
+    # Azure answers a wrong key with AuthenticationFailed, Azurite with AuthorizationFailure
+    ("wrong key", "Auth", "check the account key"),
+    ("missing container", "NoSuchBucket", "container 'nosuchcontainer' does not exist"),
+    ("closed port", "ConnectionRefused", "connection refused"),
+])
+def test_refusals_are_one_clear_line(tmp_path: Path, azure: Any, case: str, code: str, says: str) -> None:
+    root = azure.new_root()
+    azure.seed(root, {"remote.txt": b"remote"})
+    addr = {
+        "wrong key": _address(azure, root, key=WRONG_KEY),
+        "missing container": _address(azure, root, container="nosuchcontainer"),
+        "closed port": _address(azure, root, port=free_port()),
+    }[case]
+    write_tree(tmp_path / "src", {"a.txt": b"a", "sub/b.txt": b"b"})
+    up = run_cli("--json", "cp", f"{tmp_path / 'src'}/", addr, timeout=120)
+    down = run_cli("--json", "sync", addr, f"{tmp_path / 'dst'}/", timeout=120)
+    for proc in (up, down):
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and says in proc.stderr, proc.stderr
+        assert WRONG_KEY not in proc.stdout + proc.stderr and azurite.KEY not in proc.stdout + proc.stderr
+        assert quote(azurite.KEY, safe="") not in proc.stdout + proc.stderr
+    failed = [line for line in up.stderr.splitlines() if line.startswith("FAILED ")]
+    summary = json.loads(up.stdout.strip().splitlines()[-1])
+    assert len(failed) == 1 and f": {code}" in failed[0], up.stderr
+    assert (summary["failed"], summary["not_tried"]) == (2, 1), up.stderr
+    assert not (tmp_path / "dst").exists() or not any((tmp_path / "dst").rglob("*"))
+    assert {e.key for e in azure.storage(root).list()} == {"remote.txt"}, "nothing was written"
+
+
+# ---- the upstream blob template as a job -----------------------------------------------------------------
+def test_upstream_blob_template_runs_as_a_job(tmp_path: Path, envs: list[JobEnv], azure: Any) -> None:
+    """blob/job.cfg unchanged but for where its ends are: srcDomain at Azurite (whose account and
+    key replace the template's placeholders), the destination a local directory."""
+    if not COMPAT_BLOB.exists():
+        pytest.skip(f"the upstream templates are not here: {COMPAT_BLOB} is missing")
+    root = azure.new_root()
+    files = {f"docs/{k}": v for k, v in tree().items()}
+    azure.seed(root, {**files, "elsewhere/not-copied.txt": b"outside srcPrefix"})
+    out = tmp_path / "out"
+    env = JobEnv(tmp_path, job={"jobName": "local_test"})
+    envs.append(env)
+    overrides = {
+        "srcDomain": f"http://127.0.0.1:{azure.handle.port}", "srcAccessKey": azurite.ACCOUNT,
+        "srcSecretKey": azurite.KEY, "srcBucket": azure.handle.container, "srcPrefix": f"{root}/docs/",
+        "destType": "local", "destPrefix": f"{out}/",
+    }
+    template = COMPAT_BLOB.read_text(encoding="utf-8")
+    assert re.search(r"^srcType=azure$", template, re.M)
+    # a key given twice: the later value wins, as upstream's properties loader does
+    (env.conf / "local_job.cfg").write_text(
+        template + "\n" + "".join(f"{k}={v}\n" for k, v in overrides.items()), encoding="utf-8")
+    env.console("submit")
+    env.console("start", "--workers", "1")
+    st = env.wait_state({"SUCCEED", "FAILED"}, timeout=180)
+    assert st["JobState"] == "SUCCEED", env.log_tail()
+    assert (st["Files Total"], st["Files Done"], st["Files Failed"]) == (len(files), len(files), 0)
+    got = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert md5s(got) == md5s({k.removeprefix("docs/"): v for k, v in files.items()})
