@@ -45,6 +45,23 @@ def test_one_container_name_in_two_accounts_is_two_places() -> None:
     assert a.place() != b.place() and a.place() == parse_address("azure://one:eHl6@box/p").place()
 
 
+# ---- listing order ----------------------------------------------------------------------------------------
+# Azure sorts names by UTF-16 code units: characters beyond U+FFFF (emoji, CJK extension B) come
+# before U+E000-U+FFFF (fullwidth forms such as '（') there, after them in UTF-8 byte order
+ORDER_NAMES = ["a（x", "a😀x", "a\ue000", "a😀/b（", "a😀/b😀", "a😀/b😀/c", "a𠀀", "a~", "z", "😀", "（",
+               "dir/😀/x", "dir/（/y", "dir/~", "dir/😀😀", "dir/😀（"]
+
+
+def test_listing_is_in_byte_order_whatever_the_service_sorts_by(azure: Any) -> None:
+    root = azure.new_root()
+    azure.seed(root, {name: name.encode() for name in ORDER_NAMES})
+    st = azure.storage(root)
+    expected = sorted(ORDER_NAMES, key=lambda k: k.encode())
+    assert [e.key for e in st.list()] == expected
+    assert [e.key for e in st.list(prefix="dir/")] == [k for k in expected if k.startswith("dir/")]
+    assert [e.key for e in st.list(start_after="a😀/b😀")] == [k for k in expected if k.encode() > "a😀/b😀".encode()]
+
+
 # ---- Azure says no: one line each ------------------------------------------------------------------------
 @pytest.fixture
 def azure(backend_factory: Any) -> Any:

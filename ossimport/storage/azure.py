@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -161,7 +161,7 @@ class AzureStorage(Storage):
         after = (self.root + start_after).encode() if start_after else b""
         last = b""
         with self._errors("list", prefix):
-            for blob in self._container.list_blobs(name_starts_with=self.root + prefix):
+            for blob in byte_ordered(self.root + prefix, lambda p: self._container.list_blobs(name_starts_with=p)):
                 name: str = blob.name
                 if name.startswith(MARKERS) or len(name) <= cut or (name.endswith("/") and not blob.size):
                     continue  # our upload markers; directory markers made by tools
@@ -446,6 +446,34 @@ class _Reader(StreamReader):
             self._buf += chunk
         out, self._buf = self._buf[:n], self._buf[n:]
         return out
+
+
+def byte_ordered(prefix: str, list_from: Callable[[str], Iterable[Any]]) -> Iterator[Any]:
+    """The blobs `list_from(prefix)` yields, in UTF-8 byte order. Azure (and Azurite) sort names
+    by UTF-16 code units, which differs from byte order only where a character beyond U+FFFF (a
+    surrogate pair: emoji, rare CJK) meets one in U+E000-U+FFFF (fullwidth forms such as '（').
+    A name whose first such character past `prefix` is c at position i belongs to the group P + c
+    (P: its first i characters); the group is skipped here and listed on its own once the listing
+    has left P, where byte order puts it. Memory: the distinct characters of pending groups."""
+    pending: list[tuple[str, set[str]]] = []  # (P, the characters c of the groups P + c), nested
+
+    def flush(before: str | None) -> Iterator[Any]:
+        while pending and (before is None or not before.startswith(pending[-1][0])):
+            head, chars = pending.pop()
+            for c in sorted(chars):  # one character each: code point order is byte order
+                yield from byte_ordered(head + c, list_from)
+
+    for blob in list_from(prefix):
+        name: str = blob.name
+        yield from flush(name)
+        i = next((j for j in range(len(prefix), len(name)) if ord(name[j]) > 0xFFFF), None)
+        if i is None:
+            yield blob
+        elif pending and pending[-1][0] == name[:i]:
+            pending[-1][1].add(name[i])
+        else:
+            pending.append((name[:i], {name[i]}))
+    yield from flush(None)
 
 
 def _new_upload_id() -> str:
