@@ -5,7 +5,9 @@ tests/test_conformance.py; cp/sync between backends tests/test_cli_copy.py."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from helpers import md5s, run_cli, tree, write_tree
 from jobenv import JobEnv, free_port
 
 from ossimport.address import parse_address
+from ossimport.errors import NotFound
 from ossimport.storage import open_storage
 
 COMPAT_BLOB = Path(__file__).resolve().parents[2] / "shared" / "compat" / "ossimport-conf" / "blob" / "job.cfg"
@@ -60,6 +63,30 @@ def test_listing_is_in_byte_order_whatever_the_service_sorts_by(azure: Any) -> N
     assert [e.key for e in st.list()] == expected
     assert [e.key for e in st.list(prefix="dir/")] == [k for k in expected if k.startswith("dir/")]
     assert [e.key for e in st.list(start_after="a😀/b😀")] == [k for k in expected if k.encode() > "a😀/b😀".encode()]
+
+
+# ---- block uploads ----------------------------------------------------------------------------------------
+def test_completing_again_after_a_lost_answer_succeeds_and_an_aborted_upload_does_not(azure: Any) -> None:
+    """A retried completion (its first answer lost) finds the blob committed from its blocks;
+    one of an aborted upload fails as NoSuchUpload and writes nothing."""
+    st = azure.storage(azure.new_root())
+    data = [os.urandom(1000), os.urandom(500)]
+    upload = st.create_multipart("k", content_md5=hashlib.md5(b"".join(data)).hexdigest())
+    parts = [st.upload_part("k", upload, n, d) for n, d in enumerate(data, start=1)]
+    first = st.complete_multipart("k", upload, parts)
+    again = st.complete_multipart("k", upload, parts)
+    assert first.size == again.size == 1500 and again.checksums == first.checksums != {}
+    with st.open("k") as f:
+        assert f.read() == b"".join(data)
+    assert list(st.list_multipart()) == []
+
+    gone = st.create_multipart("gone")
+    parts = [st.upload_part("gone", gone, 1, b"x" * 10)]
+    st.abort_multipart("gone", gone)
+    with pytest.raises(NotFound) as err:
+        st.complete_multipart("gone", gone, parts)
+    assert err.value.code == "NoSuchUpload"
+    assert [e.key for e in st.list()] == ["k"]
 
 
 # ---- Azure says no: one line each ------------------------------------------------------------------------

@@ -278,28 +278,43 @@ class AzureStorage(Storage):
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[Part]) -> Entry:
         ordered = sorted(parts, key=lambda p: p.number)
-        marker = self._blob(self._marker(key, upload_id))
+        ids = [_block_id(upload_id, p.number) for p in ordered]
+        blob, marker = self._blob(self._full(key)), self._blob(self._marker(key, upload_id))
         try:
             with self._errors("complete multipart upload", key):
                 meta = dict(marker.get_blob_properties().metadata or {})
         except NotFound as exc:
             if exc.code == "NoSuchBucket":
                 raise
-            raise NotFound(f"complete multipart upload {self._where(key)}: no upload {upload_id} "
-                           "(aborted or completed)", code="NoSuchUpload") from exc
+            return self._completed_before(key, upload_id, ids, exc)
         md5 = meta.pop(META_MD5, None)
         settings = ContentSettings(content_md5=bytearray.fromhex(md5)) if md5 else None
         with self._errors("complete multipart upload", key):
-            r = self._blob(self._full(key)).commit_block_list(
-                [BlobBlock(block_id=_block_id(upload_id, p.number)) for p in ordered],
-                metadata=meta or None, content_settings=settings)
-            # after the commit: a kill in between leaves a marker, which an abort removes
-            with contextlib.suppress(az_exc.ResourceNotFoundError):
-                marker.delete_blob()
+            # a block is taken from the uncommitted ones, else the committed: committing again
+            # after an answer that was lost gives the same blob
+            r = blob.commit_block_list([BlobBlock(block_id=i) for i in ids], metadata=meta or None,
+                                       content_settings=settings)
+        # after the commit, and only tidying: a marker left (a kill, a failed delete) lists the
+        # upload as unfinished until an abort or the next sweep removes it
+        with contextlib.suppress(az_exc.AzureError):
+            marker.delete_blob()
         if any(p.size <= 0 for p in ordered):  # parts rebuilt without sizes: ask the store
             return self.head(key)
         return Entry(key, sum(p.size for p in ordered), _seconds(r.get("last_modified")), _etag(r.get("etag")),
                      {MD5: md5} if md5 else {})
+
+    def _completed_before(self, key: str, upload_id: str, ids: list[str], exc: NotFound) -> Entry:
+        """No marker: the upload was aborted, or completed by an earlier try whose answer was
+        lost. The blob's committed blocks tell which."""
+        with self._errors("complete multipart upload", key):
+            try:
+                committed, _ = self._blob(self._full(key)).get_block_list("committed")
+            except az_exc.ResourceNotFoundError:
+                committed = []
+        if [b.id for b in committed] != ids:
+            raise NotFound(f"complete multipart upload {self._where(key)}: no upload {upload_id} "
+                           "(aborted, or the blob was written since)", code="NoSuchUpload") from exc
+        return self.head(key)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         # the staged blocks cannot be removed one by one: the service drops them after 7 days
