@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 from backends import azure as azurite
-from helpers import md5s, run_cli, tree, write_tree
+from helpers import digests, md5s, run_cli, tree, write_tree
 from jobenv import JobEnv, free_port
 
 from ossimport.address import parse_address
@@ -63,6 +63,29 @@ def test_listing_is_in_byte_order_whatever_the_service_sorts_by(azure: Any) -> N
     assert [e.key for e in st.list()] == expected
     assert [e.key for e in st.list(prefix="dir/")] == [k for k in expected if k.startswith("dir/")]
     assert [e.key for e in st.list(start_after="a😀/b😀")] == [k for k in expected if k.encode() > "a😀/b😀".encode()]
+
+
+# ---- credentials from the environment ---------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["connection string", "account and key"])
+def test_credentials_from_the_environment(tmp_path: Path, azure: Any, how: str) -> None:
+    h, root = azure.handle, azure.new_root()
+    if how == "connection string":
+        env = {"AZURE_STORAGE_CONNECTION_STRING": (
+            f"DefaultEndpointsProtocol=http;AccountName={azurite.ACCOUNT};AccountKey={azurite.KEY};"
+            f"BlobEndpoint=http://{h.endpoint}/{azurite.ACCOUNT};")}
+        addr = f"azure://{h.container}/{root}/"
+    else:
+        env = {"AZURE_STORAGE_ACCOUNT": azurite.ACCOUNT, "AZURE_STORAGE_KEY": azurite.KEY}
+        addr = f"azure://{h.container}.{h.endpoint}/{root}/"
+    files = tree(big=9 * 1024 * 1024)  # the big one streams as blocks
+    write_tree(tmp_path / "src", files)
+    up = run_cli("--json", "cp", f"{tmp_path / 'src'}/", addr, env=env)
+    check = run_cli("--json", "verify", "--checksum", f"{tmp_path / 'src'}/", addr, env=env)
+    for proc in (up, check):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert azurite.KEY not in proc.stdout + proc.stderr
+    assert json.loads(up.stdout.strip().splitlines()[-1])["copied"] == len(files)
+    assert digests(azure.storage(root)) == md5s(files)
 
 
 # ---- block uploads ----------------------------------------------------------------------------------------
