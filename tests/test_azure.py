@@ -9,9 +9,10 @@ import hashlib
 import json
 import os
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pytest
 from backends import azure as azurite
@@ -86,6 +87,28 @@ def test_credentials_from_the_environment(tmp_path: Path, azure: Any, how: str) 
         assert azurite.KEY not in proc.stdout + proc.stderr
     assert json.loads(up.stdout.strip().splitlines()[-1])["copied"] == len(files)
     assert digests(azure.storage(root)) == md5s(files)
+
+
+def test_sas_token_in_the_address(tmp_path: Path, azure: Any) -> None:
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    h, root = azure.handle, azure.new_root()
+    sas = generate_container_sas(azurite.ACCOUNT, h.container, account_key=azurite.KEY,
+                                 permission=ContainerSasPermissions(read=True, write=True, delete=True, list=True),
+                                 expiry=datetime.now(UTC) + timedelta(hours=1))
+    signature = dict(part.split("=", 1) for part in sas.split("&"))["sig"]
+    addr = f"azure://{azurite.ACCOUNT}@{h.container}.{h.endpoint}/{root}/?{sas}"
+    files = tree()
+    write_tree(tmp_path / "src", files)
+    up = run_cli("--json", "-v", "sync", f"{tmp_path / 'src'}/", addr)
+    down = run_cli("--json", "-v", "sync", addr, f"{tmp_path / 'back'}/")
+    for proc in (up, down):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for secret in (signature, unquote(signature), sas):
+            assert secret not in proc.stdout + proc.stderr
+    assert digests(azure.storage(root)) == md5s(files)
+    assert md5s({str(p.relative_to(tmp_path / "back")): p.read_bytes()
+                 for p in (tmp_path / "back").rglob("*") if p.is_file()}) == md5s(files)
 
 
 # ---- block uploads ----------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class AzureStorage(Storage):
         self.container = location.bucket
         account, key, conn = self._credentials()
         self.account = account
-        self._key = key
+        self._key = key  # the account key or a SAS token: what same_server compares
         session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(self.options.max_pool, 10))
         session.mount("http://", adapter)
@@ -105,15 +105,21 @@ class AzureStorage(Storage):
                 self._service = BlobServiceClient.from_connection_string(conn, **config)
                 self.account = self._service.account_name or account
             else:
-                credential = {"account_name": account, "account_key": key} if key else None
+                credential: Any = None
+                if location.token:
+                    credential = location.token  # a SAS token
+                elif key:
+                    credential = {"account_name": account, "account_key": key}
                 self._service = BlobServiceClient(self._account_url(account), credential=credential, **config)
-        self.url = self._service.url.rstrip("/")
+        self.url = self._service.url.partition("?")[0].rstrip("/")  # without a SAS token
         self._container: ContainerClient = self._service.get_container_client(self.container)
 
     def _credentials(self) -> tuple[str, str, str]:
-        """(account, key, connection string): the address first, then AZURE_STORAGE_ACCOUNT +
+        """(account, key or SAS token, connection string): the address first, then AZURE_STORAGE_ACCOUNT +
         AZURE_STORAGE_KEY, then AZURE_STORAGE_CONNECTION_STRING; no key with --anonymous."""
         loc = self.location
+        if loc.access_key and loc.token:
+            return loc.access_key, loc.token, ""
         if loc.access_key and loc.secret_key:
             return loc.access_key, loc.secret_key, ""
         account = loc.access_key or os.environ.get("AZURE_STORAGE_ACCOUNT", "")
