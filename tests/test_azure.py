@@ -18,6 +18,7 @@ import pytest
 from backends import azure as azurite
 from helpers import digests, md5s, run_cli, tree, write_tree
 from jobenv import JobEnv, free_port
+from test_jobs import s3_keys
 
 from ossimport.address import parse_address
 from ossimport.errors import NotFound
@@ -178,21 +179,30 @@ def test_refusals_are_one_clear_line(tmp_path: Path, azure: Any, case: str, code
 
 
 # ---- the upstream blob template as a job -----------------------------------------------------------------
-def test_upstream_blob_template_runs_as_a_job(tmp_path: Path, envs: list[JobEnv], azure: Any) -> None:
+@pytest.mark.parametrize("dest", ["local", "s3-moto"])
+def test_upstream_blob_template_runs_as_a_job(tmp_path: Path, envs: list[JobEnv], backend_factory: Any,
+                                              dest: str) -> None:
     """blob/job.cfg unchanged but for where its ends are: srcDomain at Azurite (whose account and
-    key replace the template's placeholders), the destination a local directory."""
+    key replace the template's placeholders), the destination a local directory or moto's S3."""
     if not COMPAT_BLOB.exists():
         pytest.skip(f"the upstream templates are not here: {COMPAT_BLOB} is missing")
+    azure = backend_factory("azure")
     root = azure.new_root()
     files = {f"docs/{k}": v for k, v in tree().items()}
     azure.seed(root, {**files, "elsewhere/not-copied.txt": b"outside srcPrefix"})
-    out = tmp_path / "out"
+    if dest == "local":
+        out = tmp_path / "out"
+        dest_keys: dict[str, Any] = {"destType": "local", "destPrefix": f"{out}/"}
+    else:
+        s3 = backend_factory(dest)
+        s3_root = s3.new_root()
+        dest_keys = s3_keys("dest", s3.address(s3_root))
     env = JobEnv(tmp_path, job={"jobName": "local_test"})
     envs.append(env)
     overrides = {
         "srcDomain": f"http://127.0.0.1:{azure.handle.port}", "srcAccessKey": azurite.ACCOUNT,
         "srcSecretKey": azurite.KEY, "srcBucket": azure.handle.container, "srcPrefix": f"{root}/docs/",
-        "destType": "local", "destPrefix": f"{out}/",
+        **dest_keys,
     }
     template = COMPAT_BLOB.read_text(encoding="utf-8")
     assert re.search(r"^srcType=azure$", template, re.M)
@@ -204,5 +214,8 @@ def test_upstream_blob_template_runs_as_a_job(tmp_path: Path, envs: list[JobEnv]
     st = env.wait_state({"SUCCEED", "FAILED"}, timeout=180)
     assert st["JobState"] == "SUCCEED", env.log_tail()
     assert (st["Files Total"], st["Files Done"], st["Files Failed"]) == (len(files), len(files), 0)
-    got = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert md5s(got) == md5s({k.removeprefix("docs/"): v for k, v in files.items()})
+    want = md5s({k.removeprefix("docs/"): v for k, v in files.items()})
+    if dest == "local":
+        assert md5s({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}) == want
+    else:
+        assert digests(s3.storage(s3_root)) == want
