@@ -67,6 +67,17 @@ def test_listing_is_in_byte_order_whatever_the_service_sorts_by(azure: Any) -> N
     assert [e.key for e in st.list(start_after="a😀/b😀")] == [k for k in expected if k.encode() > "a😀/b😀".encode()]
 
 
+def test_hierarchical_namespace_directories_are_not_files(azure: Any) -> None:
+    """An ADLS Gen2 account lists each directory as an empty blob named like it, with metadata
+    hdi_isfolder=true: listed as a file, "dir" beside "dir/x" would fail every copy to a disk."""
+    root = azure.new_root()
+    azure.seed(root, {"dir/x": b"x", "dir/sub/y": b"y", "empty-file": b""})
+    with azure.module.container_client(azure.handle) as container:
+        for name in ("dir", "dir/sub"):
+            container.upload_blob(f"{root}/{name}", b"", metadata={"hdi_isfolder": "true"})
+    assert [e.key for e in azure.storage(root).list()] == ["dir/sub/y", "dir/x", "empty-file"]
+
+
 # ---- credentials from the environment ---------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["connection string", "account and key"])
 def test_credentials_from_the_environment(tmp_path: Path, azure: Any, how: str) -> None:

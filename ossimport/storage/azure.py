@@ -167,10 +167,12 @@ class AzureStorage(Storage):
         after = (self.root + start_after).encode() if start_after else b""
         last = b""
         with self._errors("list", prefix):
-            for blob in byte_ordered(self.root + prefix, lambda p: self._container.list_blobs(name_starts_with=p)):
+            for blob in byte_ordered(self.root + prefix, lambda p: self._container.list_blobs(
+                    name_starts_with=p, include=["metadata"])):
                 name: str = blob.name
-                if name.startswith(MARKERS) or len(name) <= cut or (name.endswith("/") and not blob.size):
-                    continue  # our upload markers; directory markers made by tools
+                if (name.startswith(MARKERS) or len(name) <= cut or (name.endswith("/") and not blob.size)
+                        or _is_folder(blob)):
+                    continue  # our upload markers; directory markers made by tools and by ADLS Gen2
                 raw = name.encode()
                 if raw <= after:
                     continue  # Azure lists from a marker of its own only: skip up to start_after
@@ -495,6 +497,13 @@ def byte_ordered(prefix: str, list_from: Callable[[str], Iterable[Any]]) -> Iter
         else:
             pending.append((name[:i], {name[i]}))
     yield from flush(None)
+
+
+def _is_folder(blob: Any) -> bool:
+    """A directory of an account with a hierarchical namespace (ADLS Gen2): the blob API lists it
+    as an empty blob named like the directory (no '/'), with metadata hdi_isfolder=true."""
+    meta = blob.metadata or {}
+    return not blob.size and str(meta.get("hdi_isfolder", "")).lower() == "true"
 
 
 def _new_upload_id() -> str:
