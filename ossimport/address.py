@@ -2,6 +2,9 @@
 
 Forms (ads-cli grammar, see README "Addresses"):
   NAME://[AK:SK[:TOKEN]@]BUCKET[.ENDPOINT][/PREFIX]   NAME in s3 oss cos obs bos ks3 qiniu ufile aoss
+  azure://ACCOUNT:KEY@CONTAINER[.ENDPOINT][/PREFIX]   ENDPOINT: the suffix (core.windows.net), or
+                                                      an emulator's IP/localhost:PORT (path style)
+  azure://ACCOUNT@CONTAINER[.ENDPOINT][/PREFIX]?SAS   a SAS token instead of the key (kept in `token`)
   minio://[AK:SK[:TOKEN]@]HOST:PORT/BUCKET[/PREFIX]
   [user[:pass]@]host[:port]:path                       SFTP (no '://', has ':')
   sftp://[user[:pass]@]host[:port]/path                SFTP, the path absolute (/~/path: from home)
@@ -37,6 +40,7 @@ SCHEMES: dict[str, tuple[str, str]] = {
     "aoss": ("s3", "aoss"),
     "minio": ("s3", "minio"),
     "oss": ("oss", "oss"),
+    "azure": ("azure", "azure"),
 }
 
 _SFTP_RE = re.compile(
@@ -87,6 +91,10 @@ class Location:
             port = f":{self.port}" if self.port else ""
             return f"{user}{self.host}{port}:{self.path}"
         creds = "***:***@" if (self.access_key or self.secret_key) else ""
+        if self.flavour == "azure" and self.access_key:  # an account name is no secret, its key is
+            creds = f"{self.access_key}:***@" if self.secret_key else f"{self.access_key}@"
+            if self.token:  # a SAS token
+                return f"azure://{creds}{self.bucket}{'.' if self.endpoint else ''}{self.endpoint}/{self.prefix}?***"
         if self.flavour == "minio":
             return f"minio://{creds}{self.endpoint}/{self.bucket}/{self.prefix}"
         host = f"{self.bucket}.{self.endpoint}" if self.endpoint else self.bucket
@@ -134,6 +142,8 @@ class Location:
         if self.backend == "http":
             return ("http",), self.path
         endpoint = self.endpoint.lower() or f"{self.flavour} default"
+        if self.backend == "azure":  # a container is one account's
+            endpoint = f"{self.access_key}@{endpoint}"
         return (self.backend, endpoint, self.bucket), ("/" + self.prefix).rstrip("/")
 
     def child(self, name: str) -> Location:
@@ -289,7 +299,17 @@ def _is_ip(text: str) -> bool:
 
 def _object_store(name: str, rest: str, original: str, https: bool | None) -> Location:
     backend, flavour = SCHEMES[name]
-    ak, sk, token, rest = _split_credentials(rest, original)
+    sas = ""
+    if name == "azure":
+        rest, _, sas = rest.partition("?")
+        account, at, tail = rest.partition("@")
+        if sas and not (at and account and ":" not in account and "/" not in account):
+            raise UsageError(f"address {_mask(original)!r}: a SAS token goes with the account alone: write "
+                             "azure://ACCOUNT@CONTAINER[.ENDPOINT][/PREFIX]?SAS ('?' in a prefix as %3F)")
+    if sas:  # azure://ACCOUNT@CONTAINER/PREFIX?SAS: the token is sent as it is written
+        ak, sk, token, rest = unquote(account), "", sas, tail
+    else:
+        ak, sk, token, rest = _split_credentials(rest, original)
     host, slash, key = rest.partition("/")
     if name == "minio":
         # minio://[AK:SK@]HOST:PORT/BUCKET[/PREFIX]
@@ -365,6 +385,8 @@ def _mask(text: str) -> str:
     """The address as typed, with anything that could be a secret hidden (for error messages)."""
     if "://" in text:
         name, _, rest = text.partition("://")
+        if "?" in rest:  # a SAS token or a signed URL's signature
+            rest = rest.partition("?")[0] + "?***"
         if "@" in rest:
             rest = "***@" + rest.rpartition("@")[2]
         return f"{name}://{rest}"

@@ -29,7 +29,8 @@ class OssimportError(Exception):
 # Transient trouble (connection refused, 5xx, timeouts) is not here: a days-long job rides it out.
 FATAL_CODES = frozenset({
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName",
-    "NoCredentials", "MissingCredentials", "AuthenticationFailed", "HostKeyMismatch", "UnknownHostKey", "SSLError",
+    "NoCredentials", "MissingCredentials", "AuthenticationFailed", "AuthorizationFailure", "HostKeyMismatch",
+    "UnknownHostKey", "SSLError",
 })
 # Codes of a store that could not be reached at all (no connection was made). Retried like any
 # transport failure; but when nothing in a run has reached the store yet, they mean a mistyped or
@@ -49,7 +50,7 @@ TRANSPORT_REASONS = {
 
 def transport_code(exc: BaseException) -> str:
     """The code of a failure to talk to a store, from the OS error at its root (whichever
-    library wrapped it): UnknownHost, ConnectionRefused, ConnectTimeout, HostUnreachable,
+    library wrapped it: azure-core keeps it in inner_exception): UnknownHost, ConnectionRefused, ConnectTimeout, HostUnreachable,
     ReadTimeout, or ConnectionError for the rest (a reset, an answer that broke off)."""
     seen: list[BaseException] = []
     todo = [exc]
@@ -61,7 +62,7 @@ def transport_code(exc: BaseException) -> str:
         kwargs = getattr(e, "kwargs", None)  # botocore's errors keep the cause in kwargs["error"]
         for nxt in (e.__cause__, e.__context__, getattr(e, "reason", None),
                     kwargs.get("error") if isinstance(kwargs, dict) else None,
-                    getattr(e, "exception", None), *e.args):
+                    getattr(e, "exception", None), getattr(e, "inner_exception", None), *e.args):
             if isinstance(nxt, BaseException):
                 todo.append(nxt)
     names = {type(e).__name__ for e in seen}

@@ -27,6 +27,11 @@ PAIRS = [
     ("s3-moto", "s3-ceph"),  # two servers: streamed, multipart, no server-side copy
     ("oss", "s3-ceph"),
     ("sftp", "s3-moto"),
+    ("local", "azure"),  # block uploads
+    ("azure", "local"),  # parallel ranged reads
+    ("azure", "azure"),  # server-side copy within the account
+    ("azure", "s3-moto"),
+    ("s3-moto", "azure"),
 ]
 # small thresholds so that a 12 MiB file goes through multipart / parallel ranged reads
 SMALL_PARTS = ["--multipart-threshold", "5m", "--part-size", "5m"]

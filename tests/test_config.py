@@ -101,7 +101,31 @@ def test_upstream_bos_uses_s3_endpoint(compat: Path) -> None:
     assert (src.flavour, src.endpoint) == ("bos", "s3.bj.bcebos.com")
 
 
-@pytest.mark.parametrize("name, word", [("youpai", "s3.api.upyun.com"), ("blob", "azure"),
+def test_upstream_blob_reads_azure_china(compat: Path) -> None:
+    cfg = load_job(compat / "blob" / "job.cfg")
+    assert not cfg.warnings, cfg.warnings
+    src, _ = cfg.locations()
+    assert (src.backend, src.access_key, src.bucket, src.endpoint, src.prefix) == (
+        "azure", "useraccount", "mycontainer", "core.chinacloudapi.cn", "docs/")
+    assert src.secret_key == cfg.srcSecretKey and cfg.srcSecretKey not in repr(src)
+
+
+@pytest.mark.parametrize("domain", ["core.windows.net", "https://acct.blob.core.windows.net/", ""])
+def test_azure_domain_is_the_endpoint_suffix(tmp_path: Path, domain: str) -> None:
+    """srcDomain is the connection string's EndpointSuffix; the whole blob endpoint means the same."""
+    cfg = job(tmp_path, srcType="azure", srcAccessKey="acct", srcSecretKey="a2V5", srcBucket="box",
+              srcDomain=domain, destType="azure", destAccessKey="acct", destSecretKey="a2V5", destBucket="out")
+    src, dst = cfg.locations()
+    assert (src.endpoint, dst.endpoint) == ("core.windows.net" if domain else "", "")
+    assert src.https is (True if domain.startswith("https") else None)
+
+
+def test_azure_needs_the_account(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="srcAccessKey is missing; srcType=azure needs the storage account name"):
+        job(tmp_path, srcType="azure", srcBucket="box")
+
+
+@pytest.mark.parametrize("name, word", [("youpai", "s3.api.upyun.com"),
                                         ("qiniu", "s3-cn-east-1.qiniucs.com")])
 def test_unreadable_sources_load_but_refuse_to_run(compat: Path, name: str, word: str) -> None:
     cfg = load_job(compat / name / "job.cfg")
@@ -126,7 +150,7 @@ def test_upstream_secrets_masked(compat: Path) -> None:
         text = repr(cfg) + str(cfg) + " ".join(cfg.warnings)
         for secret in (cfg.srcAccessKey, cfg.srcSecretKey, cfg.destAccessKey, cfg.destSecretKey):
             assert len(secret) < 10 or secret not in text  # short ones ("operator") are common words
-        if name != "youpai" and name != "blob" and name != "qiniu":
+        if name != "youpai" and name != "qiniu":
             src, dst = cfg.locations()
             assert cfg.destSecretKey not in repr(src) + repr(dst)
 

@@ -59,7 +59,7 @@ class ConfigError(UsageError):
 
 
 class UnsupportedSource(ConfigError):
-    """Well-formed, but names a store we cannot read (youpai, azure, a qiniu download domain).
+    """Well-formed, but names a store we cannot read (youpai, a qiniu download domain).
     Loading only warns; `JobConfig.locations()` raises it."""
 
 
@@ -499,18 +499,20 @@ class JobConfig:
             if not getattr(self, key):
                 raise ConfigError(f"{src}: {key} is missing; {side}Type={kind} needs {what}")
 
-        if side == "dest" and kind in ("http", "youpai", "azure"):
+        if side == "dest" and kind in ("http", "youpai"):
             raise ConfigError(f"{src}: destType={kind!r} is not allowed; a destination must be one of: "
-                              f"{', '.join(t for t in TYPES if t not in ('http', 'youpai', 'azure'))}")
+                              f"{', '.join(t for t in TYPES if t not in ('http', 'youpai'))}")
         if kind in ("local", "sftp"):
             need(f"{side}Prefix", "the directory to copy " + ("from" if side == "src" else "to"))
         if kind == "sftp":
             need(f"{side}Domain", "the server as user@host[:port]")
         elif kind == "http":
             need("httpListFilePath", "the list file of 'URL-prefix relative-key' lines")
-        elif kind not in ("local", "youpai", "azure"):
-            need(f"{side}Bucket", "the bucket name")
-            if kind != "s3":  # only AWS has a usable default endpoint
+        elif kind not in ("local", "youpai"):
+            need(f"{side}Bucket", "the container name" if kind == "azure" else "the bucket name")
+            if kind == "azure":
+                need(f"{side}AccessKey", "the storage account name")
+            elif kind != "s3":  # only AWS (and Azure: core.windows.net) has a usable default endpoint
                 need(f"{side}Domain", "the endpoint" + (", e.g. ap-shanghai or sh" if kind == "cos" else ""))
         prefix = getattr(self, f"{side}Prefix")
         if kind == "local" and os.name != "nt" and _WIN_DRIVE.match(prefix):
@@ -544,10 +546,6 @@ class JobConfig:
                 f"{src}: {side}Type=youpai cannot be read (Upyun REST API); Upyun also speaks S3: write "
                 f"{side}Type=s3, {side}Domain=s3.api.upyun.com and an S3 key pair made for the operator "
                 "in the Upyun console")
-        if kind == "azure":
-            raise UnsupportedSource(
-                f"{src}: {side}Type=azure cannot be read yet; download with azcopy and use {side}Type=local, "
-                "or list SAS URLs in a file and use srcType=http with httpListFilePath")
         if kind == "local":
             return Location(backend="local", flavour="local", path=self._local_path(prefix), is_dir=True)
         if kind == "http":
@@ -571,6 +569,8 @@ class JobConfig:
             host = f"cos.{region}.myqcloud.com" if re.fullmatch(r"[a-z]{2}-[a-z0-9-]+", region) else host
             if self.appId and not bucket.endswith(f"-{self.appId}"):
                 bucket = f"{bucket}-{self.appId}"
+        elif kind == "azure" and host.lower().startswith(f"{ak.lower()}.blob."):
+            host = host[len(ak) + len(".blob."):]  # the blob endpoint, written whole: its suffix
         elif kind == "bos" and (m := re.fullmatch(r"([a-z0-9]+)\.bcebos\.com(:\d+)?", host)):
             host = f"s3.{m[1]}.bcebos.com{m[2] or ''}"  # the native BOS endpoint -> its S3 endpoint
         elif kind == "qiniu" and not (re.match(r"s3[-.]", host) or is_ip_or_localhost(host)):

@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "oss": "ossimport.storage.oss:OSSStorage",
     "sftp": "ossimport.storage.sftp:SFTPStorage",
     "http": "ossimport.storage.http:HTTPListStorage",
+    "azure": "ossimport.storage.azure:AzureStorage",
 }
 
 

@@ -1,0 +1,537 @@
+"""Azure Blob Storage (block blobs) through azure-storage-blob.
+
+The root is a container plus a prefix; every key in and out is relative to it.
+
+Multipart uploads are block uploads: each part is a block staged on the destination blob
+(Put Block, its MD5 checked by the service on arrival) and completing commits the block list
+(Put Block List), which makes the whole blob visible at once. Azure has no "upload" object to
+list or abort, so create_multipart writes an empty marker blob
+`.ossimport-uploads/<container key>/<upload id>` that lists the upload (its creation time is the
+server's) and holds what the commit sets (mtime, the content's MD5); completing and aborting
+remove it. Listings never show that prefix. Staged blocks that are never committed are dropped
+by the service after 7 days (or by the blob's next commit).
+
+Content-MD5: Put Blob has the service compute and keep it; a blob committed from blocks has one
+only where we set it at commit (the MD5 of the bytes we staged, each block checked on arrival, or
+the MD5 the engine knew up front). head(), listings and whole reads report it as MD5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import requests
+from azure.core import exceptions as az_exc
+from azure.core.pipeline.transport import RequestsTransport
+from azure.storage.blob import BlobBlock, BlobPrefix, BlobServiceClient, ContainerClient, ContentSettings
+
+from ossimport.errors import TRANSPORT_REASONS, NotFound, StorageError, transport_code
+from ossimport.log import register_secret
+from ossimport.storage.base import MD5, Abilities, Entry, Part, Storage, StorageOptions, StreamReader, Upload
+from ossimport.storage.s3 import _Feed
+
+if TYPE_CHECKING:
+    from ossimport.address import Location
+
+MiB, GiB = 1024**2, 1024**3
+DEFAULT_SUFFIX = "core.windows.net"
+# a put of fewer bytes is one Put Blob from memory; a larger one streams as blocks of BLOCK bytes
+PUT_BUFFER = 8 * MiB
+BLOCK = 8 * MiB
+# ranged GETs of at most 4 MiB: the most the service hashes for a read (validate_content)
+GET_CHUNK = 4 * MiB
+MARKERS = ".ossimport-uploads/"
+META_MTIME = "mtime"  # the source's mtime, as rclone keeps it (Last-Modified cannot be set)
+META_MD5 = "md5"  # on a marker: the content MD5 (hex) to set at commit
+_RETRYABLE = frozenset({"ServerBusy", "OperationTimedOut", "InternalError", "IncrementalCopyOfEarlierVersionSnapshotNotAllowed"})
+_HINTS = {
+    "AuthenticationFailed": "check the account name and key (escape '/' in the key as %2F)",
+    "AuthorizationFailure": "check the account key, the account's firewall and the key's or SAS's permissions",
+    "AuthorizationPermissionMismatch": "the key or SAS does not allow this operation on the container",
+    "InvalidBlockList": "a staged block is missing (expired or discarded by another writer's commit)",
+}
+_ACCESS_DENIED = frozenset({"AuthorizationPermissionMismatch",
+                            "AuthorizationResourceTypeMismatch", "InsufficientAccountPermissions"})
+
+# the SDK logs every request and answer header at INFO: keep --verbose output ours
+logging.getLogger("azure").setLevel(logging.WARNING)
+
+
+class AzureStorage(Storage):
+    scheme = "azure"
+    abilities = Abilities(
+        multipart=True,
+        ranged_read=True,
+        server_side_copy=True,
+        hashes=frozenset({MD5}),
+        md5_up_front_from=PUT_BUFFER,
+        min_part_size=1 * MiB,  # Azure has no minimum block size; this keeps part counts sane
+        max_part_size=4000 * MiB,
+        max_parts=50000,
+    )
+
+    def __init__(self, location: Location, options: StorageOptions | None = None) -> None:
+        super().__init__(location, options)
+        prefix = location.prefix
+        self.root = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        self.container = location.bucket
+        account, key, conn = self._credentials()
+        self.account = account
+        self._key = key  # the account key or a SAS token: what same_server compares
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(self.options.max_pool, 10))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        config: dict[str, Any] = {
+            "transport": RequestsTransport(session=session, session_owner=True,
+                                           connection_timeout=self.options.connect_timeout,
+                                           read_timeout=self.options.read_timeout),
+            "retry_total": 0,  # the engine retries (with_retries), with our codes and backoff
+            "max_single_put_size": PUT_BUFFER,
+            "max_block_size": BLOCK,
+            "max_single_get_size": GET_CHUNK,
+            "max_chunk_get_size": GET_CHUNK,
+        }
+        with self._errors("connect"):
+            if conn:
+                self._service = BlobServiceClient.from_connection_string(conn, **config)
+                self.account = self._service.account_name or account
+            else:
+                credential: Any = None
+                if location.token:
+                    credential = location.token  # a SAS token
+                elif key:
+                    credential = {"account_name": account, "account_key": key}
+                self._service = BlobServiceClient(self._account_url(account), credential=credential, **config)
+        self.url = self._service.url.partition("?")[0].rstrip("/")  # without a SAS token
+        self._container: ContainerClient = self._service.get_container_client(self.container)
+
+    def _credentials(self) -> tuple[str, str, str]:
+        """(account, key or SAS token, connection string): the address first, then AZURE_STORAGE_ACCOUNT +
+        AZURE_STORAGE_KEY, then AZURE_STORAGE_CONNECTION_STRING; no key with --anonymous."""
+        loc = self.location
+        if loc.access_key and loc.token:
+            return loc.access_key, loc.token, ""
+        if loc.access_key and loc.secret_key:
+            return loc.access_key, loc.secret_key, ""
+        account = loc.access_key or os.environ.get("AZURE_STORAGE_ACCOUNT", "")
+        key = os.environ.get("AZURE_STORAGE_KEY", "")
+        if account and key:
+            register_secret(key)  # not from the address, which the CLI registers
+            return account, key, ""
+        conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING", "")
+        if conn and not loc.access_key:
+            for part in conn.split(";"):
+                name, _, value = part.partition("=")
+                if name.strip().lower() in ("accountkey", "sharedaccesssignature"):
+                    register_secret(value.strip())
+            return "", "", conn
+        if account and self.options.anonymous:
+            return account, "", ""
+        raise StorageError(
+            f"{self.describe()}: no Azure credentials; write azure://ACCOUNT:KEY@CONTAINER[.ENDPOINT]/, set "
+            "AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY or AZURE_STORAGE_CONNECTION_STRING",
+            code="MissingCredentials",
+        )
+
+    def _account_url(self, account: str) -> str:
+        """Azure's https://ACCOUNT.blob.SUFFIX, or the emulator's path style at an IP or localhost."""
+        loc = self.location
+        if loc.path_style:
+            secure = loc.https if loc.https is not None else self.options.https
+            return f"{'https' if secure else 'http'}://{loc.endpoint}/{account}"
+        return f"{'http' if loc.https is False else 'https'}://{account}.blob.{loc.endpoint or DEFAULT_SUFFIX}"
+
+    def _blob(self, full: str) -> Any:
+        return self._container.get_blob_client(full)
+
+    def _full(self, key: str) -> str:
+        if not key:
+            raise StorageError(f"{self.describe()}: empty blob name", code="InvalidObjectName")
+        return self.root + key
+
+    def _where(self, key: str = "") -> str:
+        return f"azure://{self.account}@{self.container}/{self.root}{key} at {self.url}"
+
+    # ---- required ---------------------------------------------------------------------------
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[Entry]:
+        cut = len(self.root)
+        after = (self.root + start_after).encode() if start_after else b""
+        last = b""
+        with self._errors("list", prefix):
+            for blob in byte_ordered(self.root + prefix, lambda p: self._container.list_blobs(
+                    name_starts_with=p, include=["metadata"])):
+                name: str = blob.name
+                if (name.startswith(MARKERS) or len(name) <= cut or (name.endswith("/") and not blob.size)
+                        or _is_folder(blob)):
+                    continue  # our upload markers; directory markers made by tools and by ADLS Gen2
+                raw = name.encode()
+                if raw <= after:
+                    continue  # Azure lists from a marker of its own only: skip up to start_after
+                if raw <= last:
+                    # the engine's merge of two listings needs byte order: never guess past this
+                    raise StorageError(f"list {self._where(prefix)}: the service listed {name!r} after a name "
+                                       "that sorts later in UTF-8 byte order", code="ListOrder")
+                last = raw
+                yield Entry(name[cut:], blob.size, _seconds(blob.last_modified), _etag(blob.etag),
+                            _checksums(blob.content_settings))
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        cut = len(self.root)
+        with self._errors("list", prefix):
+            dirs = [item.name[cut:] for item in self._container.walk_blobs(name_starts_with=self.root + prefix,
+                                                                            delimiter="/")
+                    if isinstance(item, BlobPrefix) and item.name != MARKERS]
+        return sorted(dirs, key=lambda k: k.encode())
+
+    def head(self, key: str) -> Entry:
+        with self._errors("head", key):
+            p = self._blob(self._full(key)).get_blob_properties()
+        return Entry(key, p.size, _seconds(p.last_modified), _etag(p.etag), _checksums(p.content_settings))
+
+    def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        if start < 0 or (end is not None and end < start):
+            raise StorageError(f"get {self._where(key)}: invalid range [{start}, {end})", code="InvalidArgument")
+        if end == start:
+            self.head(key)  # an empty range of a missing key is still NotFound
+            return io.BytesIO(b"")
+        length = None if end is None else end - start
+        try:
+            with self._errors("get", key):
+                # validate_content: the service sends each range's MD5, the SDK checks it
+                down = self._blob(self._full(key)).download_blob(offset=start, length=length,
+                                                                 validate_content=True)
+        except StorageError as exc:
+            # a range from the end of the blob on (416) is simply no bytes, as a file read past EOF
+            if exc.code != "InvalidRange" or start < self.head(key).size:
+                raise
+            return io.BytesIO(b"")
+        reader = _Reader(down, self, key)
+        if start == 0 and end is None:
+            reader.checksums = _checksums(down.properties.content_settings)
+        return reader  # type: ignore[return-value]
+
+    def put(
+        self,
+        key: str,
+        data: BinaryIO,
+        size: int,
+        *,
+        mtime: float | None = None,
+        mode: int | None = None,
+        content_md5: str | None = None,
+    ) -> Entry:
+        full = self._full(key)
+        feed = _Feed(data, size, content_md5, f"put {self._where(key)}")
+        if size > PUT_BUFFER:
+            return self._put_blocks(key, full, feed, mtime)
+        body = feed.read(size)
+        with self._errors("put", key):
+            # Content-MD5 (validate_content): the service checks the bytes and keeps their MD5
+            r = self._blob(full).upload_blob(body, length=size, overwrite=True, validate_content=True,
+                                             metadata=_meta(mtime))
+        return Entry(key, size, _seconds(r.get("last_modified")), _etag(r.get("etag")), {MD5: feed.md5()})
+
+    def _put_blocks(self, key: str, full: str, feed: _Feed, mtime: float | None) -> Entry:
+        """A large put streamed as blocks (each checked on arrival), committed at once with the
+        MD5 of all that was staged, once the source proved to have exactly `size` bytes."""
+        upload_id = _new_upload_id()
+        blob = self._blob(full)
+        ids = []
+        with self._errors("put", key):
+            while chunk := feed.read(BLOCK):  # raises before the last block if the size is wrong
+                ids.append(_block_id(upload_id, len(ids) + 1))
+                blob.stage_block(ids[-1], chunk, length=len(chunk), validate_content=True)
+            md5 = feed.md5()
+            r = blob.commit_block_list([BlobBlock(block_id=i) for i in ids], metadata=_meta(mtime),
+                                       content_settings=ContentSettings(content_md5=bytearray.fromhex(md5)))
+        return Entry(key, feed.len, _seconds(r.get("last_modified")), _etag(r.get("etag")), {MD5: md5})
+
+    def delete(self, key: str) -> None:
+        try:
+            with self._errors("delete", key):
+                self._blob(self._full(key)).delete_blob()
+        except NotFound as exc:
+            if exc.code == "NoSuchBucket":
+                raise
+
+    # ---- multipart: staged blocks ----------------------------------------------------------------
+    def _marker(self, key: str, upload_id: str) -> str:
+        return f"{MARKERS}{self._full(key)}/{upload_id}"
+
+    def create_multipart(self, key: str, *, mtime: float | None = None, mode: int | None = None,
+                         content_md5: str | None = None) -> str:
+        upload_id = _new_upload_id()
+        meta = _meta(mtime) or {}
+        if content_md5:
+            meta[META_MD5] = content_md5
+        with self._errors("create multipart upload", key):
+            self._blob(self._marker(key, upload_id)).upload_blob(b"", overwrite=True, metadata=meta)
+        return upload_id
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> Part:
+        block_id = _block_id(upload_id, number)
+        with self._errors(f"upload part {number}", key):
+            # Content-MD5: the service checks the block on arrival
+            self._blob(self._full(key)).stage_block(block_id, data, length=len(data), validate_content=True)
+        return Part(number, block_id, len(data))
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[Part]) -> Entry:
+        ordered = sorted(parts, key=lambda p: p.number)
+        ids = [_block_id(upload_id, p.number) for p in ordered]
+        blob, marker = self._blob(self._full(key)), self._blob(self._marker(key, upload_id))
+        try:
+            with self._errors("complete multipart upload", key):
+                meta = dict(marker.get_blob_properties().metadata or {})
+        except NotFound as exc:
+            if exc.code == "NoSuchBucket":
+                raise
+            return self._completed_before(key, upload_id, ids, exc)
+        md5 = meta.pop(META_MD5, None)
+        settings = ContentSettings(content_md5=bytearray.fromhex(md5)) if md5 else None
+        with self._errors("complete multipart upload", key):
+            # a block is taken from the uncommitted ones, else the committed: committing again
+            # after an answer that was lost gives the same blob
+            r = blob.commit_block_list([BlobBlock(block_id=i) for i in ids], metadata=meta or None,
+                                       content_settings=settings)
+        # after the commit, and only tidying: a marker left (a kill, a failed delete) lists the
+        # upload as unfinished until an abort or the next sweep removes it
+        with contextlib.suppress(az_exc.AzureError):
+            marker.delete_blob()
+        if any(p.size <= 0 for p in ordered):  # parts rebuilt without sizes: ask the store
+            return self.head(key)
+        return Entry(key, sum(p.size for p in ordered), _seconds(r.get("last_modified")), _etag(r.get("etag")),
+                     {MD5: md5} if md5 else {})
+
+    def _completed_before(self, key: str, upload_id: str, ids: list[str], exc: NotFound) -> Entry:
+        """No marker: the upload was aborted, or completed by an earlier try whose answer was
+        lost. The blob's committed blocks tell which."""
+        with self._errors("complete multipart upload", key):
+            try:
+                committed, _ = self._blob(self._full(key)).get_block_list("committed")
+            except az_exc.ResourceNotFoundError:
+                committed = []
+        if [b.id for b in committed] != ids:
+            raise NotFound(f"complete multipart upload {self._where(key)}: no upload {upload_id} "
+                           "(aborted, or the blob was written since)", code="NoSuchUpload") from exc
+        return self.head(key)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        # the staged blocks cannot be removed one by one: the service drops them after 7 days
+        # or at the blob's next commit; without the marker the upload is gone for us
+        try:
+            with self._errors("abort multipart upload", key):
+                self._blob(self._marker(key, upload_id)).delete_blob()
+        except NotFound as exc:
+            if exc.code == "NoSuchBucket":
+                raise
+
+    def list_uploads(self, prefix: str = "") -> Iterator[Upload]:
+        cut = len(MARKERS) + len(self.root)
+        with self._errors("list multipart uploads", prefix):
+            for blob in self._container.list_blobs(name_starts_with=MARKERS + self.root + prefix):
+                key, _, upload_id = blob.name[cut:].rpartition("/")
+                if key and upload_id:
+                    yield Upload(key, upload_id, _seconds(blob.creation_time or blob.last_modified))
+
+    # ---- server-side copy --------------------------------------------------------------------
+    def copy(self, src_key: str, dst_key: str, *, src_root: Storage | None = None,
+             size: int | None = None) -> Entry:
+        src = src_root if src_root is not None else self
+        if not isinstance(src, AzureStorage) or not self.same_server(src):
+            raise StorageError(f"copy {src.describe()} to {self.describe()}: not in the same Azure account",
+                               code="NotImplemented")
+        source = src.head(src_key)  # its Content-MD5 is copied with it: what the engine compares
+        dst = self._blob(self._full(dst_key))
+        with self._errors(f"copy {src._where(src_key)} to", dst_key):
+            dst.start_copy_from_url(src._blob(src._full(src_key)).url)
+            props = self._await_copy(dst, dst_key)
+        return Entry(dst_key, props.size, _seconds(props.last_modified), _etag(props.etag), dict(source.checksums))
+
+    def _await_copy(self, dst: Any, dst_key: str) -> Any:
+        """Poll a started copy (within an account it is usually done at once) until it ends; one
+        that makes no progress for read_timeout seconds is aborted and fails."""
+        delay, progress, since = 0.05, None, time.monotonic()
+        while True:
+            props = dst.get_blob_properties()
+            status = props.copy.status
+            if status in (None, "success"):
+                return props
+            if status != "pending":
+                raise StorageError(f"copy to {self._where(dst_key)}: {status}: {props.copy.status_description}",
+                                   code="CopyFailed", retryable=True)
+            if props.copy.progress != progress:
+                progress, since = props.copy.progress, time.monotonic()
+            elif time.monotonic() - since > self.options.read_timeout:
+                with contextlib.suppress(az_exc.AzureError):
+                    dst.abort_copy(props.copy.id)
+                raise StorageError(f"copy to {self._where(dst_key)}: no progress in {self.options.read_timeout:.0f} s",
+                                   code="CopyTimeout", retryable=True)
+            time.sleep(delay)  # bounded above by the no-progress deadline
+            delay = min(delay * 2, 2.0)
+
+    def same_server(self, other: Storage) -> bool:
+        return (isinstance(other, AzureStorage) and other.url == self.url and other.account == self.account
+                and other._key == self._key)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._service.close()
+
+    # ---- errors ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _errors(self, op: str, key: str = "") -> Iterator[None]:
+        """Every azure-core failure inside the block, as a StorageError with a code users know."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except az_exc.AzureError as exc:
+            raise self._scrub(self._map_error(exc, op, key)) from exc
+        except (requests.RequestException, OSError) as exc:
+            raise self._scrub(self._transport_error(exc, op, key)) from exc
+
+    def _map_error(self, exc: az_exc.AzureError, op: str, key: str) -> StorageError:
+        where = self._where(key)
+        if isinstance(exc, az_exc.HttpResponseError) and exc.status_code is not None:
+            status = exc.status_code
+            given = getattr(exc, "error_code", None)  # a StorageErrorCode (a str enum) or a plain str
+            code = str(getattr(given, "value", given) or _STATUS_CODES.get(status, f"HTTP{status}"))
+            if code == "ContainerNotFound":
+                return NotFound(f"{op} {where}: container {self.container!r} does not exist in account "
+                                f"{self.account!r}; create it or fix the container name in the address",
+                                code="NoSuchBucket")
+            if status == 404:
+                return NotFound(f"{op} {where}: {code}", code="NoSuchKey" if code == "BlobNotFound" else code)
+            hint = _HINTS.get(code)
+            text = f"{op} {where}: {code} (HTTP {status}){'; ' + hint if hint else ''}"
+            if code in _ACCESS_DENIED:
+                code = "AccessDenied"
+            elif code == "InvalidRange" or status == 416:
+                code = "InvalidRange"
+            elif code == "Md5Mismatch":
+                return StorageError(text, code="CHECKSUM_NOT_MATCH", retryable=True)
+            return StorageError(text, code=code, retryable=status >= 500 or status == 429 or code in _RETRYABLE)
+        if isinstance(exc, az_exc.ClientAuthenticationError):
+            return StorageError(f"{op} {where}: {exc.message}; {_HINTS['AuthenticationFailed']}",
+                                code="AuthenticationFailed")
+        if isinstance(exc, az_exc.ServiceRequestError | az_exc.ServiceResponseError):
+            return self._transport_error(exc, op, key)
+        if type(exc).__name__ == "AzureSigningError" or isinstance(exc, ValueError):
+            return StorageError(f"{op} {where}: the account key is not valid base64; copy it again from the "
+                                "portal (escape '/' as %2F)", code="AuthenticationFailed")
+        if "md5" in str(exc).lower() and "mismatch" in str(exc).lower():
+            return StorageError(f"{op} {where}: the MD5 of the bytes read differs from the service's",
+                                code="CHECKSUM_NOT_MATCH", retryable=True)
+        return StorageError(f"{op} {where}: {type(exc).__name__}: {str(exc)[:300]}", code=type(exc).__name__)
+
+    def _transport_error(self, exc: BaseException, op: str, key: str) -> StorageError:
+        code = transport_code(exc)
+        return StorageError(f"{op} {self._where(key)}: cannot reach {self.url} ({TRANSPORT_REASONS[code]}); "
+                            "check the endpoint and the network", code=code, retryable=True)
+
+    def _scrub(self, err: StorageError) -> StorageError:
+        """No secret may reach a message, even one a server or the SDK echoes."""
+        text = str(err)
+        if self._key and len(self._key) >= 4 and self._key in text:
+            err.args = (text.replace(self._key, "***"),)
+        return err
+
+
+_STATUS_CODES = {403: "AuthenticationFailed", 404: "BlobNotFound", 409: "Conflict", 412: "ConditionNotMet",
+                 416: "InvalidRange"}
+
+
+class _Reader(StreamReader):
+    """A download, streamed range by range (each checked against the service's MD5)."""
+
+    def __init__(self, down: Any, storage: AzureStorage, key: str) -> None:
+        self._chunks = down.chunks()
+        self._buf = b""
+        self._storage, self._key = storage, key
+        self.checksums: dict[str, str] = {}
+
+    def _read_some(self, n: int) -> bytes:
+        # n bytes unless the blob ends first, as an HTTP body gives them (part reads count on it)
+        while len(self._buf) < n:
+            with self._storage._errors("read", self._key):
+                chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._buf += chunk
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+
+def byte_ordered(prefix: str, list_from: Callable[[str], Iterable[Any]]) -> Iterator[Any]:
+    """The blobs `list_from(prefix)` yields, in UTF-8 byte order. Azure (and Azurite) sort names
+    by UTF-16 code units, which differs from byte order only where a character beyond U+FFFF (a
+    surrogate pair: emoji, rare CJK) meets one in U+E000-U+FFFF (fullwidth forms such as '（').
+    A name whose first such character past `prefix` is c at position i belongs to the group P + c
+    (P: its first i characters); the group is skipped here and listed on its own once the listing
+    has left P, where byte order puts it. Memory: the distinct characters of pending groups."""
+    pending: list[tuple[str, set[str]]] = []  # (P, the characters c of the groups P + c), nested
+
+    def flush(before: str | None) -> Iterator[Any]:
+        while pending and (before is None or not before.startswith(pending[-1][0])):
+            head, chars = pending.pop()
+            for c in sorted(chars):  # one character each: code point order is byte order
+                yield from byte_ordered(head + c, list_from)
+
+    for blob in list_from(prefix):
+        name: str = blob.name
+        yield from flush(name)
+        i = next((j for j in range(len(prefix), len(name)) if ord(name[j]) > 0xFFFF), None)
+        if i is None:
+            yield blob
+        elif pending and pending[-1][0] == name[:i]:
+            pending[-1][1].add(name[i])
+        else:
+            pending.append((name[:i], {name[i]}))
+    yield from flush(None)
+
+
+def _is_folder(blob: Any) -> bool:
+    """A directory of an account with a hierarchical namespace (ADLS Gen2): the blob API lists it
+    as an empty blob named like the directory (no '/'), with metadata hdi_isfolder=true."""
+    meta = blob.metadata or {}
+    return not blob.size and str(meta.get("hdi_isfolder", "")).lower() == "true"
+
+
+def _new_upload_id() -> str:
+    """32 characters that sort by creation (ns clock, then random): a key's uploads list oldest
+    first, which abort_older_uploads falls back on where the server's times tie."""
+    return f"{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
+
+
+def _block_id(upload_id: str, number: int) -> str:
+    # every block ID of a blob must have the same length: 32 + 1 + 5 characters
+    return f"{upload_id}-{number:05d}"
+
+
+def _meta(mtime: float | None) -> dict[str, str] | None:
+    return {META_MTIME: repr(float(mtime))} if mtime is not None else None
+
+
+def _checksums(settings: Any) -> dict[str, str]:
+    """The Content-MD5 the service reports (a blob committed from blocks has one only if set)."""
+    md5 = getattr(settings, "content_md5", None)
+    return {MD5: bytes(md5).hex()} if md5 and len(md5) == 16 else {}
+
+
+def _seconds(when: datetime | None) -> float:
+    return when.timestamp() if when else time.time()
+
+
+def _etag(value: str | None) -> str | None:
+    value = (value or "").strip('"')
+    return value or None
+
