@@ -153,6 +153,17 @@ class Location:
         return replace(self, prefix=self.prefix + name, is_dir=False)
 
 
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback IP (127.0.0.0/8, ::1), brackets allowed: only this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def is_ip_or_localhost(host: str) -> bool:
     host = host.split(":")[0] if not host.startswith("[") else host[1 : host.index("]")]
     if host == "localhost" or host.endswith(".localhost"):

@@ -13,7 +13,6 @@ workers it starts; `console deploy` copies the worker pair and master.key to eac
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from ossimport.address import is_loopback_host
 from ossimport.errors import UsageError
 
 
@@ -30,13 +30,7 @@ def is_loopback_endpoint(endpoint: str) -> bool:
     """tcp://127.0.0.1:port, tcp://localhost:port, tcp://[::1]:port, ipc://..."""
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
-    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(endpoint.split("://", 1)[-1].rsplit(":", 1)[0])
 
 
 def ensure_keys(keys_dir: Path) -> None:

@@ -8,7 +8,6 @@ loopback address needs the service credentials (serviceAccessKeyId / serviceAcce
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import signal
 import sys
@@ -16,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ossimport.address import is_loopback_host
 from ossimport.errors import UsageError
 
 log = logging.getLogger("ossimport.service")
@@ -32,15 +32,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(f"--listen {text!r} is not allowed; use HOST:PORT, e.g. 127.0.0.1:8567")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def run_serve(argv: list[str]) -> int:
@@ -60,7 +51,7 @@ def run_serve(argv: list[str]) -> int:
     for w in sysconf.warnings:
         print(f"warning: {w}", file=sys.stderr)
     host, port = parse_listen(args.listen or sysconf.serviceAddress or DEFAULT_SERVICE_ADDRESS)
-    if not is_loopback(host) and not (sysconf.serviceAccessKeyId and sysconf.serviceAccessKeySecret):
+    if not is_loopback_host(host) and not (sysconf.serviceAccessKeyId and sysconf.serviceAccessKeySecret):
         raise UsageError(f"refusing to listen on {host}:{port} without credentials: set serviceAccessKeyId and "
                          f"serviceAccessKeySecret in {sys_path}, or listen on 127.0.0.1")
     from ossimport.log import register_secret

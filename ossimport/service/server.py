@@ -166,9 +166,9 @@ class ServiceServer(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6  # --listen [::1]:PORT
         super().__init__(address, Handler)
-        from ossimport.service.serve import is_loopback
+        from ossimport.address import is_loopback_host
 
-        self.loopback = is_loopback(address[0])
+        self.loopback = is_loopback_host(address[0])
 
     def shutdown(self) -> None:
         self.closing.set()

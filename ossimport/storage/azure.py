@@ -36,7 +36,7 @@ from azure.storage.blob import BlobBlock, BlobPrefix, BlobServiceClient, Contain
 from ossimport.errors import TRANSPORT_REASONS, NotFound, StorageError, transport_code
 from ossimport.log import register_secret
 from ossimport.storage.base import MD5, Abilities, Entry, Part, Storage, StorageOptions, StreamReader, Upload
-from ossimport.storage.s3 import _Feed
+from ossimport.storage.feed import Feed
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -230,7 +230,7 @@ class AzureStorage(Storage):
         content_md5: str | None = None,
     ) -> Entry:
         full = self._full(key)
-        feed = _Feed(data, size, content_md5, f"put {self._where(key)}")
+        feed = Feed(data, size, content_md5, f"put {self._where(key)}")
         if size > PUT_BUFFER:
             return self._put_blocks(key, full, feed, mtime)
         body = feed.read(size)
@@ -240,7 +240,7 @@ class AzureStorage(Storage):
                                              metadata=_meta(mtime))
         return Entry(key, size, _seconds(r.get("last_modified")), _etag(r.get("etag")), {MD5: feed.md5()})
 
-    def _put_blocks(self, key: str, full: str, feed: _Feed, mtime: float | None) -> Entry:
+    def _put_blocks(self, key: str, full: str, feed: Feed, mtime: float | None) -> Entry:
         """A large put streamed as blocks (each checked on arrival), committed at once with the
         MD5 of all that was staged, once the source proved to have exactly `size` bytes."""
         upload_id = _new_upload_id()

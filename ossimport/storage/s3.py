@@ -23,7 +23,6 @@ import base64
 import binascii
 import contextlib
 import functools
-import hashlib
 import io
 import math
 import os
@@ -41,12 +40,12 @@ from urllib.parse import quote, unquote_plus
 from ossimport.errors import (
     TRANSPORT_REASONS,
     NotFound,
-    SourceChanged,
     StorageError,
     VerifyFailed,
     transport_code,
 )
 from ossimport.storage.base import MD5, Abilities, Entry, Part, Storage, StorageOptions, StreamReader, Upload
+from ossimport.storage.feed import Feed
 from ossimport.storage.s3wire import (
     RETRYABLE,
     S3_NS,
@@ -468,7 +467,7 @@ class S3Storage(Storage):
         mode: int | None = None,
         content_md5: str | None = None,
     ) -> Entry:
-        feed = _Feed(data, size, content_md5, f"put {self._where(key)}")
+        feed = Feed(data, size, content_md5, f"put {self._where(key)}")
         if size >= PUT_BUFFER:
             return self._put_stream(key, feed, mtime)
         body = feed.read(size)
@@ -492,7 +491,7 @@ class S3Storage(Storage):
             )
         return Entry(key, size, _server_time(r), _etag(r.get("ETag")), checksums)
 
-    def _put_stream(self, key: str, feed: _Feed, mtime: float | None) -> Entry:
+    def _put_stream(self, key: str, feed: Feed, mtime: float | None) -> Entry:
         """A large single PUT, streamed. With the MD5 known up front it is sent as Content-MD5
         (checked by the store) and kept as md5chksum metadata; without, the answer's ETag is
         compared with the MD5 of what was sent wherever it is one (not under SSE-KMS/SSE-C)."""
@@ -871,45 +870,6 @@ def _headers(response: dict[str, Any]) -> dict[str, str]:
     return dict(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
 
 
-class _Feed:
-    """What put() sends: exactly `size` bytes of `data`, hashed as they pass. Before the last
-    byte is handed on, a source longer or shorter than `size` (SIZE_NOT_MATCH) or whose MD5 is
-    not the `content_md5` announced (SOURCE_CHANGED) raises, so the store never sees a complete
-    body and keeps nothing."""
-
-    def __init__(self, data: BinaryIO, size: int, content_md5: str | None, what: str) -> None:
-        self._data, self.len, self._left, self.content_md5, self._what = data, size, size, content_md5, what
-        self._md5 = hashlib.md5()
-        if size == 0:
-            self._check_end()
-
-    def read(self, amt: int | None = -1) -> bytes:
-        if self._left == 0:
-            return b""
-        want = self._left if amt is None or amt < 0 else min(amt, self._left)
-        chunk = _read_at_most(self._data, want)  # raw streams and sockets return short reads
-        self._md5.update(chunk)
-        self._left -= len(chunk)
-        if len(chunk) < want:
-            raise SourceChanged(f"{self._what}: expected {self.len} bytes, the source gave {self.len - self._left}")
-        if self._left == 0:
-            self._check_end()
-        return chunk
-
-    def _check_end(self) -> None:
-        if self._data.read(1):
-            raise SourceChanged(f"{self._what}: expected {self.len} bytes, the source gave more")
-        if self.content_md5 and self.md5() != self.content_md5:
-            raise SourceChanged(f"{self._what}: the source changed after it was hashed", code="SOURCE_CHANGED")
-
-    def chunks(self) -> Iterator[bytes]:
-        while chunk := self.read(STREAM_CHUNK):
-            yield chunk
-
-    def md5(self) -> str:
-        return self._md5.hexdigest()
-
-
 def _server_time(response: dict[str, Any]) -> float:
     """The server's Date header: what LastModified will say, without another request."""
     return date_seconds(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date"), now=True)
@@ -922,14 +882,3 @@ def _expect_continue_except_put_object(model: Any, params: dict[str, Any], **kwa
         botocore.handlers.add_expect_header(model, params, **kwargs)
 
 
-def _read_at_most(stream: BinaryIO, limit: int) -> bytes:
-    """Up to `limit` bytes, looping because raw streams and sockets return short reads."""
-    chunks: list[bytes] = []
-    remaining = limit
-    while remaining > 0:
-        chunk = stream.read(remaining)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
