@@ -126,7 +126,13 @@ class OSSStorage(Storage):
             start_after=self._root + start_after if start_after else "",
             max_keys=self.list_page_size,
         )
-        cut = len(self._root)
+        for obj in self._listed(it, prefix):
+            if obj.key.endswith("/") and obj.size == 0:
+                continue  # a "directory" marker made by consoles and tools, not a file
+            yield self._entry(obj)
+
+    def _listed(self, it: Iterator[Any], prefix: str) -> Iterator[Any]:
+        """The objects (and common prefixes) of an oss2 listing iterator, its errors ours."""
         while True:
             try:
                 obj = next(it)
@@ -134,9 +140,10 @@ class OSSStorage(Storage):
                 return
             except Exception as e:
                 raise self._error(e, "list", prefix) from e
-            if obj.key.endswith("/") and obj.size == 0:
-                continue  # a "directory" marker made by consoles and tools, not a file
-            yield Entry(obj.key[cut:], obj.size, float(obj.last_modified), _etag(obj.etag))
+            yield obj
+
+    def _entry(self, obj: Any) -> Entry:
+        return Entry(obj.key[len(self._root):], obj.size, float(obj.last_modified), _etag(obj.etag))
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         it = oss2.ObjectIteratorV2(self._bucket, prefix=self._root + prefix, delimiter="/",
@@ -157,24 +164,17 @@ class OSSStorage(Storage):
             except Exception as e:
                 raise self._error(e, "list", prefix) from e
             found = [Entry(p[cut:], 0, 0.0) for p in result.prefix_list] + [
-                Entry(o.key[cut:], o.size, float(o.last_modified), _etag(o.etag))
-                for o in result.object_list if not (o.key.endswith("/") and o.size == 0)]
+                self._entry(o) for o in result.object_list if not (o.key.endswith("/") and o.size == 0)]
             yield from found[:limit]
             return
         it = oss2.ObjectIteratorV2(self._bucket, prefix=self._root + prefix, delimiter="/",
                                    max_keys=self.list_page_size)
         cut = len(self._root)
-        while True:
-            try:
-                obj = next(it)
-            except StopIteration:
-                return
-            except Exception as e:
-                raise self._error(e, "list", prefix) from e
+        for obj in self._listed(it, prefix):
             if obj.is_prefix():
                 yield Entry(obj.key[cut:], 0, 0.0)
             elif not (obj.key.endswith("/") and obj.size == 0):  # markers are not files
-                yield Entry(obj.key[cut:], obj.size, float(obj.last_modified), _etag(obj.etag))
+                yield self._entry(obj)
 
     def head(self, key: str) -> Entry:
         try:
