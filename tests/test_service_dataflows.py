@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,36 @@ class Flow:
             return f.read()
 
 
+def metric(svc: ServiceEnv, line: str) -> float | None:
+    """The value of one /metrics sample, e.g. 'ossimport_workers{kind="connected"}'."""
+    status, raw, _ = svc.request("GET", "/metrics")
+    assert status == 200
+    for text in raw.decode().splitlines():
+        if text.startswith(line + " "):
+            return float(text.rsplit(" ", 1)[1])
+    return None
+
+
 @pytest.fixture
-def svc(tmp_path: Path) -> Iterator[ServiceEnv]:
-    env = ServiceEnv(tmp_path, workers=False)
+def svc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServiceEnv]:
+    """The service alone (subtasks copy in its process), or with the job master and a worker
+    (param "workers": subtasks go to the worker)."""
+    on_workers = getattr(request, "param", "service") == "workers"
+    env = ServiceEnv(tmp_path, workers=on_workers)
     env.start()
     try:
+        if on_workers:
+            env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60,
+                     "the worker to connect to the master")
         yield env
+        if on_workers:  # every subtask of the test ran on the worker, none in the service
+            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0
+            assert (metric(env, 'ossimport_subtasks_started_total{runner="workers"}') or 0) >= 1
     finally:
         env.stop()
+
+
+BOTH = pytest.mark.parametrize("svc", ["service", "workers"], indirect=True)
 
 
 @pytest.fixture
@@ -82,6 +105,7 @@ def flow(svc: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Flow:
     return Flow(svc, backend_factory("s3-moto"), tmp_path)
 
 
+@BOTH
 def test_stream_import_and_export_50mib_report_progress_and_the_crc64_of_what_arrived(flow: Flow) -> None:
     data = random.Random(5).randbytes(50 * MiB)
     flow.put("test/big.bin", data)
@@ -109,6 +133,7 @@ def test_stream_import_and_export_50mib_report_progress_and_the_crc64_of_what_ar
     assert s["DstFilePath"] == f"/{flow.root}/dataflows/mnt/file.png"
 
 
+@BOTH
 def test_condition_is_checked_against_the_source_before_copying(flow: Flow) -> None:
     (flow.fs / "oss" / "src").mkdir()
     f = flow.fs / "oss" / "src" / "a.txt"
@@ -127,6 +152,7 @@ def test_condition_is_checked_against_the_source_before_copying(flow: Flow) -> N
     assert flow.get("out/a.txt") == b"x" * 68
 
 
+@BOTH
 def test_conflict_policies(flow: Flow) -> None:
     flow.put("test/a.txt", b"new content")
     (flow.fs / "oss" / "mnt").mkdir()
@@ -267,6 +293,7 @@ def slow_flow(svc: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Iterator
         yield Flow(svc, s3, tmp_path, address), proxy
 
 
+@BOTH
 def test_cancel_of_a_running_subtask_leaves_no_partial_file(slow_flow: tuple[Flow, FaultProxy]) -> None:
     flow, proxy = slow_flow
     data = random.Random(7).randbytes(6 * MiB)
@@ -287,6 +314,7 @@ def test_cancel_of_a_running_subtask_leaves_no_partial_file(slow_flow: tuple[Flo
     assert not mnt.exists() or os.listdir(mnt) == [], "no file and no temporary file is left"
 
 
+@BOTH
 def test_a_subtask_running_when_the_service_is_killed_is_resumed_on_restart(
         slow_flow: tuple[Flow, FaultProxy]) -> None:
     flow, proxy = slow_flow
@@ -423,6 +451,7 @@ def test_a_file_system_on_sftp(tmp_path: Path, backend_factory: Any) -> None:
         env.stop()
 
 
+@BOTH
 def test_a_graceful_stop_of_the_service_resumes_running_subtasks_on_start(
         slow_flow: tuple[Flow, FaultProxy]) -> None:
     flow, proxy = slow_flow
@@ -442,6 +471,7 @@ def test_a_graceful_stop_of_the_service_resumes_running_subtasks_on_start(
     assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
 
 
+@BOTH
 def test_cancel_of_a_running_multipart_export_leaves_no_object_and_no_upload(
         slow_flow: tuple[Flow, FaultProxy]) -> None:
     flow, proxy = slow_flow
@@ -458,3 +488,33 @@ def test_cancel_of_a_running_multipart_export_leaves_no_object_and_no_upload(
     assert s["Status"] == "CANCELED", s
     assert [e.key for e in flow.bucket.list()] == []
     assert list(flow.bucket.list_multipart()) == [], "the multipart upload was aborted"
+
+
+def test_subtasks_on_a_worker_killed_mid_copy_are_finished_elsewhere(backend_factory: Any, tmp_path: Path) -> None:
+    """A worker copying a subtask is killed: its lease lapses at the master and the subtask is
+    handed on — here, with no worker left, back to the service, which finishes it."""
+    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        s3 = backend_factory("s3-moto")
+        with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
+            address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
+            flow = Flow(env, s3, tmp_path, address)
+            data = random.Random(12).randbytes(4 * MiB)
+            flow.put("test/big.bin", data)
+            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=256 * 1024))
+            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            assert metric(env, 'ossimport_subtasks_started_total{runner="workers"}') == 1
+            [pid_file] = (env.workdir / "run").glob("worker-*.pid")
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            s = flow.wait(sub, {"COMPLETE", "FAILED", "CANCELED"}, 120)
+            assert s["Status"] == "COMPLETE", s
+            assert s["FileDetail"]["Checksum"] == crc64(data)
+            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
+            assert os.listdir(flow.fs / "oss" / "mnt") == ["big.bin"], "the killed worker's temporary file is gone"
+            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 1
+            assert metric(env, 'ossimport_workers{kind="connected"}') == 0
+    finally:
+        env.stop()

@@ -38,6 +38,7 @@ from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.scanner import JobPlan, Scanner
 from ossimport.jobs.security import CurveServer
 from ossimport.jobs.store import JobDir, WorkDir, atomic_write, read_header
+from ossimport.jobs.stream_broker import StreamBroker
 from ossimport.jobs.tracker import Tracker
 from ossimport.retry import with_retries
 
@@ -102,6 +103,7 @@ class Master:
             raise
         self.workdir.log("ossimport2.log", f"master listening on {self.address}")
         self.tracker.start(self._inflight, self.stat_interval)
+        self.streams = StreamBroker(self.lease, lambda ident, kind, **body: sock.send_multipart([ident, pack(kind, **body)]))
         next_tick = 0.0
         try:
             while not self.stop_event.is_set():
@@ -114,6 +116,7 @@ class Master:
                             log.warning("ignoring a message that could not be handled: %r", exc)
                 now = time.monotonic()
                 if now >= next_tick:
+                    self.streams.expire()
                     self._housekeeping()
                     next_tick = now + 0.5
         finally:
@@ -255,6 +258,8 @@ class Master:
             return
         worker = ident.decode(errors="replace")
         kind = msg["type"]
+        if self.streams.handle(ident, kind, msg):
+            return  # a streaming subtask's word (stream_broker.py)
         if kind == "want":
             self._offer(sock, ident, worker)
         elif kind == "beat":

@@ -30,8 +30,10 @@ from ossimport.jobs.execute import JobSpec, TaskResult, TaskRunner
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.security import CurveClientKeys
 from ossimport.jobs.store import atomic_write, decode_manifest
+from ossimport.jobs.stream_worker import SLOTS, StreamSlots
 
 log = logging.getLogger("ossimport.worker")
+SUB_BEAT = 0.5  # seconds between reports of subtask bytes
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Held:
 class Worker:
     def __init__(self, master: str, workdir: Path, *, worker_id: str | None = None,
                  heartbeat: float = 2.0, max_throughput_kbps: int = 0,
-                 curve: CurveClientKeys | None = None) -> None:
+                 curve: CurveClientKeys | None = None, subtask_slots: int = SLOTS) -> None:
         self.master = master
         self.workdir = Path(workdir)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -66,6 +68,7 @@ class Worker:
         self._held: Held | None = None
         self._want_after = 0.0
         self.exit_code = 0  # 1: stopped by an unexpected error (workerAbortWhenUncatchedException)
+        self.streams = StreamSlots(subtask_slots)  # dataflow subtasks, beside the job task
 
     # ---- main loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -77,8 +80,8 @@ class Worker:
             self.curve.apply(sock)
         sock.connect(self.master)
         self._sock = sock
-        self._send(sock, "hello", host=socket.gethostname(), pid=os.getpid())
-        last_beat = 0.0
+        self._hello(sock)
+        last_beat = last_sub_beat = 0.0
         try:
             while not self.stop_event.is_set():
                 if sock.poll(200):
@@ -93,12 +96,21 @@ class Worker:
                 if now - last_beat >= self.heartbeat:
                     self._beat(sock)
                     last_beat = now
+                for sub_id, result in self.streams.due():
+                    self._send(sock, "sub-result", id=sub_id, result=result.to_dict(), sub_free=self.streams.free)
+                if now - last_sub_beat >= SUB_BEAT:
+                    # subtasks report their bytes more often than the job's heartbeat: Progress moves
+                    progress = self.streams.progress()
+                    if progress:
+                        self._send(sock, "sub-beat", subs=progress, sub_free=self.streams.free)
+                    last_sub_beat = now
                 if held is None and now >= self._want_after:
-                    self._send(sock, "want")
+                    self._send(sock, "want", sub_free=self.streams.free)
                     self._want_after = now + 2.0  # ask again if the answer was lost
         finally:
             if self._held is not None and self._held.runner is not None:
                 self._held.runner.stop()
+            self.streams.close()
             for _, runner in self._runners.values():
                 runner.close()
             sock.close()
@@ -110,6 +122,10 @@ class Worker:
             sock.send(pack(kind, worker=self.id, **body), zmq.NOBLOCK)
         except zmq.Again:
             log.debug("master unreachable: %s not sent", kind)
+
+    def _hello(self, sock: zmq.Socket) -> None:
+        self._send(sock, "hello", host=socket.gethostname(), pid=os.getpid(), sub_slots=self.streams.slots,
+                   sub_free=self.streams.free)
 
     def _handle(self, sock: zmq.Socket, frame: bytes) -> None:
         try:
@@ -142,7 +158,16 @@ class Worker:
                 self._held = None
                 self._want_after = 0.0
         elif kind == "hello":  # the master restarted and asks who we are
-            self._send(sock, "hello", host=socket.gethostname(), pid=os.getpid())
+            self._hello(sock)
+        elif kind == "subtask":
+            if not self.streams.start(msg):
+                self._send(sock, "sub-busy", id=msg.get("id"), sub_free=self.streams.free)
+        elif kind == "sub-ack":
+            self.streams.acked(str(msg.get("id")))
+        elif kind == "sub-cancel":
+            self.streams.cancel(str(msg.get("id")))
+        elif kind == "sub-drop":
+            self.streams.drop(str(msg.get("id")))
 
     # ---- tasks ----------------------------------------------------------------------------------
     def _task_dir(self, job: str, task: str) -> Path:
@@ -204,4 +229,5 @@ class Worker:
         tasks = [held.task] if held is not None else []
         leases = {held.task: held.lease} if held is not None else {}
         progress = {held.task: [held.stats.copied + held.stats.skipped, held.stats.bytes_moved]} if held else {}
-        self._send(sock, "beat", tasks=tasks, leases=leases, progress=progress)
+        self._send(sock, "beat", tasks=tasks, leases=leases, progress=progress, subs=self.streams.progress(),
+                   sub_free=self.streams.free)

@@ -58,12 +58,19 @@ class _State(Collector):
         depth.add_metric(["job_tasks"], queue)
         depth.add_metric(["subtasks"], counts.get("CREATED", 0))
         yield depth
-        workers = GaugeMetricFamily("ossimport_workers", "Workers copying: job workers with tasks dispatched, "
-                                    "and the service's in-process subtask threads busy", labels=["kind"])
+        workers = GaugeMetricFamily("ossimport_workers", "Workers: connected to the job master, busy with a job "
+                                    "task, and the service's own subtask threads copying now", labels=["kind"])
         busy = {w for job in svc.workdir.jobs() for w in _dispatched_workers(job.root)}
+        workers.add_metric(["connected"], svc.executor.link.workers)
         workers.add_metric(["job"], len(busy))
-        workers.add_metric(["in_process"], counts.get("RUNNING", 0))
+        workers.add_metric(["in_process"], svc.executor.in_process)
         yield workers
+        started = CounterMetricFamily("ossimport_subtasks_started", "Subtasks started, by where they ran: on the "
+                                      "job system's workers, or in the service when none was connected",
+                                      labels=["runner"])
+        for runner, n in svc.executor.started.items():
+            started.add_metric([runner], n)
+        yield started
         listeners = GaugeMetricFamily("ossimport_event_listeners", "Open /api/events streams")
         listeners.add_metric([], svc.events.listeners)
         yield listeners
