@@ -158,7 +158,7 @@ class ServiceServer(ThreadingHTTPServer):
         self.service = service
         self.closing = threading.Event()  # ends the open event streams on shutdown
         self.nonces = Nonces(service.db)
-        self.sessions = Sessions()
+        self.sessions = Sessions(service.db)
         from ossimport.service import metrics, pages
 
         self.metrics = metrics.Metrics(service)
@@ -186,7 +186,7 @@ class ServiceServer(ThreadingHTTPServer):
             return
         if json_door and not headers.get("authorization"):
             sid = self.pages.session_id(headers)
-            csrf = self.sessions.csrf(sid) if sid else None
+            csrf = self.sessions.csrf(sid, creds) if sid else None
             if csrf is not None:
                 # a GET changes nothing (the event stream, metrics): the cookie is enough
                 if method != "GET" and headers.get("x-csrf-token") != csrf:
