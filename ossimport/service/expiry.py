@@ -19,9 +19,9 @@ def expire_subtasks(svc: Any) -> list[str]:
     limit = svc.sysconf.serviceSubTaskExpireSeconds
     if limit <= 0:
         return []
-    message = (f"EXPIRED: not started within serviceSubTaskExpireSeconds={limit} of its creation (its dataflow "
-               "was Stopped, or the service was not running); it will not run: create the subtask again once "
-               "the dataflow is Running")
+    message = (f"EXPIRED: not started within {limit} s of its creation (serviceSubTaskExpireSeconds={limit}): its "
+               "dataflow was Stopped, or the service was not running; it will not run: create the subtask again "
+               "once the dataflow is Running")
     # CreateTime is UTC to the second: older than the limit to the second, so never early;
     # strftime('%s') reads it whatever its text layout, so the comparison is of numbers
     rows = svc.db.all(
