@@ -321,6 +321,7 @@ INVALID_SYS = {
     "javaHeapMaxSize": "1g\t2", "masterAddress": "127.0.0.1:13830", "workerCount": "-1", "leaseSeconds": "2",
     "heartbeatSeconds": "40", "allowShortIncrementalInterval": "yes", "curveKeysDir": "k\x00x",
     "serviceAddress": "http://0.0.0.0:8567", "serviceAccessKeyId": "ak\tid", "serviceAccessKeySecret": "se\x01cret",
+    "serviceSubTaskExpireSeconds": "1d",
 }
 SECRETS = {"srcAccessKey", "srcSecretKey", "destAccessKey", "destSecretKey", "workerPassword", "serviceAccessKeySecret"}
 

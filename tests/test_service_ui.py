@@ -141,3 +141,23 @@ def test_create_watch_detail_and_retry_in_the_browser(browser: Any, svc: Service
     out = os.environ.get("OSSIMPORT_SCREENSHOTS")
     if out:  # keep them past the tmp dir when asked
         shutil.copytree(shots, out, dirs_exist_ok=True)
+
+
+def test_the_login_outlives_a_service_restart_and_sign_out_ends_it(browser: Any, svc: ServiceEnv) -> None:
+    page = browser.new_page()
+    page.goto(svc.url + "/")
+    page.fill("input[name=AccessKeyId]", AK)
+    page.fill("input[name=AccessKeySecret]", SK)
+    page.click("button[type=submit]")
+    expect(page.locator("#signout button")).to_be_visible()
+
+    address = svc.url.removeprefix("http://")
+    svc.kill9()
+    svc.start(listen=address)
+    page.reload()
+    expect(page.locator("#signout button")).to_be_visible()  # still signed in: no login page
+    assert not page.url.endswith("/login.html")
+    page.click("#signout button")
+    page.wait_for_url("**/login.html")
+    page.goto(svc.url + "/")
+    assert page.url.endswith("/login.html")

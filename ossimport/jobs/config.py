@@ -148,6 +148,7 @@ _SYS_KEYS: dict[str, _Key] = {
                            hint="use HOST:PORT, e.g. 127.0.0.1:8567"),
     "serviceAccessKeyId": _Key("text"),
     "serviceAccessKeySecret": _Key("secret"),
+    "serviceSubTaskExpireSeconds": _Key("int", 0, 10 * 366 * 86400, hint="use whole seconds, 0 = never"),
 }
 
 
@@ -659,6 +660,8 @@ class SysConfig:
     serviceAddress: str = ""
     serviceAccessKeyId: str = ""  # the service's own credentials: when set, every request is signed
     serviceAccessKeySecret: str = field(default="", repr=False)
+    # a dataflow subtask still waiting (CREATED) this long after its creation becomes EXPIRED
+    serviceSubTaskExpireSeconds: int = 86400
     source: str = field(default="<mapping>", compare=False)
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
     warnings: list[str] = field(default_factory=list, compare=False, repr=False)

@@ -13,7 +13,6 @@ import base64
 import hashlib
 import hmac
 import secrets
-import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -110,23 +109,48 @@ def verify_basic(headers: Mapping[str, str], credentials: Mapping[str, str]) -> 
 
 
 class Sessions:
-    """Web UI logins: a random session id (cookie) and its CSRF token, in memory."""
+    """Web UI logins, kept in the service's database so that a restart (kill -9 included) signs
+    no browser out. A row holds the SHA-256 of the session id (the cookie), never the id itself,
+    so the database file cannot be replayed as a login; its CSRF token; its expiry; and `binding`,
+    an HMAC of the session id keyed with the key pair that signed in: changing serviceAccessKeyId
+    or serviceAccessKeySecret signs every browser out, and the row holds nothing from which the
+    secret could be guessed without the cookie."""
 
-    def __init__(self, ttl: float = 12 * 3600) -> None:
-        self._sessions: dict[str, tuple[str, float]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, db: Any, ttl: float = 12 * 3600) -> None:
+        self.db = db  # its table is created with the others (db.SCHEMA)
         self.ttl = ttl
+        self.sweep()
 
-    def create(self) -> tuple[str, str]:
+    @staticmethod
+    def _key(sid: str) -> str:
+        return hashlib.sha256(sid.encode()).hexdigest()
+
+    @staticmethod
+    def _binding(sid: str, ak: str, sk: str) -> str:
+        return hmac.new(f"{ak}\0{sk}".encode(), sid.encode(), hashlib.sha256).hexdigest()
+
+    def sweep(self) -> None:
+        self.db.execute("DELETE FROM sessions WHERE expires < ?", (time.time(),))
+
+    def create(self, ak: str, sk: str) -> tuple[str, str]:
+        """A new login by the key pair (ak, sk): (session id for the cookie, CSRF token)."""
+        self.sweep()  # logins are rare: old rows go here
         sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        with self._lock:
-            self._sessions[sid] = (csrf, time.time() + self.ttl)
+        self.db.insert("sessions", {"id_hash": self._key(sid), "csrf": csrf, "binding": self._binding(sid, ak, sk),
+                                    "expires": time.time() + self.ttl})
         return sid, csrf
 
-    def csrf(self, sid: str) -> str | None:
-        with self._lock:
-            entry = self._sessions.get(sid)
-            if entry is None or entry[1] < time.time():
-                self._sessions.pop(sid, None)
-                return None
-            return entry[0]
+    def csrf(self, sid: str, credentials: Mapping[str, str]) -> str | None:
+        """The CSRF token of a live session signed in with today's credentials; None otherwise."""
+        row = self.db.one("SELECT csrf, binding, expires FROM sessions WHERE id_hash = ?", (self._key(sid),))
+        if row is None:
+            return None
+        bound = any(hmac.compare_digest(row["binding"], self._binding(sid, ak, sk)) for ak, sk in credentials.items())
+        if row["expires"] < time.time() or not bound:
+            self.end(sid)
+            return None
+        return str(row["csrf"])
+
+    def end(self, sid: str) -> None:
+        """Sign out: the row goes, so the cookie is refused from now on."""
+        self.db.execute("DELETE FROM sessions WHERE id_hash = ?", (self._key(sid),))

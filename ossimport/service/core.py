@@ -94,6 +94,7 @@ class Service:
 
     def start(self) -> None:
         self.workers.start()
+        self.ticker.expire()  # before the executor: what waited too long while we were down never starts
         self.executor.start()
         self.ticker.start()
 

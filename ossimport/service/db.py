@@ -1,5 +1,6 @@
-"""The service's records: dataflows, their tasks and subtasks, ClientToken answers and recent
-signature nonces, in SQLite (WAL) at `<workingDir>/service/service.db`.
+"""The service's records: dataflows, their tasks and subtasks, ClientToken answers, recent
+signature nonces and web UI sessions (auth.Sessions), in SQLite (WAL) at
+`<workingDir>/service/service.db`.
 
 The file holds the dataflows' object-store addresses with their credentials, so it is created
 mode 0600 like a frozen job.cfg. Every state change is one statement (SQLite makes it atomic), so
@@ -40,6 +41,8 @@ CREATE TABLE IF NOT EXISTS subtasks (
 CREATE INDEX IF NOT EXISTS subtasks_by_task ON subtasks (task_id, status);
 CREATE INDEX IF NOT EXISTS subtasks_by_status ON subtasks (status);
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash TEXT PRIMARY KEY, csrf TEXT NOT NULL, binding TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
     action TEXT NOT NULL, token TEXT NOT NULL, fingerprint TEXT NOT NULL, response TEXT NOT NULL,
     PRIMARY KEY (action, token));

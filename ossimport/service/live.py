@@ -1,6 +1,6 @@
 """Pushes progress to `/api/events` listeners: once a second, every job whose counters changed
 and every subtask copying now (only while someone listens: counting a job reads its task
-directories)."""
+directories). Every EXPIRE_EVERY seconds it also expires subtasks that waited too long (expiry.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import logging
 import threading
 from typing import Any
 
+from ossimport.service.expiry import expire_subtasks
 from ossimport.service.jobs_api import job_item
 
 log = logging.getLogger("ossimport.service")
 INTERVAL = 1.0
+EXPIRE_EVERY = 5  # ticks between expiry sweeps: a sweep reads every waiting subtask
 
 
 class Ticker:
@@ -28,8 +30,18 @@ class Ticker:
     def close(self) -> None:
         self._stop.set()
 
+    def expire(self) -> None:
+        try:
+            expire_subtasks(self.svc)
+        except Exception:  # noqa: BLE001 - the next sweep tries again
+            log.exception("expiring subtasks")
+
     def _loop(self) -> None:
+        ticks = 0
         while not self._stop.wait(INTERVAL):
+            ticks += 1
+            if ticks % EXPIRE_EVERY == 0:
+                self.expire()
             if not self.svc.events.listeners:
                 self._last.clear()  # a new listener gets the current state of everything
                 continue

@@ -2,7 +2,8 @@
 files (no CDN, no build step) and its login.
 
 With service credentials set, the UI asks for them once (POST /login) and then holds a session
-cookie (HttpOnly, SameSite=Strict) plus a CSRF token that its scripts send in X-CSRF-Token.
+cookie (HttpOnly, SameSite=Strict) plus a CSRF token that its scripts send in X-CSRF-Token;
+POST /logout (with that token) ends the session. Sessions live in the database (auth.Sessions).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Pages:
         if not self.server.service.credentials:
             return ""
         sid = self.session_id(headers)
-        return self.server.sessions.csrf(sid) if sid else None
+        return self.server.sessions.csrf(sid, self.server.service.credentials) if sid else None
 
     def handle(self, h: Any, method: str, path: str, pairs: list[tuple[str, str]], headers: dict[str, str],
                body: bytes) -> int:
@@ -98,6 +99,8 @@ class Pages:
             return 200
         if path == "/login" and method == "POST":
             return self._login(h, body)
+        if path == "/logout" and method == "POST":
+            return self._logout(h, headers, body)
         if method == "GET":
             return self._static(h, path, headers)
         raise ApiError("InvalidAction.NotFound", f"no such resource: {method} {path}")
@@ -133,9 +136,24 @@ class Pages:
         if secret is None or not hmac.compare_digest(secret.encode(), form.get("AccessKeySecret", "").encode()):
             h.send_bytes(303, b"", "text/plain", {"Location": "/login.html?failed=1"})
             return 303
-        sid, _ = self.server.sessions.create()
+        sid, _ = self.server.sessions.create(form["AccessKeyId"], secret)
         h.send_bytes(303, b"", "text/plain", {
             "Location": "/", "Set-Cookie": f"ossimport_session={sid}; HttpOnly; SameSite=Strict; Path=/"})
+        return 303
+
+    def _logout(self, h: Any, headers: dict[str, str], body: bytes) -> int:
+        """End the session (the page's form sends its CSRF token, so another page cannot sign the
+        user out) and clear the cookie. A cookie that is no live session is just cleared."""
+        sid = self.session_id(headers)
+        csrf = self._logged_in(headers) if sid else None
+        if csrf:
+            given = dict(parse_qsl(body.decode("utf-8", "replace"))).get("csrf") or headers.get("x-csrf-token", "")
+            if not hmac.compare_digest(given.encode(), csrf.encode()):
+                raise ApiError("Forbidden.CSRF", "the sign-out lacks the page's CSRF token; reload the page")
+            self.server.sessions.end(sid)
+        h.send_bytes(303, b"", "text/plain", {
+            "Location": "/login.html" if self.server.service.credentials else "/",
+            "Set-Cookie": "ossimport_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"})
         return 303
 
     def _static(self, h: Any, path: str, headers: dict[str, str]) -> int:

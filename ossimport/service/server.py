@@ -10,6 +10,7 @@ Nothing here logs a query string or a body: both may hold credentials (SourceSto
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
@@ -158,7 +159,7 @@ class ServiceServer(ThreadingHTTPServer):
         self.service = service
         self.closing = threading.Event()  # ends the open event streams on shutdown
         self.nonces = Nonces(service.db)
-        self.sessions = Sessions()
+        self.sessions = Sessions(service.db)
         from ossimport.service import metrics, pages
 
         self.metrics = metrics.Metrics(service)
@@ -186,10 +187,10 @@ class ServiceServer(ThreadingHTTPServer):
             return
         if json_door and not headers.get("authorization"):
             sid = self.pages.session_id(headers)
-            csrf = self.sessions.csrf(sid) if sid else None
+            csrf = self.sessions.csrf(sid, creds) if sid else None
             if csrf is not None:
                 # a GET changes nothing (the event stream, metrics): the cookie is enough
-                if method != "GET" and headers.get("x-csrf-token") != csrf:
+                if method != "GET" and not hmac.compare_digest(headers.get("x-csrf-token", "").encode(), csrf.encode()):
                     raise ApiError("Forbidden.CSRF", "the request lacks the page's CSRF token; reload the page")
                 return
         verify_signature(method, path, pairs, headers, body, creds, self.nonces)

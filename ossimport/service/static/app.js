@@ -4,6 +4,8 @@
 "use strict";
 
 const csrf = document.querySelector('meta[name="csrf-token"]').content;
+// no token: the service has no credentials, so there is no login to end
+document.getElementById("signout").hidden = !csrf;
 const OBJECT = ["oss", "s3", "cos", "obs", "bos", "ks3", "qiniu", "ufile", "aoss", "minio"];
 const FILES = ["local", "sftp"];
 const KINDS = {
