@@ -19,6 +19,7 @@ from ossimport.engine.outcome import Kind, Outcome
 from ossimport.engine.policy import Policy
 from ossimport.engine.runner import Runner, RunOptions
 from ossimport.engine.stats import Stats
+from ossimport.engine.throttle import TokenBucket
 from ossimport.engine.transfer import TransferOptions
 from ossimport.errors import NotFound, OssimportError
 from ossimport.storage.base import Entry, Storage
@@ -77,8 +78,9 @@ class SingleResult:
 
 
 def copy_single(src: Storage, dst: Storage, req: SingleRequest, arrival: Arrival,
-                on_source: Callable[[Entry], None] | None = None) -> SingleResult:
-    """Copy one file; `on_source(entry)` is told the source's size before any byte moves."""
+                on_source: Callable[[Entry], None] | None = None, bucket: TokenBucket | None = None) -> SingleResult:
+    """Copy one file; `on_source(entry)` is told the source's size before any byte moves;
+    `bucket` is the bandwidth limit of the process that copies (a worker's --max-throughput)."""
     try:
         entry = src.head(req.src_key)
     except NotFound:
@@ -103,7 +105,7 @@ def copy_single(src: Storage, dst: Storage, req: SingleRequest, arrival: Arrival
         # unfinished multipart uploads of the key in the transfer itself)
         dst.remove_stale_temps([req.dst_key])
     outcomes: list[Outcome] = []
-    opts = RunOptions(policy=policy, threads=1, transfer=TransferOptions(**TRANSFER))  # type: ignore[arg-type]
+    opts = RunOptions(policy=policy, threads=1, transfer=TransferOptions(**TRANSFER, bucket=bucket))  # type: ignore[arg-type]
     runner = Runner(src, Arriving(dst, arrival), opts, Stats(), listener=outcomes.append)  # type: ignore[arg-type]
     started = time.monotonic()
     runner.run_items([(entry, existing, req.dst_key)])

@@ -350,10 +350,12 @@ def run_worker(argv: list[str]) -> int:
                    help="directory with worker.key_secret and master.key (the master admits no worker without)")
     p.add_argument("--max-throughput", type=int, default=0, help="KB/s, 0 = unlimited")
     p.add_argument("--heartbeat", type=float, default=2.0)
+    p.add_argument("--subtask-slots", type=_count, default=4,
+                   help="dataflow subtasks copied at once beside the job task (default 4, 0 = none)")
     args = p.parse_args(argv)
     worker = Worker(args.master, Path(args.workdir), heartbeat=args.heartbeat,
                     max_throughput_kbps=args.max_throughput,
-                    curve=CurveClientKeys(Path(args.curve_keys)))
+                    curve=CurveClientKeys(Path(args.curve_keys)), subtask_slots=args.subtask_slots)
     _on_term(worker.stop_event.set)
     worker.run()
     return worker.exit_code

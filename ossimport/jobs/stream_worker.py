@@ -19,6 +19,7 @@ from typing import Any
 
 from ossimport.engine.arrival import Arrival
 from ossimport.engine.single import SingleRequest, SingleResult, copy_single
+from ossimport.engine.throttle import TokenBucket
 from ossimport.jobs.protocol import location_from_dict
 from ossimport.storage import open_storage
 from ossimport.storage.base import Entry, Storage, StorageOptions
@@ -39,8 +40,9 @@ class Running:
 
 
 class StreamSlots:
-    def __init__(self, slots: int = SLOTS) -> None:
+    def __init__(self, slots: int = SLOTS, bucket: TokenBucket | None = None) -> None:
         self.slots = slots
+        self.bucket = bucket  # the worker's bandwidth limit binds its subtasks too
         self._pool = ThreadPoolExecutor(slots, thread_name_prefix="subtask") if slots > 0 else None
         self._items: dict[str, Running] = {}  # running or waiting for the master's ack
         self._storages: dict[str, tuple[Storage, Storage]] = {}  # spec json -> (src, dst)
@@ -71,7 +73,7 @@ class StreamSlots:
 
         try:
             src, dst = self._open(msg["spec"])
-            result = copy_single(src, dst, SingleRequest.from_dict(msg["request"]), running.arrival, sized)
+            result = copy_single(src, dst, SingleRequest.from_dict(msg["request"]), running.arrival, sized, self.bucket)
         except Exception as exc:  # noqa: BLE001 - a bug fails the subtask, never the worker
             log.exception("subtask %s", running.id)
             result = SingleResult("FAILED", f"internal error: {type(exc).__name__}")

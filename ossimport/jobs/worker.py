@@ -68,7 +68,7 @@ class Worker:
         self._held: Held | None = None
         self._want_after = 0.0
         self.exit_code = 0  # 1: stopped by an unexpected error (workerAbortWhenUncatchedException)
-        self.streams = StreamSlots(subtask_slots)  # dataflow subtasks, beside the job task
+        self.streams = StreamSlots(subtask_slots, self.bucket)  # dataflow subtasks, beside the job task
 
     # ---- main loop ------------------------------------------------------------------------------
     def run(self) -> None:
