@@ -227,3 +227,22 @@ def test_upstream_qiniu_template_runs_as_a_job(tmp_path: Path, envs: list[JobEnv
         assert digests(s3.storage(s3_root)) == want
     assert qiniu.domain.gets >= sum(1 for v in files.values() if v)
     assert qiniu.object_gets() == [], "object bodies were read from the S3 API"
+
+
+def test_a_stale_copy_of_a_large_object_fails_though_read_in_ranges(tmp_path: Path, qiniu: Qiniu,
+                                                                    backend_factory: Any) -> None:
+    """Parts read by range are never one stream to hash: the domain's Last-Modified, older than
+    the bucket's, gives a stale cached copy away (to S3 its parts would be stored as they came)."""
+    root = qiniu.s3.new_root()
+    big = bytes(range(256)) * (12 * MiB // 256)
+    qiniu.s3.seed(root, {"big.bin": big, "small.txt": b"small"})
+    qiniu.domain.damage = {f"{root}/big.bin": "stale"}
+    dst = backend_factory("s3-moto")
+    dst_root = dst.new_root()
+    proc = run_cli("--json", "--multipart-threshold", "6m", "--part-size", "5m", "cp", qiniu.address(root),
+                   dst.address(dst_root), timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("FAILED ")]
+    assert len(failed) == 1 and "big.bin" in failed[0] and "stale copy" in failed[0], proc.stderr
+    assert any(rng for m, _, rng in qiniu.domain.requests if m == "GET"), "read in ranges"
+    assert {e.key for e in dst.storage(dst_root).list()} == {"small.txt"}

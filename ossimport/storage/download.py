@@ -9,8 +9,10 @@ for ranged reads. With credentials every URL is signed as Qiniu documents for pr
 signed URL is never shown: messages name URLs without their query string (http.py `_safe_url`).
 
 A domain may serve a stale or truncated copy (a CDN cache): every answer is checked against the
-bucket's own HEAD of the object (its size; its MD5 where the bucket proves one, handed to the
-engine as the reader's checksums, so a whole body of the right size but other bytes fails too).
+bucket's own HEAD of the object: its size; its mtime (a Last-Modified older than the bucket's is
+a cached copy of an older version, which ranged reads could not otherwise tell); its MD5 where the
+bucket proves one, handed to the engine as the reader's checksums, so a whole body of the right
+size but other bytes fails too.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import base64
 import hashlib
 import hmac
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
 from ossimport.address import Location
 from ossimport.errors import StorageError
 from ossimport.storage.base import Entry, StorageOptions
-from ossimport.storage.http import HTTPListStorage
+from ossimport.storage.http import HTTPListStorage, _http_time
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -74,6 +77,15 @@ class DownloadDomain(HTTPListStorage):
                 f"{self.describe()}{quote(key)}: the download domain serves {total} bytes, the bucket holds "
                 f"{listed.size}: a stale or truncated copy at the domain (refresh it there)",
                 code="SIZE_NOT_MATCH", retryable=True)
+        served = _http_time(headers.get("Last-Modified"))
+        if served and int(served) < int(listed.mtime):
+            # a cached copy of an older version: ranged reads are never hashed as one stream, so
+            # this is what catches one there (whole reads are also checked by MD5 where known)
+            reader.close()
+            raise StorageError(
+                f"{self.describe()}{quote(key)}: the download domain serves a copy last modified "
+                f"{_iso(served)}, the bucket's object is of {_iso(listed.mtime)}: a stale copy at the domain "
+                "(refresh it there)", code="STALE_COPY", retryable=True)
         if start == 0 and end is None:
             reader.checksums = dict(listed.checksums)  # type: ignore[attr-defined]
         return reader
@@ -87,3 +99,7 @@ def _total(headers: Mapping[str, str], ranged: bool) -> int | None:
         return int(total) if total.isdigit() else None
     length = headers.get("Content-Length") or ""
     return int(length) if length.isdigit() and not content_range else None
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -10,8 +10,9 @@ is its own hash) and single byte ranges (206 / 416). With `keys` the bucket is p
 documents (developer.qiniu.com/kodo/manual/1202): a request must end in `?e=DEADLINE&token=AK:SIGN`
 where SIGN is urlsafe_base64(HMAC-SHA1(SK, "http://HOST/PATH?e=DEADLINE")) and DEADLINE is not past;
 anything else is answered 401. `damage` makes the domain serve a bad copy of a key, as a stale or
-broken CDN cache would: "truncate" (the body less its last byte, with a matching Content-Length)
-or "alter" (as many bytes, one of them changed).
+broken CDN cache would: "truncate" (the body less its last byte, with a matching Content-Length),
+"alter" (as many bytes, one of them changed) or "stale" (altered, and last modified a day before the
+object: a copy of an older version).
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ class DomainHandler(BaseHTTPRequestHandler):
         pass  # keep test output clean
 
     def do_GET(self) -> None:
-        self.server.domain.answer(self, body=True)
+        try:
+            self.server.domain.answer(self, body=True)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client stopped reading (a refused stale copy)
 
     def do_HEAD(self) -> None:
         self.server.domain.answer(self, body=False)
@@ -51,7 +55,7 @@ class QiniuDomain:
     def __init__(self, origin: str, bucket: str, keys: dict[str, str] | None = None) -> None:
         self.bucket = bucket
         self.keys = keys or {}  # AK -> SK; empty: a public bucket
-        self.damage: dict[str, str] = {}  # full object key -> "truncate" | "alter"
+        self.damage: dict[str, str] = {}  # full object key -> "truncate" | "alter" | "stale"
         self._origin = boto3.client("s3", endpoint_url=origin, region_name="us-east-1",
                                     aws_access_key_id="AKIDTEST1234", aws_secret_access_key="SECRET/TEST5678")
         self._lock = threading.Lock()
@@ -104,8 +108,9 @@ class QiniuDomain:
         kind = self.damage.get(key)
         if kind == "truncate":
             data = data[:-1]
-        elif kind == "alter":
+        elif kind in ("alter", "stale"):
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        modified = obj["LastModified"].timestamp() - (86400 if kind == "stale" else 0)
         status, start, end = byte_range(h.headers.get("Range", ""), len(data))
         with self._lock:
             self.requests.append((h.command, key, h.headers.get("Range", "")))
@@ -114,7 +119,7 @@ class QiniuDomain:
             return unsatisfiable(h, len(data))
         h.send_response(status)
         h.send_header("Content-Length", str(end - start + 1 if data else 0))
-        h.send_header("Last-Modified", email.utils.formatdate(obj["LastModified"].timestamp(), usegmt=True))
+        h.send_header("Last-Modified", email.utils.formatdate(modified, usegmt=True))
         h.send_header("ETag", '"Fq' + base64.urlsafe_b64encode(hashlib.sha1(data).digest()).decode()[:26] + '"')
         h.send_header("Accept-Ranges", "bytes")
         if status == 206:
