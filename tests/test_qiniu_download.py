@@ -87,6 +87,9 @@ def test_job_keys_name_the_download_domain() -> None:
     assert _job(isDownloadFromCdn="false", cdnDomain="http://cdn.example.com").locations()[0].download == ""
     with pytest.raises(ConfigError, match="cdnDomain is missing; isDownloadFromCdn=true needs"):
         _job(isDownloadFromCdn="true")
+    other = _job(srcType="s3", isDownloadFromCdn="true", cdnDomain="http://cdn.example.com")
+    assert other.locations()[0].download == ""
+    assert any("isDownloadFromCdn=true applies to srcType=qiniu only" in w for w in other.warnings)
     # the template's srcDomain is a download domain: refused, with the keys that fix it
     cfg = _job(srcDomain="http://mybucket.u.qiniudn.com")
     with pytest.raises(UnsupportedSource) as err:
@@ -246,3 +249,13 @@ def test_a_stale_copy_of_a_large_object_fails_though_read_in_ranges(tmp_path: Pa
     assert len(failed) == 1 and "big.bin" in failed[0] and "stale copy" in failed[0], proc.stderr
     assert any(rng for m, _, rng in qiniu.domain.requests if m == "GET"), "read in ranges"
     assert {e.key for e in dst.storage(dst_root).list()} == {"small.txt"}
+
+
+def test_a_service_batch_task_keeps_the_download_domain() -> None:
+    """A dataflow's batch task runs as a job: the address's download domain becomes its keys."""
+    from ossimport.service.batch import _side
+
+    loc = parse_address("qiniu://ak:sk@box.s3-cn-east-1.qiniucs.com/docs/?download=http://cdn.example.com")
+    cfg = JobConfig.from_mapping({**_side("src", loc), "destType": "local", "destPrefix": "/tmp/out/"}, "task")
+    src = cfg.locations()[0]
+    assert (src.download, src.endpoint, src.prefix) == ("http://cdn.example.com", "s3-cn-east-1.qiniucs.com", "docs/")

@@ -490,6 +490,9 @@ class JobConfig:
         if self.isServerSideEncryption:
             self.warnings.append(f"{src}: isServerSideEncryption=true is not supported; objects are stored "
                                  "unencrypted unless the bucket encrypts by default")
+        if self.isDownloadFromCdn and self.srcType not in ("qiniu", "youpai"):
+            self.warnings.append(f"{src}: isDownloadFromCdn=true applies to srcType=qiniu only; "
+                                 f"srcType={self.srcType} is read through its own API")
         for side in ("src", "dest"):
             self._check_side(side)
 
