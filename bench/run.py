@@ -30,15 +30,15 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `ossimport` i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.servers import (  # noqa: E402
+    AzuriteServer,
     Endpoint,
     Server,
     SshServer,
-    create_bucket,
-    iter_objects,
     make_server,
 )
 from bench.tools import (  # noqa: E402
     S3,
+    Azure,
     Loc,
     Local,
     Ours,
@@ -60,18 +60,20 @@ DEFAULT_WORKLOADS = ("small2k", "small20k", "big256", "big1g", "mixed")
 QUICK_WORKLOADS = ("small2k", "big256")
 COPY_OPS = ("upload", "download", "s3copy")
 SFTP_WORKLOADS = ("small2k", "big256")  # local -> SFTP (`sftp` alone names these)
+AZURE_OPS = ("azure-upload", "azure-download")  # local <-> Azure Blob on Azurite
+AZURE_WORKLOADS = ("small2k", "big256")  # `azure` alone names their upload and download
 JOB_WORKERS = (1, 2, 4)  # job<N>-<workload>: the job system with N local workers
 JOB_WORKLOAD = "small20k"
 CEILING_OPS, CEILING_WORKLOADS = ("upload", "download"), ("big256", "big1g")
 # peers that cannot take part in a scenario: shown as n/a (rather than left out) with this reason
-NOT_APPLICABLE = {"sftp": ("awscli", "s3cmd")}
+NOT_APPLICABLE = {"sftp": ("awscli", "s3cmd"), "azure": ("awscli", "s3cmd")}
 SEED_BUCKET, PREFIX = "seed", "data/"
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    op: str  # upload | download | s3copy | sync | mem1m | sftp | job
+    op: str  # upload | download | s3copy | sync | mem1m | sftp | job | azure-upload | azure-download
     workload: str
     workers: int = 0  # job: local worker processes
 
@@ -84,6 +86,7 @@ def all_scenarios() -> dict[str, Scenario]:
     out = {f"{op}-{w}": Scenario(f"{op}-{w}", op, w) for op in OPS for w in WORKLOADS if w != "mem1m"}
     out["mem1m"] = Scenario("mem1m", "mem1m", "mem1m")
     out.update({f"sftp-{w}": Scenario(f"sftp-{w}", "sftp", w) for w in WORKLOADS if w != "mem1m"})
+    out.update({f"{op}-{w}": Scenario(f"{op}-{w}", op, w) for op in AZURE_OPS for w in WORKLOADS if w != "mem1m"})
     for n in JOB_WORKERS:
         out.update({f"job{n}-{w}": job_scenario(n, w) for w in WORKLOADS if w != "mem1m"})
     return out
@@ -121,6 +124,8 @@ def pick_scenarios(spec: str | None, quick: bool) -> list[Scenario]:
             names = [f"job{n}-{JOB_WORKLOAD}" for n in JOB_WORKERS]
         elif tok == "sftp":
             names = [f"sftp-{w}" for w in SFTP_WORKLOADS]
+        elif tok == "azure":
+            names = [f"{op}-{w}" for w in AZURE_WORKLOADS for op in AZURE_OPS]
         elif tok == "insync100k":
             names = ["sync-insync100k"]
         elif tok in WORKLOADS:
@@ -130,11 +135,11 @@ def pick_scenarios(spec: str | None, quick: bool) -> list[Scenario]:
         elif tok in OPS:
             names = [f"{tok}-{w}" for w in (QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS)]
         else:
-            ops = " ".join([*OPS, "sftp"])
+            ops = " ".join([*OPS, "sftp", *AZURE_OPS])
             raise SystemExit(
                 f"unknown scenario {tok!r}; write OP-WORKLOAD (OP: {ops}; WORKLOAD: "
                 f"{' '.join(w for w in WORKLOADS if w != 'mem1m')}), jobN-WORKLOAD, mem1m, "
-                "a workload, an operation, sftp or job"
+                "a workload, an operation, sftp, azure or job"
             )
         picked += [known[n] for n in names if known[n] not in picked]
     return picked
@@ -143,16 +148,17 @@ def pick_scenarios(spec: str | None, quick: bool) -> list[Scenario]:
 # ----------------------------------------------------------------------------- one scenario
 
 
-def seed(ep: Endpoint, src_root: Path, want_count: int, scratch: Path, timeout: float) -> None:
-    """Put the workload under s3://seed/data/ with rclone (the fastest client here)."""
+def seed(server: Server, ep: Endpoint, seed_loc: S3 | Azure, src_root: Path, want_count: int, scratch: Path,
+         timeout: float) -> None:
+    """Put the workload under seed/data/ (`seed_loc`) with rclone (the fastest client here)."""
     rclone = find_bin("rclone")
     if not rclone:
         raise RuntimeError("seeding needs rclone")
-    create_bucket(ep, SEED_BUCKET)
+    server.create_bucket(ep, SEED_BUCKET)
     ctx = ToolContext(ep, scratch, 16)
-    argv, env, cwd = Rclone(rclone).command("copy", Local(src_root), S3(SEED_BUCKET, PREFIX), ctx)
+    argv, env, cwd = Rclone(rclone).command("copy", Local(src_root), seed_loc, ctx)
     res = run_measured(argv, env, cwd, timeout, scratch / "seed-log")
-    got = sum(1 for _ in iter_objects(ep, SEED_BUCKET, PREFIX))
+    got = sum(1 for _ in server.iter_objects(ep, SEED_BUCKET, PREFIX))
     if res.rc != 0 or got != want_count:
         raise RuntimeError(
             f"seeding failed (rc={res.rc}, {got}/{want_count} objects): {res.stderr_tail[-800:]}"
@@ -161,7 +167,7 @@ def seed(ep: Endpoint, src_root: Path, want_count: int, scratch: Path, timeout: 
 
 
 def verify(
-    dst: Loc, ep: Endpoint | None, count: int, total: int, keys: set[str] | None, since: float
+    dst: Loc, server: Server, ep: Endpoint | None, count: int, total: int, keys: set[str] | None, since: float
 ) -> tuple[str, int]:
     """'' if dst holds exactly the expected files, else why not; also how many objects are newer than `since`."""
     newer = 0
@@ -171,7 +177,7 @@ def verify(
         assert ep is not None
         got_count = got_total = 0
         got_keys = set()
-        for o in iter_objects(ep, dst.bucket, dst.prefix):
+        for o in server.iter_objects(ep, dst.bucket, dst.prefix):
             got_count += 1
             got_total += int(o["Size"])
             got_keys.add(o["Key"][len(dst.prefix) :])
@@ -200,6 +206,10 @@ def plan_tools(sc: Scenario, tools: list[Tool]) -> tuple[list[Tool], dict[str, s
             keep = t.sftp
             if not keep and t.name in NOT_APPLICABLE["sftp"]:
                 na[t.name] = "n/a: no SFTP support"
+        elif sc.op in AZURE_OPS:
+            keep = t.name in ("ours", "rclone")
+            if t.name in NOT_APPLICABLE["azure"]:
+                na[t.name] = "n/a: no Azure Blob support"
         else:
             keep = True
         if keep:
@@ -219,7 +229,7 @@ def run_scenario(
     wl = WORKLOADS[sc.workload]
     count, total = wl.totals()
     tools, na = plan_tools(sc, tools)
-    server = servers["sftp"] if sc.op == "sftp" else servers["s3"]
+    server = servers["sftp"] if sc.op == "sftp" else servers["azure"] if sc.op in AZURE_OPS else servers["s3"]
     runs: list[dict[str, Any]] = entry["runs"]
     entry["workload"] = {"name": wl.name, "description": wl.description, "files": count, "bytes": total}
     entry["server"] = server.name if sc.op != "mem1m" else None
@@ -245,9 +255,10 @@ def run_scenario(
     try:
         if sc.op != "mem1m":
             ep = server.start(scratch / "server")
-            if sc.op in ("download", "s3copy", "sync"):
+            if sc.op in ("download", "s3copy", "sync", "azure-download"):
                 t = time.monotonic()
-                seed(ep, src_root, count, scratch, args.timeout)
+                seed_loc = Azure(SEED_BUCKET, PREFIX) if sc.op in AZURE_OPS else S3(SEED_BUCKET, PREFIX)
+                seed(server, ep, seed_loc, src_root, count, scratch, args.timeout)
                 log(f"[{sc.name}] seeded in {time.monotonic() - t:.1f}s")
         for rnd in range(1, args.rounds + 1):
             for tool in tools:
@@ -277,13 +288,17 @@ def one_run(sc: Scenario, tool: Tool, rnd: int, ep: Endpoint | None, server: Ser
     elif sc.op == "sftp":
         assert ep is not None
         src, dst = Local(src_root), Sftp(Path(ep.extra["root"]) / tag)
+    elif sc.op == "azure-upload":
+        src, dst = Local(src_root), Azure(bucket, PREFIX)
+    elif sc.op == "azure-download":
+        src, dst = Azure(SEED_BUCKET, PREFIX), Local(scratch / "out" / tag)
     else:
         src, dst = Local(src_root), Local(scratch / "out" / tag)
     if isinstance(dst, Local | Sftp):
         dst.path.mkdir(parents=True, exist_ok=True)
     elif dst.bucket != SEED_BUCKET:
         assert ep is not None
-        create_bucket(ep, dst.bucket)
+        server.create_bucket(ep, dst.bucket)
     os.sync()  # no dirty pages from the previous run are flushed during this one
     confdir = scratch / "conf" / tag
     confdir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +318,7 @@ def one_run(sc: Scenario, tool: Tool, rnd: int, ep: Endpoint | None, server: Ser
         if job:  # the master and workers run in sessions of their own: stop them by their pid files
             assert isinstance(tool, Ours)
             job_log = tool.job_stop(confdir)
-    problem, newer = verify(dst, ep, count, total, keys, started)
+    problem, newer = verify(dst, server, ep, count, total, keys, started)
     if res.timed_out:
         problem = f"timed out after {args.timeout:.0f}s"
     elif res.rc != 0:
@@ -499,10 +514,14 @@ def main(argv: list[str] | None = None) -> int:
         log(n)
     server = make_server(args.server, find_bin("rclone"))
     sshd = SshServer()
-    servers: dict[str, Server] = {"s3": server, "sftp": sshd}
+    azurite = AzuriteServer()
+    servers: dict[str, Server] = {"s3": server, "sftp": sshd, "azure": azurite}
     uses_sftp = any(sc.op == "sftp" for sc in scenarios)
+    uses_azure = any(sc.op in AZURE_OPS for sc in scenarios)
     if uses_sftp and sshd.available():
         log(f"warning: the SFTP scenarios will fail: {sshd.available()}")
+    if uses_azure and azurite.available():
+        log(f"warning: the Azure scenarios will fail: {azurite.available()}")
     work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="ossimport-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
@@ -523,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             "server": args.server,
             "server_version": server.version(),
             "sftp_server": f"{sshd.name} ({sshd.version()})" if uses_sftp else None,
+            "azure_server": azurite.version() if uses_azure else None,
             "tools": {
                 t.name: {"exe": t.exe, "version": safe_version(t), "note": t.threads_note} for t in tools
             },

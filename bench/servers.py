@@ -1,8 +1,9 @@
 """Servers the benchmark talks to, all on 127.0.0.1, plus the few S3 helpers the harness needs.
 
 A server is small on purpose: `start(workdir) -> Endpoint`, `stop()`, and `persistent` (does its
-data survive a restart?). `rclone serve s3` is built in; a Ceph RGW (tests/servers/ceph.py, class
-CephRGW) is loaded lazily with `--server ceph`. `SshServer` is a private OpenSSH sshd for the SFTP
+data survive a restart?), plus how its buckets are created and listed. `rclone serve s3` is built
+in; a Ceph RGW (tests/servers/ceph.py, class CephRGW) is loaded lazily with `--server ceph`, and
+Azurite (tests/servers/azurite.py) for the Azure scenarios. `SshServer` is a private OpenSSH sshd for the SFTP
 scenarios; its Endpoint's `extra` carries the user, the client key file and the data folder.
 """
 
@@ -57,6 +58,13 @@ class Server:
 
     def version(self) -> str:
         return ""
+
+    def create_bucket(self, endpoint: Endpoint, bucket: str) -> None:
+        create_bucket(endpoint, bucket)
+
+    def iter_objects(self, endpoint: Endpoint, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+        """Objects as S3 lists them: dicts with Key, Size and LastModified."""
+        return iter_objects(endpoint, bucket, prefix)
 
     def wipe_bucket(self, endpoint: Endpoint, bucket: str) -> None:
         """Delete a bucket and everything in it (generic S3 way)."""
@@ -193,6 +201,59 @@ class CephServer(Server):
         if self.rgw is not None:
             rgw, self.rgw = self.rgw, None
             rgw.stop()
+
+
+class AzuriteServer(Server):
+    """Azure Blob through tests/servers/azurite.py's Azurite (one emulator per scenario); its
+    containers are the buckets. The Endpoint's keys are the emulator's account and key, and
+    `extra["service"]` is "azure"."""
+
+    name = "azurite"
+    persistent = False
+
+    def __init__(self) -> None:
+        self.azurite: Any = None
+
+    def _module(self) -> Any:
+        tests_dir = str(REPO / "tests")
+        if tests_dir not in sys.path:
+            sys.path.insert(0, tests_dir)
+        from servers import azurite  # lazy: only for the Azure scenarios
+
+        return azurite
+
+    def available(self) -> str:
+        """'' when Azurite can start here, else why not."""
+        return "" if self._module().azurite_bin() else "Azurite not installed (npm install --prefix .azurite azurite)"
+
+    def version(self) -> str:
+        binary = self._module().azurite_bin()
+        if not binary:
+            return ""
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+        return f"azurite {out.stdout.strip()}"
+
+    def start(self, workdir: Path) -> Endpoint:
+        self.stop()
+        azurite = self._module()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.azurite = azurite.Azurite(workdir).start()
+        return Endpoint(HOST, self.azurite.port, azurite.ACCOUNT, azurite.KEY, extra={"service": "azure"})
+
+    def stop(self) -> None:
+        if self.azurite is not None:
+            server, self.azurite = self.azurite, None
+            server.stop()
+
+    def create_bucket(self, endpoint: Endpoint, bucket: str) -> None:
+        self.azurite.container_client(bucket).create_container()
+
+    def iter_objects(self, endpoint: Endpoint, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+        for blob in self.azurite.container_client(bucket).list_blobs(name_starts_with=prefix):
+            yield {"Key": blob.name, "Size": blob.size, "LastModified": blob.last_modified}
+
+    def wipe_bucket(self, endpoint: Endpoint, bucket: str) -> None:
+        self.azurite.container_client(bucket).delete_container()
 
 
 SSHD = "/usr/sbin/sshd"

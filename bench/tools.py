@@ -1,7 +1,8 @@
 """The tools under comparison (ours and the peers), how to install them, and a measured run.
 
 A tool turns (operation, source, destination) into argv + environment. Locations are a local
-folder, an S3 folder on the benchmark server, or a folder on the benchmark's sshd (SFTP). Peers are
+folder, an S3 folder on the benchmark server, a folder on the benchmark's sshd (SFTP), or a folder
+in a container of the benchmark's Azurite (Azure Blob). Peers are
 configured only through the environment, flags and files in the benchmark's own temp folder (never
 ~/.aws or ~/.config). `ceiling` is a pseudo-tool: bench/ceiling.py, a bare multipart client.
 """
@@ -45,7 +46,19 @@ class Sftp:
     path: Path
 
 
-Loc = Local | S3 | Sftp
+@dataclass(frozen=True)
+class Azure:
+    """A folder in a container of the benchmark's Azurite (the endpoint has its account and key)."""
+
+    container: str
+    prefix: str  # "" or ending in "/"
+
+    @property
+    def bucket(self) -> str:  # the harness creates, lists and wipes it like a bucket
+        return self.container
+
+
+Loc = Local | S3 | Sftp | Azure
 
 
 def find_bin(name: str) -> str | None:
@@ -173,7 +186,8 @@ class Ours(Tool):
             user = quote(ep.extra["user"], safe="")
             return f"{user}@{ep.host}:{ep.port}:{quote(str(loc.path).rstrip('/'), safe='/')}/"
         ak, sk = quote(ep.access_key, safe=""), quote(ep.secret_key, safe="")  # a '/' becomes %2F
-        return f"s3://{ak}:{sk}@{loc.bucket}.{ep.host}:{ep.port}/{loc.prefix}"
+        scheme = "azure" if isinstance(loc, Azure) else "s3"  # azure: ACCOUNT:KEY@CONTAINER.IP:PORT
+        return f"{scheme}://{ak}:{sk}@{loc.bucket}.{ep.host}:{ep.port}/{loc.prefix}"
 
     def command(
         self, op: str, src: Loc, dst: Loc, ctx: ToolContext
@@ -265,6 +279,8 @@ class Rclone(Tool):
             return str(loc.path)
         if isinstance(loc, Sftp):
             return f"sftpbench:{loc.path}"  # an absolute path (relative ones are from the home dir)
+        if isinstance(loc, Azure):
+            return f"azbench:{loc.container}/{loc.prefix}".rstrip("/")
         return f"bench:{loc.bucket}/{loc.prefix}".rstrip("/")
 
     def command(
@@ -280,6 +296,14 @@ class Rclone(Tool):
                 RCLONE_CONFIG_SFTPBENCH_PORT=str(ep.port),
                 RCLONE_CONFIG_SFTPBENCH_USER=ep.extra["user"],
                 RCLONE_CONFIG_SFTPBENCH_KEY_FILE=ep.extra["key_file"],
+            )
+        elif ctx.endpoint is not None and ctx.endpoint.extra.get("service") == "azure":
+            ep = ctx.endpoint  # the emulator: account and key, its blob service URL as the endpoint
+            env.update(
+                RCLONE_CONFIG_AZBENCH_TYPE="azureblob",
+                RCLONE_CONFIG_AZBENCH_ACCOUNT=ep.access_key,
+                RCLONE_CONFIG_AZBENCH_KEY=ep.secret_key,
+                RCLONE_CONFIG_AZBENCH_ENDPOINT=f"{ep.url}/{ep.access_key}",
             )
         elif ctx.endpoint is not None:
             ep = ctx.endpoint

@@ -5,6 +5,9 @@ Forms (ads-cli grammar, see README "Addresses"):
   azure://ACCOUNT:KEY@CONTAINER[.ENDPOINT][/PREFIX]   ENDPOINT: the suffix (core.windows.net), or
                                                       an emulator's IP/localhost:PORT (path style)
   azure://ACCOUNT@CONTAINER[.ENDPOINT][/PREFIX]?SAS   a SAS token instead of the key (kept in `token`)
+  qiniu://AK:SK@BUCKET.ENDPOINT[/PREFIX]?download=http://DOMAIN
+                                                      listed through the S3 API, bodies downloaded
+                                                      from the bucket's download domain (`download`)
   minio://[AK:SK[:TOKEN]@]HOST:PORT/BUCKET[/PREFIX]
   [user[:pass]@]host[:port]:path                       SFTP (no '://', has ':')
   sftp://[user[:pass]@]host[:port]/path                SFTP, the path absolute (/~/path: from home)
@@ -76,6 +79,9 @@ class Location:
     # http: the query string of a single URL split by `split_object` (a presigned URL's signature):
     # sent with every request for the object, never shown
     query: str = field(default="", repr=False)
+    # object stores (qiniu): scheme://host[:port] of the bucket's download domain (a CDN); object
+    # bodies are read from there, listings and metadata still come from the S3 API
+    download: str = ""
 
     def __repr__(self) -> str:
         return f"Location({self.display()!r})"
@@ -98,7 +104,8 @@ class Location:
         if self.flavour == "minio":
             return f"minio://{creds}{self.endpoint}/{self.bucket}/{self.prefix}"
         host = f"{self.bucket}.{self.endpoint}" if self.endpoint else self.bucket
-        return f"{self.flavour}://{creds}{host}/{self.prefix}"
+        download = f"?download={self.download}" if self.download else ""
+        return f"{self.flavour}://{creds}{host}/{self.prefix}{download}"
 
     def endpoint_url(self, https_default: bool = False) -> str | None:
         """scheme://endpoint for object stores, None when the provider default applies."""
@@ -310,7 +317,14 @@ def _is_ip(text: str) -> bool:
 
 def _object_store(name: str, rest: str, original: str, https: bool | None) -> Location:
     backend, flavour = SCHEMES[name]
-    sas = ""
+    sas = download = ""
+    if name == "qiniu" and "?" in rest:
+        rest, _, query = rest.partition("?")
+        option, eq, value = query.partition("=")
+        if option != "download" or not eq:
+            raise UsageError(f"address {_mask(original)!r}: a qiniu address takes one option, ?download=http://DOMAIN "
+                             "(the bucket's download domain); write a '?' in a prefix as %3F")
+        download = check_download_domain(unquote(value), f"address {_mask(original)!r}")
     if name == "azure":
         rest, _, sas = rest.partition("?")
         account, at, tail = rest.partition("@")
@@ -366,6 +380,7 @@ def _object_store(name: str, rest: str, original: str, https: bool | None) -> Lo
         access_key=ak,
         secret_key=sk,
         token=token,
+        download=download,
     )
 
 
@@ -380,6 +395,20 @@ def check_endpoint(endpoint: str, original: str) -> None:
         raise UsageError(f"address {_mask(original)!r}: {endpoint!r} is not a valid endpoint; write HOST or HOST:PORT")
     if m["port"] is not None and not 0 < int(m["port"]) < 65536:
         raise UsageError(f"address {_mask(original)!r}: port {int(m['port'])} is out of range 1-65535")
+
+
+def check_download_domain(url: str, where: str) -> str:
+    """A bucket's download domain as scheme://HOST[:PORT] (a trailing '/' dropped); refuses
+    anything else with a line that says what to write. `where` starts the message."""
+    scheme, sep, rest = url.partition("://")
+    host = rest.removesuffix("/")
+    m = _ENDPOINT_RE.match(host)
+    if not sep or scheme.lower() not in ("http", "https") or m is None:
+        raise UsageError(f"{where}: download domain {_mask_url(url)!r} is not http(s)://HOST[:PORT]; write "
+                         "the domain bound to the bucket, e.g. http://cdn.example.com")
+    if m["port"] is not None and not 0 < int(m["port"]) < 65536:
+        raise UsageError(f"{where}: download domain {_mask_url(url)!r}: port {int(m['port'])} is out of range 1-65535")
+    return f"{scheme.lower()}://{host}"
 
 
 def _mask_url(url: str) -> str:

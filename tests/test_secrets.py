@@ -329,6 +329,7 @@ def test_reprs_hide_secrets(tmp_path: Path) -> None:
         f"azure://account:{q(S3_SK)}@container.core.chinacloudapi.cn/p/",
         f"azure://account:{q(S3_SK)}@container.127.0.0.1:10000/p/",
         f"azure://account@container/p/?sv=2024-11-04&sr=c&sig={q(S3_SK)}",
+        f"qiniu://{q(S3_AK)}:{q(S3_SK)}@bucket.s3-cn-east-1.qiniucs.com/p/?download=http://cdn.example.com",
         f"user:{q(SFTP_PW)}@127.0.0.1:2222:/data/",
         f"https://user:{q(SFTP_PW)}@example.com/file?X-Amz-Signature={q(S3_SK)}",
     ]
@@ -358,6 +359,37 @@ def test_reprs_hide_secrets(tmp_path: Path) -> None:
         check.text(f"repr({label})", repr(obj))
         check.text(f"str({label})", str(obj))
     check.text("JobSpec fields", repr([getattr(spec, f.name) for f in dataclasses.fields(spec)]))
+    check.assert_clean()
+
+
+# ---- qiniu through a download domain -----------------------------------------------------------------------
+def test_download_domain_never_shows_a_secret(tmp_path: Path, backend_factory: Any) -> None:
+    """qiniu://...?download=: the S3 API lists (moto), the domain serves bodies to URLs signed with
+    a token made of the access key and an HMAC of the secret key; a wrong secret key is refused
+    there. Neither key nor token shows anywhere."""
+    from servers.qiniu_domain import QiniuDomain
+
+    s3 = backend_factory("s3-moto")
+    root = s3.new_root()
+    s3.seed(root, {"a.txt": b"alpha", "dir/b c.txt": b"beta" * 100})
+    loc = parse_address(s3.address(root))
+    check = LeakCheck([*SECRETS, "token="])  # "token=": a signed URL's query string
+    with QiniuDomain(s3.handle.endpoint, loc.bucket, keys={S3_AK: S3_SK}) as domain:
+        def address(sk: str) -> str:
+            return f"qiniu://{q(S3_AK)}:{q(sk)}@{loc.bucket}.{loc.endpoint}/{root}/?download={domain.url}"
+
+        runs = {
+            "cp": ["-vv", "cp", address(S3_SK), f"{tmp_path}/cp/"],
+            "sync": ["-vv", "--json", "sync", address(S3_SK), f"{tmp_path}/sync/"],
+            "verify": ["-vv", "--checksum", "verify", address(S3_SK), f"{tmp_path}/cp/"],
+            "wrong secret": ["-vv", "cp", address(OSS_WRONG), f"{tmp_path}/wrong/"],
+            "wrong secret sync": ["-vv", "--json", "sync", address(OSS_WRONG), f"{tmp_path}/wrong/"],
+        }
+        codes = {label: check.proc(label, cli(tmp_path, *args)).returncode for label, args in runs.items()}
+        assert domain.gets >= 4 and domain.answered[401] >= 2, (domain.gets, domain.answered)
+    assert codes == {"cp": 0, "sync": 0, "verify": 0, "wrong secret": 1, "wrong secret sync": 1}, codes
+    assert (tmp_path / "sync" / "dir" / "b c.txt").read_bytes() == b"beta" * 100
+    check.tree(tmp_path, allowed=set())
     check.assert_clean()
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ossimport.address import SCHEMES, Location, check_endpoint, is_ip_or_localhost
+from ossimport.address import SCHEMES, Location, check_download_domain, check_endpoint, is_ip_or_localhost
 from ossimport.errors import UsageError
 from ossimport.storage.base import StorageOptions
 
@@ -434,8 +434,9 @@ class JobConfig:
     destBucket: str = ""
     destPrefix: str = ""
     appId: int = 0  # COS APPID: the S3 API names the bucket "<bucket>-<appId>"
-    isDownloadFromCdn: bool = False  # youpai only: accepted, unused
-    cdnDomain: str = ""  # youpai only: accepted, unused
+    # qiniu: bodies downloaded from cdnDomain, listed through the S3 API at srcDomain
+    isDownloadFromCdn: bool = False
+    cdnDomain: str = ""
     httpListFilePath: str = ""
     httpPrefixColumn: int = 1
     relativePathColumn: int = 2
@@ -490,6 +491,9 @@ class JobConfig:
         if self.isServerSideEncryption:
             self.warnings.append(f"{src}: isServerSideEncryption=true is not supported; objects are stored "
                                  "unencrypted unless the bucket encrypts by default")
+        if self.isDownloadFromCdn and self.srcType not in ("qiniu", "youpai"):
+            self.warnings.append(f"{src}: isDownloadFromCdn=true applies to srcType=qiniu only; "
+                                 f"srcType={self.srcType} is read through its own API")
         for side in ("src", "dest"):
             self._check_side(side)
 
@@ -575,9 +579,11 @@ class JobConfig:
         elif kind == "bos" and (m := re.fullmatch(r"([a-z0-9]+)\.bcebos\.com(:\d+)?", host)):
             host = f"s3.{m[1]}.bcebos.com{m[2] or ''}"  # the native BOS endpoint -> its S3 endpoint
         elif kind == "qiniu" and not (re.match(r"s3[-.]", host) or is_ip_or_localhost(host)):
+            fix = (f"write cdnDomain={_mask(domain)} with isDownloadFromCdn=true (bodies are downloaded there) and "
+                   if side == "src" else "")
             raise UnsupportedSource(
-                f"{src}: {side}Domain={_mask(domain)!r} is a qiniu download domain; qiniu is read through its S3 API: "
-                f"write the region's S3 endpoint, e.g. {side}Domain=s3-cn-east-1.qiniucs.com")
+                f"{src}: {side}Domain={_mask(domain)!r} is a qiniu download domain; qiniu is listed through its S3 "
+                f"API: {fix}write the region's S3 endpoint, e.g. {side}Domain=s3-cn-east-1.qiniucs.com")
         named = {b.lower() for b in (getattr(self, f"{side}Bucket"), bucket) if b}
         if flavour != "minio" and "." in host and host.split(".", 1)[0].lower() in named:
             raise ConfigError(f"{src}: {side}Domain={_mask(domain)!r} is not allowed; write the endpoint "
@@ -589,11 +595,24 @@ class JobConfig:
                 raise ConfigError(f"{src}: {side}Domain={_mask(domain)!r} is not allowed; write "
                                   "[http[s]://]HOST[:PORT] with a port in 1-65535") from None
         prefix = prefix.lstrip("/")
-        return Location(backend=backend, flavour=flavour, bucket=bucket, endpoint=host,
+        return Location(backend=backend, flavour=flavour, bucket=bucket, endpoint=host, download=self._download(side),
                         prefix=prefix + "/" if prefix and not prefix.endswith("/") else prefix,
                         is_dir=True, https=https,
                         path_style=flavour == "minio" or (bool(host) and is_ip_or_localhost(host)),
                         access_key=ak, secret_key=sk)
+
+    def _download(self, side: str) -> str:
+        """A qiniu source's download domain (isDownloadFromCdn + cdnDomain), '' when not used."""
+        if side != "src" or self.srcType != "qiniu" or not self.isDownloadFromCdn:
+            return ""
+        if not self.cdnDomain:
+            raise ConfigError(f"{self.source}: cdnDomain is missing; isDownloadFromCdn=true needs the bucket's "
+                              "download domain, e.g. cdnDomain=http://cdn.example.com")
+        url = self.cdnDomain if "://" in self.cdnDomain else f"http://{self.cdnDomain}"  # upstream: host + key
+        try:
+            return check_download_domain(url, f"{self.source}: cdnDomain")
+        except UsageError as exc:
+            raise ConfigError(str(exc)) from None
 
     def storage_options(self, sys: SysConfig) -> tuple[StorageOptions, StorageOptions]:
         """(source, destination) options: symlinks, connection pool and list-file columns."""

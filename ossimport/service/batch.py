@@ -34,9 +34,12 @@ def _side(side: str, loc: Location) -> dict[str, Any]:
         raise invalid("SourceStorage", "an address with an STS token cannot run a batch task (job configs "
                       "hold no token); use a key pair, or StreamImport / StreamExport")
     scheme = {True: "https://", False: "http://"}.get(loc.https, "") if loc.https is not None else ""
-    return {f"{side}Type": loc.flavour, f"{side}Domain": scheme + loc.endpoint if loc.endpoint else "",
+    keys = {f"{side}Type": loc.flavour, f"{side}Domain": scheme + loc.endpoint if loc.endpoint else "",
             f"{side}Bucket": loc.bucket, f"{side}Prefix": loc.prefix, f"{side}AccessKey": loc.access_key,
             f"{side}SecretKey": loc.secret_key}
+    if side == "src" and loc.download:  # qiniu://...?download=: bodies from the download domain
+        keys.update(isDownloadFromCdn=True, cdnDomain=loc.download)
+    return keys
 
 
 def _under(loc: Location, directory: str) -> Location:

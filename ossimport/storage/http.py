@@ -178,7 +178,7 @@ class HTTPListStorage(Storage):
         except urllib3.exceptions.HTTPError as e:
             raise _connection_error(f"HEAD {_safe_url(url)}", e) from e
         if r.status >= 300:
-            raise _status_error(f"HEAD {_safe_url(url)}", r.status)
+            raise self._status_error(f"HEAD {_safe_url(url)}", r.status)
         length = r.headers.get("Content-Length")
         if length is None:
             size = self._size_by_range(url)
@@ -225,7 +225,7 @@ class HTTPListStorage(Storage):
             raise StorageError(f"{where}: range {headers['Range']} not satisfiable", code="InvalidRange")
         if r.status >= 300:
             _discard(r)
-            raise _status_error(where, r.status)
+            raise self._status_error(where, r.status)
         if ranged and r.status == 206:
             got = (r.headers.get("Content-Range") or "")[6:].partition("-")[0]
             if not got.isdigit() or int(got) != start:
@@ -255,6 +255,10 @@ class HTTPListStorage(Storage):
     def delete(self, key: str) -> None:
         raise StorageError("http sources are read-only", code="ReadOnly")
 
+    def _status_error(self, where: str, status: int) -> StorageError:
+        """The error of an answer with an error status (a subclass may know more of its servers)."""
+        return _status_error(where, status)
+
     def describe(self) -> str:
         path = self.location.path
         return _safe_url(path) if path.startswith(_URL_SCHEMES) else f"list://{path}"
@@ -270,6 +274,7 @@ class _Reader(StreamReader):
     def __init__(self, resp: Any, where: str, skip: int, limit: int | None) -> None:
         super().__init__()
         self._r, self._where, self._skip, self._left = resp, where, skip, limit
+        self.headers = resp.headers  # the answer's: what a caller checks the body against
         self._done = False
         self._eof = False  # the server's body was read to its end: the connection is clean
 

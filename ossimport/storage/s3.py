@@ -14,7 +14,8 @@ Two clients sit behind the one contract:
           answered with a wrong-region redirect (botocore follows those). It is created on first
           use (import and set-up cost ~0.25 s of CPU).
 Both go through the same error mapping (`_map_error`), so codes and messages do not depend on
-which client sent a request.
+which client sent a request. A Location with a `download` domain (qiniu://...?download=) has its
+object bodies read from there (storage/download.py); everything else still goes to the S3 API.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from ossimport.storage.s3wire import (
 
 if TYPE_CHECKING:
     from ossimport.address import Location
+    from ossimport.storage.download import DownloadDomain
 
 GiB = 1024**3
 MiB = 1024**2
@@ -244,6 +246,11 @@ class S3Storage(Storage):
         self._lean = _lean_for(location, self.options, self.endpoint_url, self.region, location.path_style)
         if self._lean is None:
             self._client  # noqa: B018 - created now: a bad configuration fails at once
+        self._download: DownloadDomain | None = None
+        if location.download:  # bodies from the bucket's download domain (storage/download.py)
+            from ossimport.storage.download import DownloadDomain
+
+            self._download = DownloadDomain(location, self.options)
         self._closed = False
 
     def _handed_to_boto3(self, exc: ServerError) -> bool:
@@ -425,6 +432,9 @@ class S3Storage(Storage):
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
         if end is not None and end <= start:
             return io.BytesIO(b"")
+        if self._download is not None:
+            # the bucket's own HEAD says what the domain's answer must be (size, MD5)
+            return self._download.read(key, start, end, self.head(key))
         rng = f"bytes={start}-{'' if end is None else end - 1}" if start or end is not None else None
         try:
             with self._errors("get", key):
@@ -717,6 +727,8 @@ class S3Storage(Storage):
             self._closed = True
             if (lean := self._lean) is not None:
                 lean.close()
+            if self._download is not None:
+                self._download.close()
             if self._boto is not None:
                 with contextlib.suppress(Exception):
                     self._boto.close()

@@ -25,7 +25,7 @@ _CHUNK = 64 * 1024
 class RangeHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30
-    server: _Server
+    server: Server
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep test output clean
@@ -62,26 +62,9 @@ class RangeHandler(BaseHTTPRequestHandler):
             return self._empty(404)
         st = path.stat()
         size = st.st_size
-        start, end = 0, size - 1
-        status = 200
-        rng = self.headers.get("Range", "") if self.server.honour_range else ""
-        if rng.startswith("bytes=") and "," not in rng:
-            first, _, last = rng[6:].strip().partition("-")
-            try:
-                if first:
-                    start, end = int(first), min(int(last) if last else size - 1, size - 1)
-                else:  # suffix range: the last N bytes
-                    start, end = max(size - int(last), 0), size - 1
-            except ValueError:
-                start, end = 0, size - 1  # malformed: ignore the header, as RFC 9110 allows
-            else:
-                if start >= size or start > end:
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{size}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                status = 206
+        status, start, end = byte_range(self.headers.get("Range", "") if self.server.honour_range else "", size)
+        if status == 416:
+            return unsatisfiable(self, size)
         length = end - start + 1 if size else 0
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
@@ -110,17 +93,46 @@ class RangeHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
+def byte_range(header: str, size: int) -> tuple[int, int, int]:
+    """(status, first, last byte) of the answer to a Range header (one range or none) for an
+    object of `size` bytes: 200 for the whole object, 206 for a range, 416 when unsatisfiable."""
+    if not header.startswith("bytes=") or "," in header:
+        return 200, 0, size - 1
+    first, _, last = header[6:].strip().partition("-")
+    try:
+        if first:
+            start, end = int(first), min(int(last) if last else size - 1, size - 1)
+        else:  # suffix range: the last N bytes
+            start, end = max(size - int(last), 0), size - 1
+    except ValueError:
+        return 200, 0, size - 1  # malformed: ignore the header, as RFC 9110 allows
+    if start >= size or start > end:
+        return 416, 0, -1
+    return 206, start, end
+
+
+def unsatisfiable(handler: BaseHTTPRequestHandler, size: int) -> None:
+    """Answer 416 for an object of `size` bytes."""
+    handler.send_response(416)
+    handler.send_header("Content-Range", f"bytes */{size}")
+    handler.send_header("Content-Length", "0")
+    handler.end_headers()
+
+
 def _stored_name(key: str) -> str:
     """Objects are flat files named by their quoted key: URLs "a" and "a/x" can both exist, as they
     can on a web server backed by an object store, which nested files could not express."""
     return quote(key, safe="")
 
 
-class _Server(ThreadingHTTPServer):
+class Server(ThreadingHTTPServer):
+    """A threaded server on a free 127.0.0.1 port that can be stopped with its keep-alive
+    connections (`stop`); `handler` answers the requests (tests/servers/qiniu_domain.py has another)."""
+
     daemon_threads = True
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(("127.0.0.1", 0), RangeHandler)
+    def __init__(self, root: Path, handler: type[BaseHTTPRequestHandler] = RangeHandler) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
         self.root = root
         self.requests = 0
         self.connections = 0  # accepted TCP connections: tests check keep-alive reuse
@@ -154,7 +166,7 @@ class _Server(ThreadingHTTPServer):
 
 @dataclass
 class Handle:
-    server: _Server
+    server: Server
     thread: threading.Thread
     tmp: Path
     www: Path
@@ -164,9 +176,9 @@ class Handle:
         return int(self.server.server_address[1])
 
 
-def serve(root: Path) -> tuple[_Server, threading.Thread]:
+def serve(root: Path) -> tuple[Server, threading.Thread]:
     """Serve `root` on a free 127.0.0.1 port; stop with server.stop()."""
-    server = _Server(root)
+    server = Server(root)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="http-range", daemon=True)
     thread.start()
     return server, thread
