@@ -66,7 +66,7 @@ class UpYunStorage(Storage):
             raise StorageError(f"{self.describe()}: UpYun needs the operator and its password: write "
                                "upyun://OPERATOR:PASSWORD@SERVICE[.ENDPOINT]/PREFIX/", code="MissingCredentials")
         register_secret(location.secret_key)
-        self._key = hashlib.md5(location.secret_key.encode()).hexdigest().encode()  # the signing key
+        self._key = hashlib.md5(location.secret_key.encode()).hexdigest()  # the signing key
         endpoint = location.endpoint or DEFAULT_ENDPOINT
         secure = location.https if location.https is not None else not is_ip_or_localhost(endpoint)
         self._base = f"{'https' if secure else 'http'}://{endpoint}"
@@ -80,8 +80,8 @@ class UpYunStorage(Storage):
         `under` of the service when given."""
         path = quote(f"/{self.service}/{self.root if under is None else under}{key}", safe="/~")
         date = email.utils.formatdate(usegmt=True)
-        signature = base64.b64encode(hmac.new(self._key, f"{method}&{path}&{date}".encode(), hashlib.sha1).digest())
-        sent = {"Date": date, "Authorization": f"UPYUN {self.operator}:{signature.decode()}", **(headers or {})}
+        sent = {"Date": date, "Authorization": f"UPYUN {self.operator}:{signature(self._key, method, path, date)}",
+                **(headers or {})}
         try:
             return self._pool.request(method, self._base + path, headers=sent, redirect=False,
                                       preload_content=not stream, decode_content=False)
@@ -255,6 +255,13 @@ class UpYunStorage(Storage):
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def signature(password_md5: str, method: str, uri: str, date: str, content_md5: str = "") -> str:
+    """UpYun's request signature: Base64(HMAC-SHA1(key = the password's MD5 in lower-case hex,
+    METHOD&URI&DATE[&Content-MD5])), the Content-MD5 part left out (with its '&') when empty."""
+    text = f"{method}&{uri}&{date}" + (f"&{content_md5}" if content_md5 else "")
+    return base64.b64encode(hmac.new(password_md5.encode(), text.encode(), hashlib.sha1).digest()).decode()
 
 
 def _read_only() -> NoReturn:
