@@ -137,6 +137,14 @@ def test_youpai_template_is_an_upyun_source(compat: Path) -> None:
     assert "password" not in repr(src) and src.display() == "upyun://operator:***@mybucket.v0.api.upyun.com/docs/"
 
 
+def test_youpai_cdn_download_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    cfg = job(tmp_path, srcType="youpai", srcBucket="svc", srcAccessKey="op", srcSecretKey="pw",
+              isDownloadFromCdn="true", cdnDomain="http://cdn.example.com")
+    assert [w for w in cfg.warnings if "isDownloadFromCdn" in w] == [
+        "t.cfg: isDownloadFromCdn=true is ignored for youpai; files are read through the UpYun REST API"]
+    assert cfg.locations()[0].backend == "upyun"
+
+
 @pytest.mark.parametrize(("missing", "says"), [("srcBucket", "the UpYun service (bucket) name"),
                                                 ("srcAccessKey", "the operator name"),
                                                 ("srcSecretKey", "the operator's password")])

@@ -512,6 +512,9 @@ class JobConfig:
             need(f"{side}Bucket", "the UpYun service (bucket) name")
             need(f"{side}AccessKey", "the operator name")
             need(f"{side}SecretKey", "the operator's password")
+            if self.isDownloadFromCdn:
+                self.warnings.append(f"{src}: isDownloadFromCdn=true is ignored for youpai; files are read "
+                                     "through the UpYun REST API")
         elif kind != "local":
             need(f"{side}Bucket", "the container name" if kind == "azure" else "the bucket name")
             if kind == "azure":
