@@ -164,6 +164,24 @@ def test_cp_sync_verify(tmp_path: Path, upyun: Any, backend_factory: Any, dest: 
     assert one["copied"] == 1 and (tmp_path / "single.txt").read_bytes() == files["a/b/sibling.txt"]
 
 
+def test_transient_failures_are_asked_again(tmp_path: Path, upyun: Any) -> None:
+    """A listing page answered 503 (twice) is asked for again, not the run failed; a download
+    whose connection breaks mid-body is read again. Every file arrives whole."""
+    from servers.faultproxy import Fault, FaultProxy
+
+    files = tree()
+    root = upyun.new_root()
+    upyun.seed(root, files)
+    with FaultProxy("127.0.0.1", upyun.handle.port) as proxy:
+        proxy.add(Fault("slowdown", count=2, method="GET", path=rf"/{up.SERVICE}/{root}/a/b/$"),
+                  Fault("reset_mid", count=1, method="GET", path=rf"/{root}/a/b/c/deep\.bin$"))
+        out = run_json("cp", up.address(upyun.handle, root, port=proxy.port), f"{tmp_path}/out/")
+        assert (proxy.injected["slowdown"], proxy.injected["reset_mid"]) == (2, 1)
+    assert (out["found"], out["copied"], out["failed"]) == (len(files), len(files), 0)
+    assert md5s({str(p.relative_to(tmp_path / "out")): p.read_bytes()
+                 for p in (tmp_path / "out").rglob("*") if p.is_file()}) == md5s(files)
+
+
 @pytest.mark.parametrize(("case", "says"), [
     ("wrong password", "40100005 signature error: check the operator name and password"),
     ("clock an hour off", "40100002 date offset error"),

@@ -39,6 +39,7 @@ import urllib3
 from ossimport.address import is_ip_or_localhost
 from ossimport.errors import NotFound, StorageError
 from ossimport.log import register_secret
+from ossimport.retry import with_retries
 from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions
 from ossimport.storage.http import connection_error, discard, pool_manager, read_range
 
@@ -131,15 +132,9 @@ class UpYunStorage(Storage):
         seen: set[str] = set()
         given = 0
         for _ in range(MAX_PAGES):
-            r = self._request("GET", directory, headers)
-            if r.status != 200:
-                raise self._refused("GET", directory, r)
-            try:
-                answer = json.loads(r.data)
-                files, after = answer.get("files") or [], answer.get("iter") or END_ITER
-            except (ValueError, AttributeError):
-                raise StorageError(f"{self._where('GET', directory)}: the listing is not UpYun's JSON",
-                                   code="InvalidResponse", retryable=True) from None
+            # a page is asked for again after a transient failure (5xx, a broken connection), not
+            # the whole listing: a listing of millions of files is thousands of pages
+            files, after = with_retries(lambda: self._page(directory, headers), what=f"listing {directory or '/'}")
             for item in files:
                 yield item
                 given += 1
@@ -153,6 +148,21 @@ class UpYunStorage(Storage):
             seen.add(after)
             headers["x-list-iter"] = after
         raise StorageError(f"{self._where('GET', directory)}: more than {MAX_PAGES} pages", code="InvalidResponse")
+
+    def _page(self, directory: str, headers: dict[str, str]) -> tuple[list[dict[str, Any]], str]:
+        """One listing page: its entries and the next page's `iter` (END_ITER after the last)."""
+        r = self._request("GET", directory, headers)
+        if r.status != 200:
+            raise self._refused("GET", directory, r)
+        try:
+            answer = json.loads(r.data)
+            files, after = answer.get("files") or [], str(answer.get("iter") or END_ITER)
+            if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+                raise ValueError("files")
+        except (ValueError, AttributeError):
+            raise StorageError(f"{self._where('GET', directory)}: the listing is not UpYun's JSON",
+                               code="InvalidResponse", retryable=True) from None
+        return files, after
 
     def _directory(self, directory: str) -> list[tuple[str, Entry | None]]:
         """One directory's entries sorted as their keys sort in byte order: (key, Entry) for a
