@@ -72,7 +72,6 @@ class UpYunStorage(Storage):
         secure = location.https if location.https is not None else not is_ip_or_localhost(endpoint)
         self._base = f"{'https' if secure else 'http'}://{endpoint}"
         self._pool = pool_manager(self.options)
-        self.page = PAGE
 
     # ---- requests ----------------------------------------------------------------------------
     def _request(self, method: str, key: str, headers: dict[str, str] | None = None,
@@ -128,7 +127,7 @@ class UpYunStorage(Storage):
     def _pages(self, directory: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
         """The raw entries of one directory (key "" or ending in '/'), page by page; at most
         `limit` of them. A missing directory raises NotFound."""
-        headers = {"Accept": "application/json", "x-list-limit": str(min(limit or self.page, self.page))}
+        headers = {"Accept": "application/json", "x-list-limit": str(min(limit or PAGE, PAGE))}
         seen: set[str] = set()
         given = 0
         for _ in range(MAX_PAGES):
