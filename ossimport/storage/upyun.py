@@ -163,27 +163,32 @@ class UpYunStorage(Storage):
                                code="InvalidResponse", retryable=True) from None
         return files, after
 
-    def _directory(self, directory: str) -> list[tuple[str, Entry | None]]:
-        """One directory's entries sorted as their keys sort in byte order: (key, Entry) for a
-        file, (key + '/', None) for a subdirectory. A missing directory has none; a missing root
-        is checked (`_missing_root`)."""
-        out: list[tuple[str, Entry | None]] = []
+    def _entry(self, directory: str, item: dict[str, Any]) -> Entry | None:
+        """A listed item as an Entry: a subdirectory's key ends with '/' (size 0). None for a
+        name no key can be made of (reported in `list_errors`)."""
+        name = str(item.get("name", ""))
         try:
-            for item in self._pages(directory):
-                name = str(item.get("name", ""))
-                if not name or "/" in name or name in (".", ".."):
-                    self._list_error(f"{self.describe()}{directory}: an entry named {name!r} was left out")
-                    continue
-                key = directory + name
-                if item.get("type") == FOLDER:
-                    out.append((key + "/", None))
-                else:
-                    out.append((key, Entry(key, _int(item.get("length")), float(_int(item.get("last_modified"))))))
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            name = ""
+        if not name or "/" in name or name in (".", ".."):
+            self._list_error(f"{self.describe()}{directory}: an entry named {name!r} was left out")
+            return None
+        mtime = float(_int(item.get("last_modified")))
+        if item.get("type") == FOLDER:
+            return Entry(f"{directory}{name}/", 0, mtime)
+        return Entry(directory + name, _int(item.get("length")), mtime)
+
+    def _directory(self, directory: str) -> list[Entry]:
+        """One directory's entries (subdirectories' keys end with '/') sorted as their keys sort
+        in byte order. A missing directory has none; a missing root is checked (`_missing_root`)."""
+        try:
+            out = [e for e in (self._entry(directory, item) for item in self._pages(directory)) if e]
         except NotFound:
             if not directory:
                 self._missing_root()
             return []  # removed while we listed, or never there
-        out.sort(key=lambda pair: pair[0].encode("utf-8", "surrogateescape"))
+        out.sort(key=lambda e: e.key.encode())
         return out
 
     def _missing_root(self) -> None:
@@ -202,13 +207,13 @@ class UpYunStorage(Storage):
         start = start + "/" if start else ""
         stack = [iter(self._directory(start))]
         while stack:
-            pair = next(stack[-1], None)
-            if pair is None:
+            entry = next(stack[-1], None)
+            if entry is None:
                 stack.pop()
                 continue
-            key, entry = pair
-            raw = key.encode("utf-8", "surrogateescape")
-            if entry is None:  # a directory: walk it if it can hold keys we want
+            key = entry.key
+            raw = key.encode()
+            if key.endswith("/"):  # a directory: walk it if it can hold keys we want
                 if not (key.startswith(prefix) or prefix.startswith(key)):
                     continue
                 if start_after and raw < after and not start_after.startswith(key):
@@ -218,18 +223,13 @@ class UpYunStorage(Storage):
                 yield entry
 
     def list_dirs(self, prefix: str = "") -> list[str]:
-        return [key for key, entry in self._directory(prefix) if entry is None]
+        return [e.key for e in self._directory(prefix) if e.key.endswith("/")]
 
     def list_level(self, prefix: str = "", limit: int | None = None) -> Iterator[Entry]:
         try:
             for item in self._pages(prefix, limit):
-                name = str(item.get("name", ""))
-                if not name or "/" in name:
-                    continue
-                if item.get("type") == FOLDER:
-                    yield Entry(f"{prefix}{name}/", 0, float(_int(item.get("last_modified"))))
-                else:
-                    yield Entry(prefix + name, _int(item.get("length")), float(_int(item.get("last_modified"))))
+                if entry := self._entry(prefix, item):
+                    yield entry
         except NotFound:
             return
 
