@@ -263,3 +263,27 @@ def test_upstream_youpai_template_runs_as_a_job(tmp_path: Path, envs: list[JobEn
     else:
         assert digests(s3.storage(s3_root)) == want
     assert template_service.refused == 0
+
+
+def test_a_parallel_scan_counts_every_file_once(tmp_path: Path, envs: list[JobEnv], upyun: Any) -> None:
+    """scanThreadCount > 1 cuts the source at its directories (list_dirs, two levels down) and
+    lists each range from its lower bound: every file is copied, none twice."""
+    files = {**{f"d{i}/s{j}/f{k}.txt": f"{i}{j}{k}".encode() for i in range(3) for j in range(3) for k in range(2)},
+             "top.txt": b"top", "d1!": b"beside d1", "d1/s1!.txt": b"beside s1"}
+    root = upyun.new_root()
+    upyun.seed(root, files)
+    out = tmp_path / "out"
+    env = JobEnv(tmp_path, job={"jobName": "upyun_scan", "srcType": "youpai", "srcAccessKey": up.OPERATOR,
+                                "srcSecretKey": up.PASSWORD, "srcDomain": f"http://127.0.0.1:{upyun.handle.port}",
+                                "srcBucket": up.SERVICE, "srcPrefix": f"{root}/", "destType": "local",
+                                "destPrefix": f"{out}/", "scanThreadCount": 4, "maxMultiThreadScanDepth": 2,
+                                "taskObjectCountLimit": 5})
+    envs.append(env)
+    env.console("submit")
+    env.console("start", "--workers", "1")
+    st = env.wait_state({"SUCCEED", "FAILED"}, timeout=180)
+    assert st["JobState"] == "SUCCEED", env.log_tail()
+    assert (st["Files Total"], st["Files Done"], st["Files Failed"]) == (len(files), len(files), 0)
+    assert sorted(env.audit_keys()) == sorted(files)
+    assert md5s({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}) == md5s(files)
+
