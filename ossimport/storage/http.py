@@ -241,7 +241,7 @@ class HTTPListStorage(Storage):
         self._pool.clear()
 
 
-class BodyReader(StreamReader):
+class _Reader(StreamReader):
     """A streaming body; `skip` bytes are dropped first and at most `limit` returned (for servers
     that ignore Range). Transport errors become retryable StorageErrors."""
 
@@ -329,7 +329,7 @@ def read_range(send: Callable[[dict[str, str]], Any], where: str, start: int, en
     elif r.status != 200:
         discard(r)
         raise StorageError(f"{where}: unexpected HTTP {r.status}", code=f"HTTP{r.status}")
-    return cast(BinaryIO, BodyReader(r, where, skip, limit))
+    return cast(BinaryIO, _Reader(r, where, skip, limit))
 
 
 def discard(resp: Any) -> None:
