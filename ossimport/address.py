@@ -8,6 +8,8 @@ Forms (ads-cli grammar, see README "Addresses"):
   qiniu://AK:SK@BUCKET.ENDPOINT[/PREFIX]?download=http://DOMAIN
                                                       listed through the S3 API, bodies downloaded
                                                       from the bucket's download domain (`download`)
+  upyun://OPERATOR:PASSWORD@SERVICE[.ENDPOINT][/PREFIX]  UpYun's REST API, read-only (also youpai://);
+                                                      ENDPOINT defaults to v0.api.upyun.com (https)
   minio://[AK:SK[:TOKEN]@]HOST:PORT/BUCKET[/PREFIX]
   [user[:pass]@]host[:port]:path                       SFTP (no '://', has ':')
   sftp://[user[:pass]@]host[:port]/path                SFTP, the path absolute (/~/path: from home)
@@ -44,6 +46,8 @@ SCHEMES: dict[str, tuple[str, str]] = {
     "minio": ("s3", "minio"),
     "oss": ("oss", "oss"),
     "azure": ("azure", "azure"),
+    "upyun": ("upyun", "upyun"),
+    "youpai": ("upyun", "upyun"),  # the name ossimport's job configs use
 }
 
 _SFTP_RE = re.compile(
@@ -97,7 +101,7 @@ class Location:
             port = f":{self.port}" if self.port else ""
             return f"{user}{self.host}{port}:{self.path}"
         creds = "***:***@" if (self.access_key or self.secret_key) else ""
-        if self.flavour == "azure" and self.access_key:  # an account name is no secret, its key is
+        if self.flavour in ("azure", "upyun") and self.access_key:  # an account/operator name is no secret
             creds = f"{self.access_key}:***@" if self.secret_key else f"{self.access_key}@"
             if self.token:  # a SAS token
                 return f"azure://{creds}{self.bucket}{'.' if self.endpoint else ''}{self.endpoint}/{self.prefix}?***"
@@ -365,6 +369,9 @@ def _object_store(name: str, rest: str, original: str, https: bool | None) -> Lo
         )
     if endpoint:
         check_endpoint(endpoint, original)
+    if backend == "upyun" and (not ak or not sk or token):
+        raise UsageError(f"address {_mask(original)!r}: UpYun needs its operator and the operator's password: write "
+                         f"{name}://OPERATOR:PASSWORD@SERVICE[.ENDPOINT][/PREFIX] (escape ':' '@' '/' as %3A %40 %2F)")
     prefix = unquote(key)
     if "\x00" in prefix:
         raise UsageError("address prefix contains a NUL character")

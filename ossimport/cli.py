@@ -297,8 +297,13 @@ def _locations(args: argparse.Namespace) -> tuple[Location, Location]:
             for _, value in parse_qsl(loc.path.split("?", 1)[1].split("#", 1)[0]):
                 if len(value) >= 8:
                     register_secret(value, quote(value, safe=""), quote(value))
-    if dst.backend == "http":
-        raise UsageError("http sources are read-only: DST must be a local path, SFTP path or bucket")
+    from ossimport.storage import storage_class
+
+    if storage_class(dst.backend).abilities.read_only:
+        raise UsageError(f"{dst.flavour} is a read-only source: DST must be a local path, SFTP path or bucket")
+    if getattr(args, "delete_src", False) and storage_class(src.backend).abilities.read_only:
+        raise UsageError(f"--delete-src: {src.flavour} is a read-only source whose files cannot be removed; "
+                         "drop --delete-src")
     if src.backend == "local" and not src.is_dir and os.path.isdir(src.path):
         raise UsageError(f"SRC {src.path!r} is a directory: end SRC and DST with '/' to copy a directory")
     if src.is_dir and not dst.is_dir:

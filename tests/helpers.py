@@ -43,6 +43,14 @@ def via(address: str, proxy: Any) -> str:
     return new
 
 
+def compat_dir() -> Path:
+    """The upstream ossimport job templates (../shared/compat/ossimport-conf): beside the checkout,
+    or beside its parent for a worktree under wt/. The first place is returned when neither has them."""
+    here = Path(__file__).resolve().parents
+    places = [p / "shared" / "compat" / "ossimport-conf" for p in (here[2], here[3])]
+    return next((p for p in places if p.is_dir()), places[0])
+
+
 def write_tree(root: Path, files: dict[str, bytes]) -> None:
     for key, data in files.items():
         p = root / key

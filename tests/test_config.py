@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import compat_dir
 
 from ossimport.jobs.config import (
     JOB_KEYS,
@@ -22,7 +23,7 @@ from ossimport.jobs.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat" / "ossimport-conf"
+COMPAT = compat_dir()
 TEMPLATES = ("blob", "bos", "cos", "et", "local", "oss", "qiniu", "s3", "youpai")
 MiB = 1024 * 1024
 
@@ -125,8 +126,35 @@ def test_azure_needs_the_account(tmp_path: Path) -> None:
         job(tmp_path, srcType="azure", srcBucket="box")
 
 
-@pytest.mark.parametrize("name, word", [("youpai", "s3.api.upyun.com"),
-                                        ("qiniu", "s3-cn-east-1.qiniucs.com")])
+def test_youpai_template_is_an_upyun_source(compat: Path) -> None:
+    """srcType=youpai: srcAccessKey is the operator, srcSecretKey its password, srcDomain the API
+    endpoint (http:// as the template writes it)."""
+    cfg = load_job(compat / "youpai" / "job.cfg")
+    assert not any("youpai" in w for w in cfg.warnings), cfg.warnings
+    src, _ = cfg.locations()
+    assert (src.backend, src.access_key, src.secret_key, src.bucket, src.endpoint, src.prefix, src.https) == (
+        "upyun", "operator", "password", "mybucket", "v0.api.upyun.com", "docs/", False)
+    assert "password" not in repr(src) and src.display() == "upyun://operator:***@mybucket.v0.api.upyun.com/docs/"
+
+
+def test_youpai_cdn_download_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    cfg = job(tmp_path, srcType="youpai", srcBucket="svc", srcAccessKey="op", srcSecretKey="pw",
+              isDownloadFromCdn="true", cdnDomain="http://cdn.example.com")
+    assert [w for w in cfg.warnings if "isDownloadFromCdn" in w] == [
+        "t.cfg: isDownloadFromCdn=true is ignored for youpai; files are read through the UpYun REST API"]
+    assert cfg.locations()[0].backend == "upyun"
+
+
+@pytest.mark.parametrize(("missing", "says"), [("srcBucket", "the UpYun service (bucket) name"),
+                                                ("srcAccessKey", "the operator name"),
+                                                ("srcSecretKey", "the operator's password")])
+def test_youpai_needs_service_operator_and_password(tmp_path: Path, missing: str, says: str) -> None:
+    keys = {"srcType": "youpai", "srcBucket": "svc", "srcAccessKey": "op", "srcSecretKey": "pw", missing: ""}
+    with pytest.raises(ConfigError, match=f"{missing} is missing; srcType=youpai needs {re.escape(says)}"):
+        job(tmp_path, **keys)
+
+
+@pytest.mark.parametrize("name, word", [("qiniu", "s3-cn-east-1.qiniucs.com")])
 def test_unreadable_sources_load_but_refuse_to_run(compat: Path, name: str, word: str) -> None:
     cfg = load_job(compat / name / "job.cfg")
     assert any(word in w for w in cfg.warnings)
@@ -150,7 +178,7 @@ def test_upstream_secrets_masked(compat: Path) -> None:
         text = repr(cfg) + str(cfg) + " ".join(cfg.warnings)
         for secret in (cfg.srcAccessKey, cfg.srcSecretKey, cfg.destAccessKey, cfg.destSecretKey):
             assert len(secret) < 10 or secret not in text  # short ones ("operator") are common words
-        if name != "youpai" and name != "qiniu":
+        if name != "qiniu":
             src, dst = cfg.locations()
             assert cfg.destSecretKey not in repr(src) + repr(dst)
 
@@ -446,7 +474,7 @@ def test_http_location(tmp_path: Path) -> None:
 
 
 def test_unsupported_destination(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="destType='youpai' is not allowed"):
+    with pytest.raises(ConfigError, match=r"destType='youpai' is not allowed \(youpai is read-only, a source only\)"):
         job(tmp_path, destType="youpai")
 
 

@@ -42,8 +42,9 @@ OSS_WRONG = "0ssWr0ng/Leak+0001"
 SFTP_PW = "Sftp/P@ss:Leak0001"
 JOB_AK, JOB_SK = "AKIDLEAKJOB0001", "J0bS3cr3t/Leak+0001"
 JOB_OSS_WRONG = "J0bOssWr0ng/Leak+0001"
+UPYUN_PW, UPYUN_WRONG = "UpYun/P@ss:Leak0001", "UpYunWr0ng/Leak+0001"
 SECRETS = [S3_AK, S3_SK, S3_TOKEN, ENV_AK, ENV_SK, ENV_TOKEN, OSS_AK, OSS_SK, OSS_TOKEN, OSS_WRONG, SFTP_PW,
-           JOB_AK, JOB_SK, JOB_OSS_WRONG]
+           JOB_AK, JOB_SK, JOB_OSS_WRONG, UPYUN_PW, UPYUN_WRONG]
 
 
 def forms(secret: str) -> set[str]:
@@ -330,6 +331,8 @@ def test_reprs_hide_secrets(tmp_path: Path) -> None:
         f"azure://account:{q(S3_SK)}@container.127.0.0.1:10000/p/",
         f"azure://account@container/p/?sv=2024-11-04&sr=c&sig={q(S3_SK)}",
         f"qiniu://{q(S3_AK)}:{q(S3_SK)}@bucket.s3-cn-east-1.qiniucs.com/p/?download=http://cdn.example.com",
+        f"upyun://operator:{q(S3_SK)}@service/p/",
+        f"youpai://operator:{q(S3_SK)}@service.127.0.0.1:8080/p/",
         f"user:{q(SFTP_PW)}@127.0.0.1:2222:/data/",
         f"https://user:{q(SFTP_PW)}@example.com/file?X-Amz-Signature={q(S3_SK)}",
     ]
@@ -342,6 +345,7 @@ def test_reprs_hide_secrets(tmp_path: Path) -> None:
                              ("split", repr(loc.split_object())), ("child", repr(loc.child("k")))):
             check.text(f"{label} of {parse_address(text).display()}", shown)
     for bad in (f"s3://{S3_AK}:{S3_SK}@b.127.0.0.1:9000/p/", f"root:{SFTP_PW}@127.0.0.1:22:/x/",
+                f"upyun://op:{q(S3_SK)}:{q(S3_TOKEN)}@service/p/", f"upyun://op:{S3_SK}@service/p/",
                 f"s3://{q(S3_AK)}:{q(S3_SK)}@b.127.0.0.1:99999/p/", f"s3://{q(S3_AK)}:{q(S3_SK)}@bad!b/p/"):
         with pytest.raises(UsageError) as err:
             parse_address(bad)
@@ -390,6 +394,50 @@ def test_download_domain_never_shows_a_secret(tmp_path: Path, backend_factory: A
     assert codes == {"cp": 0, "sync": 0, "verify": 0, "wrong secret": 1, "wrong secret sync": 1}, codes
     assert (tmp_path / "sync" / "dir" / "b c.txt").read_bytes() == b"beta" * 100
     check.tree(tmp_path, allowed=set())
+
+
+# ---- UpYun: the operator's password -----------------------------------------------------------------------
+def test_upyun_password_is_never_shown(tmp_path: Path) -> None:
+    """An UpYun operator's password (and a wrong one), in addresses and in a youpai job: no output,
+    log or job file shows it, raw, percent-encoded, or as the MD5 that signs requests."""
+    import hashlib
+
+    from servers.upyun_server import UpYunServer
+
+    server = UpYunServer({"upop": UPYUN_PW})
+    server.put("svc", "p/a.txt", b"alpha")
+    server.put("svc", "p/dir/b.txt", b"beta" * 100)
+    server.start()
+    check = LeakCheck([UPYUN_PW, UPYUN_WRONG])
+    check.needles.update({hashlib.md5(pw.encode()).hexdigest(): pw for pw in (UPYUN_PW, UPYUN_WRONG)})
+    good = f"upyun://upop:{q(UPYUN_PW)}@svc.127.0.0.1:{server.port}/p/"
+    wrong = f"youpai://upop:{q(UPYUN_WRONG)}@svc.127.0.0.1:{server.port}/p/"
+    env = JobEnv(tmp_path / "job", {"jobName": "leak_upyun", "srcType": "youpai", "srcAccessKey": "upop",
+                                    "srcSecretKey": UPYUN_PW, "srcDomain": f"http://127.0.0.1:{server.port}",
+                                    "srcBucket": "svc", "srcPrefix": "p/", "destType": "local",
+                                    "destPrefix": f"{tmp_path}/job_out/"})
+    inputs = {env.conf / "local_job.cfg"}
+    try:
+        codes = {}
+        for label, args in (("cp", ["-vv", "cp", good, f"{tmp_path}/out/"]),
+                            ("sync", ["-vv", "--json", "sync", good, f"{tmp_path}/out/"]),
+                            ("verify", ["-vv", "--checksum", "verify", good, f"{tmp_path}/out/"]),
+                            ("wrong", ["-vv", "sync", wrong, f"{tmp_path}/wrong/"]),
+                            ("as destination", ["-vv", "cp", f"{tmp_path}/out/", good]),
+                            ("unescaped", ["-vv", "cp", f"upyun://upop:{UPYUN_PW}@svc/p/", f"{tmp_path}/x/"])):
+            codes[label] = check.proc(label, cli(tmp_path, *args)).returncode
+        assert codes == {"cp": 0, "sync": 0, "verify": 0, "wrong": 1, "as destination": 2, "unescaped": 2}, codes
+        check.proc("submit", env.console("submit"))
+        check.proc("start", env.console("start", "--workers", "1"))
+        st = _wait_job(env, "leak_upyun", {"SUCCEED", "FAILED"})
+        assert (st["JobState"], st["Files Done"]) == ("SUCCEED", 2), st
+        check.proc("stat", env.console("stat", "--json"))
+        check.proc("stop", env.console("stop"))
+    finally:
+        env.stop()
+        server.stop()
+    assert (tmp_path / "job_out" / "dir" / "b.txt").read_bytes() == b"beta" * 100
+    check.tree(tmp_path, allowed=inputs)
     check.assert_clean()
 
 

@@ -59,7 +59,7 @@ class ConfigError(UsageError):
 
 
 class UnsupportedSource(ConfigError):
-    """Well-formed, but names a store we cannot read (youpai, a qiniu download domain).
+    """Well-formed, but names a store we cannot read (a qiniu download domain).
     Loading only warns; `JobConfig.locations()` raises it."""
 
 
@@ -505,15 +505,22 @@ class JobConfig:
                 raise ConfigError(f"{src}: {key} is missing; {side}Type={kind} needs {what}")
 
         if side == "dest" and kind in ("http", "youpai"):
-            raise ConfigError(f"{src}: destType={kind!r} is not allowed; a destination must be one of: "
-                              f"{', '.join(t for t in TYPES if t not in ('http', 'youpai'))}")
+            raise ConfigError(f"{src}: destType={kind!r} is not allowed ({kind} is read-only, a source only); a "
+                              f"destination must be one of: {', '.join(t for t in TYPES if t not in ('http', 'youpai'))}")
         if kind in ("local", "sftp"):
             need(f"{side}Prefix", "the directory to copy " + ("from" if side == "src" else "to"))
         if kind == "sftp":
             need(f"{side}Domain", "the server as user@host[:port]")
         elif kind == "http":
             need("httpListFilePath", "the list file of 'URL-prefix relative-key' lines")
-        elif kind not in ("local", "youpai"):
+        elif kind == "youpai":
+            need(f"{side}Bucket", "the UpYun service (bucket) name")
+            need(f"{side}AccessKey", "the operator name")
+            need(f"{side}SecretKey", "the operator's password")
+            if self.isDownloadFromCdn:
+                self.warnings.append(f"{src}: isDownloadFromCdn=true is ignored for youpai; files are read "
+                                     "through the UpYun REST API")
+        elif kind != "local":
             need(f"{side}Bucket", "the container name" if kind == "azure" else "the bucket name")
             if kind == "azure":
                 need(f"{side}AccessKey", "the storage account name")
@@ -546,11 +553,6 @@ class JobConfig:
         domain, bucket = getattr(self, f"{side}Domain"), getattr(self, f"{side}Bucket")
         prefix = getattr(self, f"{side}Prefix")
         ak, sk = getattr(self, f"{side}AccessKey"), getattr(self, f"{side}SecretKey")
-        if kind == "youpai":
-            raise UnsupportedSource(
-                f"{src}: {side}Type=youpai cannot be read (Upyun REST API); Upyun also speaks S3: write "
-                f"{side}Type=s3, {side}Domain=s3.api.upyun.com and an S3 key pair made for the operator "
-                "in the Upyun console")
         if kind == "local":
             return Location(backend="local", flavour="local", path=self._local_path(prefix), is_dir=True)
         if kind == "http":

@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "sftp": "ossimport.storage.sftp:SFTPStorage",
     "http": "ossimport.storage.http:HTTPListStorage",
     "azure": "ossimport.storage.azure:AzureStorage",
+    "upyun": "ossimport.storage.upyun:UpYunStorage",
 }
 
 

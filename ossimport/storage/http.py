@@ -22,10 +22,10 @@ import io
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 import urllib3
@@ -49,13 +49,7 @@ class HTTPListStorage(Storage):
         super().__init__(location, options)
         # self.list_errors (base class) receives failed HEADs and malformed list lines: those
         # entries are skipped by list(), and the engine reports the listing as incomplete
-        self._pool = urllib3.PoolManager(
-            num_pools=16,
-            maxsize=max(1, self.options.max_pool),
-            block=False,
-            retries=False,  # the engine decides about retries, from StorageError.retryable
-            timeout=urllib3.Timeout(connect=self.options.connect_timeout, read=self.options.read_timeout),
-        )
+        self._pool = pool_manager(self.options)
         self._index: dict[str, str] | None = None
         self._lock = threading.Lock()
         path = location.path
@@ -176,7 +170,7 @@ class HTTPListStorage(Storage):
         try:
             r = self._pool.request("HEAD", url, redirect=True)
         except urllib3.exceptions.HTTPError as e:
-            raise _connection_error(f"HEAD {_safe_url(url)}", e) from e
+            raise connection_error(f"HEAD {_safe_url(url)}", e) from e
         if r.status >= 300:
             raise self._status_error(f"HEAD {_safe_url(url)}", r.status)
         length = r.headers.get("Content-Length")
@@ -191,7 +185,7 @@ class HTTPListStorage(Storage):
         try:
             r = self._pool.request("GET", url, headers={"Range": "bytes=0-0"}, preload_content=False)
         except urllib3.exceptions.HTTPError as e:
-            raise _connection_error(f"GET {_safe_url(url)}", e) from e
+            raise connection_error(f"GET {_safe_url(url)}", e) from e
         try:
             total = (r.headers.get("Content-Range") or "").rpartition("/")[2]
             if r.status == 206 and total.isdigit():
@@ -210,35 +204,19 @@ class HTTPListStorage(Storage):
         if end == start:
             self._head_url(key, url)  # still NotFound for a missing URL
             return io.BytesIO(b"")
-        ranged = start > 0 or end is not None
-        headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if ranged else {}
         where = f"GET {_safe_url(url)}"
-        try:
-            r = self._pool.request("GET", url, headers=headers, preload_content=False, decode_content=False)
-        except urllib3.exceptions.HTTPError as e:
-            raise _connection_error(where, e) from e
-        skip, limit = 0, None
-        if r.status == 416 and ranged:
-            _discard(r)
-            if start >= self._head_url(key, url).size:
-                return io.BytesIO(b"")  # reading from the end yields nothing
-            raise StorageError(f"{where}: range {headers['Range']} not satisfiable", code="InvalidRange")
-        if r.status >= 300:
-            _discard(r)
-            raise self._status_error(where, r.status)
-        if ranged and r.status == 206:
-            got = (r.headers.get("Content-Range") or "")[6:].partition("-")[0]
-            if not got.isdigit() or int(got) != start:
-                _discard(r)
-                raise StorageError(f"{where}: asked for bytes from {start}, got Content-Range "
-                                   f"{r.headers.get('Content-Range')!r}", code="InvalidRange", retryable=True)
-        elif ranged:
-            # 200 to a range request: the server ignores Range and sends everything; cut it here
-            skip, limit = start, None if end is None else end - start
-        elif r.status != 200:
-            _discard(r)
-            raise StorageError(f"{where}: unexpected HTTP {r.status}", code=f"HTTP{r.status}")
-        return _Reader(r, where, skip, limit)
+
+        def send(headers: dict[str, str]) -> Any:
+            try:
+                return self._pool.request("GET", url, headers=headers, preload_content=False, decode_content=False)
+            except urllib3.exceptions.HTTPError as e:
+                raise connection_error(where, e) from e
+
+        def refused(resp: Any) -> StorageError:
+            discard(resp)
+            return self._status_error(where, resp.status)
+
+        return read_range(send, where, start, end, lambda: self._head_url(key, url).size, refused)
 
     def put(
         self,
@@ -282,7 +260,7 @@ class _Reader(StreamReader):
         try:
             data = bytes(self._r.read(n))
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise _connection_error(self._where, e) from e
+            raise connection_error(self._where, e) from e
         if not data:
             self._eof = True
         return data
@@ -310,12 +288,56 @@ class _Reader(StreamReader):
                 if self._eof:
                     self._r.release_conn()  # read to the end: the connection can be reused
                 else:
-                    _discard(self._r)
+                    discard(self._r)
             finally:
                 super().close()
 
 
-def _discard(resp: Any) -> None:
+def pool_manager(options: StorageOptions) -> urllib3.PoolManager:
+    """The pooled keep-alive client of an HTTP-based source: one connection per worker thread,
+    never retrying by itself (the engine decides about retries, from StorageError.retryable)."""
+    return urllib3.PoolManager(
+        num_pools=16,
+        maxsize=max(1, options.max_pool),
+        block=False,
+        retries=False,
+        timeout=urllib3.Timeout(connect=options.connect_timeout, read=options.read_timeout),
+    )
+
+
+def read_range(send: Callable[[dict[str, str]], Any], where: str, start: int, end: int | None,
+               size: Callable[[], int], refused: Callable[[Any], StorageError]) -> BinaryIO:
+    """A streaming reader of bytes [start, end) of one URL. `send(headers)` makes the GET (a
+    urllib3 response, not preloaded); `size()` is the object's size, asked only when the server
+    finds the range unsatisfiable (reading from the end yields nothing); `refused(resp)` is the
+    error for an answer >= 300 (it gives the connection back)."""
+    ranged = start > 0 or end is not None
+    headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if ranged else {}
+    r = send(headers)
+    skip, limit = 0, None
+    if r.status == 416 and ranged:
+        discard(r)
+        if start >= size():
+            return io.BytesIO(b"")  # reading from the end yields nothing
+        raise StorageError(f"{where}: range {headers['Range']} not satisfiable", code="InvalidRange")
+    if r.status >= 300:
+        raise refused(r)
+    if ranged and r.status == 206:
+        got = (r.headers.get("Content-Range") or "")[6:].partition("-")[0]
+        if not got.isdigit() or int(got) != start:
+            discard(r)
+            raise StorageError(f"{where}: asked for bytes from {start}, got Content-Range "
+                               f"{r.headers.get('Content-Range')!r}", code="InvalidRange", retryable=True)
+    elif ranged:
+        # 200 to a range request: the server ignores Range and sends everything; cut it here
+        skip, limit = start, None if end is None else end - start
+    elif r.status != 200:
+        discard(r)
+        raise StorageError(f"{where}: unexpected HTTP {r.status}", code=f"HTTP{r.status}")
+    return cast(BinaryIO, _Reader(r, where, skip, limit))
+
+
+def discard(resp: Any) -> None:
     """Give a response's connection back without reading the rest of its body: close it first, so
     no half-read connection is ever reused."""
     resp.close()
@@ -331,7 +353,7 @@ def _status_error(where: str, status: int) -> StorageError:
     return StorageError(f"{where}: HTTP {status}", code=f"HTTP{status}", retryable=retryable)
 
 
-def _connection_error(where: str, exc: BaseException) -> StorageError:
+def connection_error(where: str, exc: BaseException) -> StorageError:
     reason = getattr(exc, "reason", None) or exc  # MaxRetryError wraps the real cause
     text = f"{type(reason).__name__}: {reason}"[:300]
     code = transport_code(exc)
