@@ -1,6 +1,9 @@
 """Service benchmark: dataflow subtasks through `ossimport serve` against `rclone serve s3`.
 
-    .venv/bin/python -m bench.service [--small 2000] [--large 200] [--latency 200] [--clients 8]
+    .venv/bin/python -m bench.service [--small 2000] [--large 200] [--latency 200] [--clients 8] [--workers N]
+
+`--workers 0` (the default): the service copies subtasks in its own process; `--workers N`: it
+starts the job master and N local workers, and subtasks run on them (through the master).
 
 Measures (printed as a table and JSON; nothing is asserted):
   - CreateDataFlowSubTask calls accepted per second (`--clients` keep-alive connections, JSON door)
@@ -15,6 +18,7 @@ import argparse
 import http.client
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -47,18 +51,31 @@ class Api:
         return body
 
 
-def start_service(work: Path) -> tuple[subprocess.Popen[str], int, float]:
+def start_service(work: Path, workers: int) -> tuple[subprocess.Popen[str], int, float]:
     conf = work / "conf"
     conf.mkdir()
-    (conf / "sys.properties").write_text(f"workingDir={work / 'run'}\n", encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master = s.getsockname()[1]
+    (conf / "sys.properties").write_text(f"workingDir={work / 'run'}\nmasterAddress=tcp://127.0.0.1:{master}\n"
+                                         f"workerCount={max(workers, 1)}\n", encoding="utf-8")
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "ossimport", "serve", "--sys", str(conf / "sys.properties"),
-                             "--listen", "127.0.0.1:0", "--no-workers"], stdout=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "ossimport", "serve", "--sys", str(conf / "sys.properties"), "--listen", "127.0.0.1:0"]
+    proc = subprocess.Popen(argv + ([] if workers else ["--no-workers"]), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     port = int(line.split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
     Api(port).call("DescribeJobs")
     return proc, port, time.monotonic() - t0
+
+
+def connected_workers(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    for line in conn.getresponse().read().decode().splitlines():
+        if line.startswith('ossimport_workers{kind="connected"}'):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
 
 
 def subtasks(port: int, fs: str, flow: str, task: str, names: list[str], clients: int) -> tuple[float, float]:
@@ -102,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large", type=int, default=200, help="1 MiB subtasks")
     p.add_argument("--latency", type=int, default=200, help="sequential 4 KiB subtasks timed one by one")
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="local job workers to run subtasks on (0: in the service)")
     args = p.parse_args(argv)
     rclone = find_bin("rclone")
     if not rclone:
@@ -118,10 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             (fs / sub).mkdir(parents=True)
             for i in range(count):
                 (fs / sub / f"f{i:06d}").write_bytes(os.urandom(size))
-        proc, port, startup = start_service(work)
+        proc, port, startup = start_service(work, args.workers)
         try:
             rss = psutil.Process(proc.pid).memory_info().rss
             results["startup_s"], results["idle_rss_mib"] = round(startup, 3), round(rss / MiB, 1)
+            results["workers"] = args.workers
+            deadline = time.monotonic() + 120
+            while args.workers and connected_workers(port) < args.workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{args.workers} workers did not connect")
+                time.sleep(0.2)
             api = Api(port)
             flow = api.call("CreateDataFlow", FileSystemId=str(fs), FileSystemPath="/",
                             SourceStorage=f"s3://{ep.access_key}:{ep.secret_key}@bench.127.0.0.1:{ep.port}",
@@ -161,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(30)
+            if args.workers:
+                subprocess.run([sys.executable, "-m", "ossimport", "console", "--sys", str(work / "conf" / "sys.properties"),
+                                "stop"], capture_output=True, timeout=120)
             server.stop()
     width = max(map(len, results))
     for k, v in results.items():

@@ -21,6 +21,7 @@ from ossimport.engine.arrival import Arrival
 from ossimport.engine.single import SingleRequest, SingleResult, copy_single
 from ossimport.engine.throttle import TokenBucket
 from ossimport.jobs.protocol import location_from_dict
+from ossimport.jobs.wakeup import Wakeup
 from ossimport.storage import open_storage
 from ossimport.storage.base import Entry, Storage, StorageOptions
 
@@ -40,8 +41,9 @@ class Running:
 
 
 class StreamSlots:
-    def __init__(self, slots: int = SLOTS, bucket: TokenBucket | None = None) -> None:
+    def __init__(self, slots: int = SLOTS, bucket: TokenBucket | None = None, done: Wakeup | None = None) -> None:
         self.slots = slots
+        self.done = done  # set when a result is ready: the worker's loop sends it at once
         self.bucket = bucket  # the worker's bandwidth limit binds its subtasks too
         self._pool = ThreadPoolExecutor(slots, thread_name_prefix="subtask") if slots > 0 else None
         self._items: dict[str, Running] = {}  # running or waiting for the master's ack
@@ -79,6 +81,8 @@ class StreamSlots:
             result = SingleResult("FAILED", f"internal error: {type(exc).__name__}")
         log.info("subtask %s: %s %s", running.id, result.status, result.error)
         running.result = result
+        if self.done is not None:
+            self.done.set()
 
     def _open(self, spec: dict[str, Any]) -> tuple[Storage, Storage]:
         key = json.dumps(spec, sort_keys=True)

@@ -31,6 +31,7 @@ from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.security import CurveClientKeys
 from ossimport.jobs.store import atomic_write, decode_manifest
 from ossimport.jobs.stream_worker import SLOTS, StreamSlots
+from ossimport.jobs.wakeup import Wakeup
 
 log = logging.getLogger("ossimport.worker")
 SUB_BEAT = 0.5  # seconds between reports of subtask bytes
@@ -68,7 +69,8 @@ class Worker:
         self._held: Held | None = None
         self._want_after = 0.0
         self.exit_code = 0  # 1: stopped by an unexpected error (workerAbortWhenUncatchedException)
-        self.streams = StreamSlots(subtask_slots, self.bucket)  # dataflow subtasks, beside the job task
+        self._done = Wakeup()  # a subtask's result is ready
+        self.streams = StreamSlots(subtask_slots, self.bucket, self._done)  # dataflow subtasks, beside the job task
 
     # ---- main loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -82,9 +84,14 @@ class Worker:
         self._sock = sock
         self._hello(sock)
         last_beat = last_sub_beat = 0.0
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._done, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
-                if sock.poll(200):
+                poller.poll(200)
+                self._done.clear()
+                while sock.poll(0):
                     self._handle(sock, sock.recv())
                 now = time.monotonic()
                 held = self._held
@@ -111,6 +118,7 @@ class Worker:
             if self._held is not None and self._held.runner is not None:
                 self._held.runner.stop()
             self.streams.close()
+            self._done.close()
             for _, runner in self._runners.values():
                 runner.close()
             sock.close()

@@ -2,7 +2,7 @@
 
 One thread owns a ZeroMQ DEALER connected to the master (CURVE, with the worker key pair of the
 working directory: the service runs beside the master). Other threads hand it messages through a
-queue and a pipe that wakes its poll. Once a second it asks `sub-poll`; the answer says how many
+queue and a `Wakeup` that ends its poll. Once a second it asks `sub-poll`; the answer says how many
 workers are connected (none: the service copies in its own process) and which of our subtasks
 the master holds, so the ones a restarted master forgot are submitted again.
 """
@@ -24,6 +24,7 @@ import zmq
 
 from ossimport.jobs.protocol import ProtocolError, pack, unpack
 from ossimport.jobs.security import CurveClientKeys
+from ossimport.jobs.wakeup import Wakeup
 
 log = logging.getLogger("ossimport.service")
 POLL = 1.0  # seconds between sub-polls
@@ -39,9 +40,7 @@ class MasterLink:
         self.on_message = on_message
         self.identity = f"service-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake = Wakeup()
         self._stop = threading.Event()
         self._workers = 0
         self.heard = 0.0  # monotonic time of the last sub-status (0: never)
@@ -66,20 +65,13 @@ class MasterLink:
 
     def close(self) -> None:
         self._stop.set()
-        self._poke()
+        self._wake.set()
         self._thread.join(10)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wake.close()
 
     def send(self, kind: str, **body: Any) -> None:
         self._outbox.put(pack(kind, **body))
-        self._poke()
-
-    def _poke(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the loop is awake anyway
+        self._wake.set()
 
     def _connect(self, ctx: zmq.Context) -> zmq.Socket | None:
         if not (self.keys_dir / "worker.key_secret").exists():
@@ -111,13 +103,9 @@ class MasterLink:
                         continue
                 poller = zmq.Poller()
                 poller.register(sock, zmq.POLLIN)
-                poller.register(self._wake_r, zmq.POLLIN)
-                events = dict(poller.poll(max(0.0, next_poll - time.monotonic()) * 1000))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                poller.register(self._wake, zmq.POLLIN)
+                poller.poll(max(0.0, next_poll - time.monotonic()) * 1000)
+                self._wake.clear()
                 self._drain(sock)
                 while sock.poll(0):
                     self._receive(sock.recv())
