@@ -551,3 +551,39 @@ def test_a_master_killed_while_a_worker_copies_a_subtask_does_not_copy_it_twice(
             assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0
     finally:
         env.stop()
+
+
+def test_subtasks_spread_over_the_connected_workers(backend_factory: Any, tmp_path: Path) -> None:
+    """Two workers, eight slow subtasks: both workers copy at once (each holds connections to the
+    object store), and every file arrives whole."""
+    import psutil
+
+    env = ServiceEnv(tmp_path, {"workerCount": 2})
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 2, 60, "two workers")
+        s3 = backend_factory("s3-moto")
+        with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
+            address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
+            flow = Flow(env, s3, tmp_path, address)
+            files = {f"f{i}.bin": random.Random(i).randbytes(512 * 1024) for i in range(8)}
+            for name, data in files.items():
+                flow.put(f"test/{name}", data)
+            proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"\.bin$", bps=128 * 1024))
+            task = flow.task("StreamImport")
+            subs = [flow.sub(task, f"/{name}", f"/{name}") for name in files]
+            workers = [psutil.Process(int(p.read_text())) for p in (env.workdir / "run").glob("worker-*.pid")]
+            assert len(workers) == 2
+
+            def both_copying() -> bool:
+                return all(any(c.raddr and c.raddr.port == proxy.port for c in w.net_connections("tcp"))
+                           for w in workers)
+
+            env.wait(both_copying, 60, "both workers to copy")
+            for sub in subs:
+                assert flow.wait(sub, {"COMPLETE", "FAILED", "CANCELED"}, 120)["Status"] == "COMPLETE"
+            for name, data in files.items():
+                assert (flow.fs / "oss" / "mnt" / name).read_bytes() == data
+            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0
+    finally:
+        env.stop()
