@@ -224,6 +224,11 @@ class Executor:
             self._away[subtask_id] = Away(body)
             self.started["workers"] += 1
         self.link.send("sub-submit", items=[body])
+        row = self.db.one("SELECT status FROM subtasks WHERE id = ?", (subtask_id,))
+        if row is not None and row["status"] == "CANCELING":
+            # canceled between RUNNING and `_away` (cancel() found it nowhere): the master gets
+            # the cancel right after the submit, on the same line
+            self.link.send("sub-cancel", id=subtask_id)
 
     def _from_master(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
