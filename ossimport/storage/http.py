@@ -33,6 +33,7 @@ import urllib3
 from ossimport.errors import TRANSPORT_REASONS, NotFound, StorageError, transport_code
 from ossimport.log import register_secret
 from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, StreamReader
+from ossimport.storage.sorting import Record, sorted_records
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -131,24 +132,28 @@ class HTTPListStorage(Storage):
 
     # ---- required ---------------------------------------------------------------------------
     def list(self, prefix: str = "", start_after: str = "") -> Iterator[Entry]:
-        # Sorting needs every key of the list in memory at once (the list file is not sorted).
-        # Duplicate keys: the first line wins, as in head()/open().
-        seen: dict[str, str] = {}
-        for key, url in self._pairs(record=True):
-            seen.setdefault(key, url)
-        with self._lock:
-            self._index = seen  # head()/open() during the copy look keys up here
+        # The list file is in no order and may hold millions of lines: its (key, URL) pairs are
+        # sorted on disk in bounded memory (sorting.py). Duplicate keys: the first line wins, as
+        # in head()/open() (the sort is stable, so it comes first among its equals).
         after = start_after.encode()
-        keys = (k for k in sorted(seen, key=lambda k: k.encode())
-                if k.startswith(prefix) and not (start_after and k.encode() <= after))
+        wanted = ((k, url) for k, url in self._pairs(record=True)
+                  if k.startswith(prefix) and not (start_after and k.encode() <= after))
+        ordered = sorted_records(wanted)
+        try:
+            yield from self._head_all(_first_of_each_key(ordered))
+        finally:
+            ordered.close()  # its temporary files, when the consumer stops early
+
+    def _head_all(self, pairs: Iterator[Record]) -> Iterator[Entry]:
+        """An Entry for every (key, URL) of `pairs`, in their order."""
         # one HEAD per URL, `threads` at a time (one at a time, 100,000 URLs took 100,000 round
         # trips in a row); entries are yielded in key order, with a bounded window in flight
         threads = max(1, min(self.options.threads, self.options.max_pool))  # a connection each
         with ThreadPoolExecutor(threads, thread_name_prefix="head") as pool:
             window: deque[tuple[str, Future[Entry]]] = deque()
             try:
-                for key in keys:
-                    window.append((key, pool.submit(self._head_url, key, seen[key])))
+                for key, url in pairs:
+                    window.append((key, pool.submit(self._head_url, key, url)))
                     if len(window) >= threads * 4:
                         yield from self._listed(*window.popleft())
                 while window:
@@ -391,3 +396,12 @@ def _etag(value: str | None) -> str | None:
     if not value:
         return None
     return value.removeprefix("W/").strip('"') or None
+
+
+def _first_of_each_key(pairs: Iterator[Record]) -> Iterator[Record]:
+    """Sorted (key, URL) pairs with each key once: the first of its run of equals."""
+    last: str | None = None
+    for pair in pairs:
+        if pair[0] != last:
+            last = pair[0]
+            yield pair
