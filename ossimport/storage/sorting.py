@@ -51,11 +51,11 @@ def sorted_records(records: Iterable[Record], *, run_size: int | None = None,
     try:
         batch: list[Record] = []
         for record in records:
-            batch.append(record)
-            if len(batch) >= size:
+            if len(batch) >= size:  # a full run and more to come (a stream of one run stays in memory)
                 batch.sort(key=_order)
                 _add_run(runs, _spill(batch, chunk, directory), chunk, directory)
                 batch = []
+            batch.append(record)
         batch.sort(key=_order)
         if not runs:
             yield from batch
