@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -51,7 +52,7 @@ class HTTPListStorage(Storage):
         # self.list_errors (base class) receives failed HEADs and malformed list lines: those
         # entries are skipped by list(), and the engine reports the listing as incomplete
         self._pool = pool_manager(self.options)
-        self._index: dict[str, str] | None = None
+        self._index: _UrlIndex | None = None  # head()/open() look keys up here, built on first use
         self._lock = threading.Lock()
         path = location.path
         if path.startswith(_URL_SCHEMES):
@@ -120,11 +121,11 @@ class HTTPListStorage(Storage):
             return self.location.path + quote(key, safe="/") + self._query
         with self._lock:
             if self._index is None:
-                # head()/open() look keys up in a dict of the whole list (held in memory)
-                index: dict[str, str] = {}
-                for k, url in self._pairs():
-                    index.setdefault(k, url)
-                self._index = index
+                ordered = sorted_records(self._pairs())
+                try:
+                    self._index = _UrlIndex(self.location.path, _first_of_each_key(ordered))
+                finally:
+                    ordered.close()
             url = self._index.get(key)
         if url is None:
             raise NotFound(f"{self.describe()}: {key!r} is not in the URL list")
@@ -248,6 +249,45 @@ class HTTPListStorage(Storage):
 
     def close(self) -> None:
         self._pool.clear()
+        with self._lock:
+            if self._index is not None:
+                self._index.close()
+                self._index = None
+
+
+class _UrlIndex:
+    """The URL of every key of a list file, in a temporary SQLite database: memory stays at its
+    page cache whatever the list's length (SQLite unlinks the file as it opens it, so a killed
+    process leaves nothing). Filled in key order (sorted, each key once): appends to its B-tree."""
+
+    def __init__(self, path: str, pairs: Iterator[Record]) -> None:
+        self._path = path
+        self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)  # "": temporary, on disk
+        try:
+            self._db.execute("CREATE TABLE url (key TEXT PRIMARY KEY, url TEXT NOT NULL) WITHOUT ROWID")
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO url VALUES (?, ?)", pairs)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._db.close()
+            raise self._error(e) from e
+        except BaseException:
+            self._db.close()
+            raise
+
+    def get(self, key: str) -> str | None:
+        try:
+            row = self._db.execute("SELECT url FROM url WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        return None if row is None else str(row[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _error(self, e: sqlite3.Error) -> StorageError:
+        return StorageError(f"indexing URL list {self._path} in a temporary file: {e}; free space in the "
+                            "temp directory or point TMPDIR at a larger disk", code="TempFileError")
 
 
 class _Reader(StreamReader):
