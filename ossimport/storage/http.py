@@ -14,6 +14,10 @@
   (messages name URLs through `_safe_url`, and its values are registered as log secrets).
 
 Sizes and mtimes come from HEAD (Content-Length, Last-Modified) over one pooled keep-alive client.
+
+A list file is in no order and may hold millions of lines: list() sorts its (key, URL) pairs in
+bounded memory (sorting.py: runs spilled to temporary files), and head()/open() look a key's URL
+up in a temporary on-disk index (`_UrlIndex`), so memory does not grow with the list.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ disk, and the order is stable: records with equal keys come out in the order the
 The temporary files are anonymous (tempfile.TemporaryFile: unlinked as soon as they are created
 on POSIX, deleted on close on Windows), so there is nothing for a killed process to leave behind
 and nothing to sweep; closing the generator (fully read, closed early, or failed) closes them.
-They hold the records only (keys, sizes, times, URLs a list file already holds): never credentials.
+They hold the records only (keys, sizes, times; for a URL list its URLs, exactly as the list
+file has them), never a storage's credentials, and no other user can open them (mode 0600, no name).
 """
 
 from __future__ import annotations
