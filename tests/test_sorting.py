@@ -63,9 +63,12 @@ needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"),
                                 reason="needs /proc/self/fd to see the temporary files held open")
 
 
-def test_byte_order_and_stable_over_many_small_runs(tmp_path: Path) -> None:
-    """Runs of 7 over 3000 keys: hundreds of runs, merged in a cascade (sorting.FAN_IN at a time).
-    The result is sorted(…) by UTF-8 bytes, equal keys in their input order."""
+@pytest.mark.parametrize("fan_in", [sorting.FAN_IN, 3])
+def test_byte_order_and_stable_over_many_small_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    fan_in: int) -> None:
+    """Runs of 7 over 3000 keys: hundreds of runs, merged in a cascade (`fan_in` at a time; 3 makes
+    it six levels deep). The result is sorted(…) by UTF-8 bytes, equal keys in their input order."""
+    monkeypatch.setattr(sorting, "FAN_IN", fan_in)
     keys = random_keys(3000, seed=1)
     records = [(k, i) for i, k in enumerate(keys)]
     assert len(set(keys)) < len(keys) and any(a != b and b.startswith(a) for a, b in zip(keys, keys[1:], strict=False))
@@ -101,6 +104,16 @@ def test_temporary_files_are_anonymous_and_closed_at_the_end(tmp_path: Path) -> 
     assert os.listdir(tmp_path) == []
     assert [first, *it][-1] == (max(keys, key=lambda k: k.encode()),)
     assert open_temp_files(tmp_path) == []
+
+
+@needs_proc
+def test_open_files_stay_few_however_many_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """429 runs merged 3 at a time: at most 2 runs per level of the cascade stay open (6 levels)."""
+    monkeypatch.setattr(sorting, "FAN_IN", 3)
+    it = sorted_records(((k,) for k in random_keys(3000, seed=10)), run_size=7, directory=str(tmp_path))
+    next(it)
+    assert 0 < len(open_temp_files(tmp_path)) <= 2 * 6
+    it.close()
 
 
 @needs_proc
