@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ import oss2
 import pytest
 from backends import http as http_backend
 from backends import oss as oss_backend
+from test_sorting import needs_proc, open_temp_files, small_runs
 
 from ossimport.address import parse_address
 from ossimport.errors import NotFound, StorageError, VerifyFailed
-from ossimport.storage import Storage, StorageOptions, open_storage
+from ossimport.storage import Storage, StorageOptions, open_storage, sorting
 from ossimport.storage.base import CRC64
 from ossimport.storage.http import HTTPListStorage
 from ossimport.storage.oss import OSSStorage
@@ -375,6 +377,58 @@ def test_http_list_is_sorted_with_exact_sizes(web: Any) -> None:
     assert [e.key for e in st.list(start_after="a/1")] == ["a0", "b/2.bin", "z", "ünï/文件"]
     # every HEAD went over a handful of pooled keep-alive connections
     assert web.server.connections <= 2 < web.server.requests
+
+
+@needs_proc
+def test_http_list_longer_than_a_sort_run_is_sorted_on_disk(web: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list file of many runs (a run is 7 lines here): sorted through temporary files that are
+    closed at the end, in byte order, a duplicate key's first line winning across runs."""
+    spill = small_runs(monkeypatch, web.tmp)
+    files = {f"{name}{i}": bytes(i) for i in range(12) for name in ("f", "d/", "d", "ü/", "文件 ", "😀")}
+    http_backend.seed(web, "big", files)
+    http_backend.seed(web, "other", {"f3": b"not this one"})
+    lines = [f"http://127.0.0.1:{web.port}/big/ {k}" for k in files]
+    random.Random(11).shuffle(lines)
+    lines.insert(len(lines) - 3, f"http://127.0.0.1:{web.port}/other/\tf3")  # a later duplicate
+    st = http_storage(write_list(web, "big.list", lines))
+    listing = st.list()
+    first = next(listing)
+    assert open_temp_files(spill)  # the runs are on disk, merged as the listing goes
+    entries = [first, *listing]
+    assert [e.key for e in entries] == sorted(files, key=lambda k: k.encode())
+    assert {e.key: e.size for e in entries} == {k: len(v) for k, v in files.items()}  # f3: the first line's
+    assert st.list_errors == [] and open_temp_files(spill) == []
+    assert [e.key for e in st.list(prefix="d/1")] == ["d/1", "d/10", "d/11"]
+    assert [e.key for e in st.list(start_after="😀1")][:3] == ["😀10", "😀11", "😀2"]
+    listing = st.list()
+    next(listing)
+    listing.close()  # a consumer that stops early
+    assert open_temp_files(spill) == []
+    # head()/open() find a key's URL in the same order: the first line's for a duplicate
+    assert (st.head("f3").size, st.head("😀11").size) == (3, 11)
+    with st.open("d/10") as f:
+        assert f.read() == bytes(10)
+    with pytest.raises(NotFound):
+        st.head("f12")
+
+
+def test_http_head_of_a_long_list_holds_a_small_fraction_of_it(web: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """head()/open() look a key's URL up in an index of the whole list: built through the sort and
+    kept on disk, so the first head() of a 200,000-line list (runs of 1,000 lines here) peaks at a
+    small fraction of the list file's size (a dict of it held more than the file)."""
+    monkeypatch.setattr(sorting, "RUN_SIZE", 1000)
+    http_backend.seed(web, "many", {"k7": b"seven"})
+    prefix = f"http://127.0.0.1:{web.port}/many/"
+    lines = 200_000
+    address = write_list(web, "many.list", [f"{prefix} k{i * 7919 % lines}" for i in range(lines)])
+    st = http_storage(address)
+    tracemalloc.start()
+    try:
+        assert st.head("k7").size == 5
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak * 5 < (web.tmp / "many.list").stat().st_size, peak
 
 
 def test_http_columns_and_bad_lines(web: Any) -> None:

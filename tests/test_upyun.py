@@ -21,6 +21,7 @@ from helpers import compat_dir, digests, md5s, run_cli, run_json, tree
 from jobenv import JobEnv, free_port
 from servers.upyun_server import UpYunServer
 from test_jobs import s3_keys
+from test_sorting import needs_proc, open_temp_files, small_runs
 
 from ossimport.address import parse_address
 from ossimport.errors import NotFound, StorageError, UsageError
@@ -85,6 +86,33 @@ def test_listing_pages_and_comes_out_in_byte_order(upyun: Any) -> None:
     assert [e.key for e in st.list("a/", start_after="a/05")] == ["a/06", "a/07", "a/08", "a/09", "a/10"]
     assert st.list_dirs() == ["a/", "b/"]
     assert sorted(e.key for e in st.list_level("a/")) == sorted(["a/-/", *(f"a/{i:02d}" for i in range(11))])
+
+
+@needs_proc
+def test_a_directory_longer_than_a_sort_run_is_sorted_on_disk(upyun: Any, monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    """Directories of many runs (a run is 7 entries here): sorted through temporary files that are
+    closed at the end, in byte order with subdirectories (`a` sorts as `a/`) between the files."""
+    spill = small_runs(monkeypatch, tmp_path)
+    root = upyun.new_root()
+    files = {f"{name}{i}": bytes([i]) * i for i in range(6) for name in ("a!", "a-", "a0", "ü", "文件 ", "😀")}
+    files.update({f"a/{i}": b"x" * i for i in range(20)})  # a directory between "a-…" and "a0…"
+    files.update({"a/1 sub/deep": b"deep", "a/11x/deep": b"deeper"})
+    upyun.seed(root, files)
+    st = upyun.storage(root)
+    listing = st.list()
+    first = next(listing)
+    assert open_temp_files(spill)  # the root's runs are on disk, merged as the walk goes
+    entries = [first, *listing]
+    assert [e.key for e in entries] == sorted(files, key=lambda k: k.encode())
+    assert {e.key: e.size for e in entries} == {k: len(v) for k, v in files.items()}
+    assert open_temp_files(spill) == []
+    assert [e.key for e in st.list("a/1", start_after="a/11")] == ["a/11x/deep", *(f"a/{i}" for i in range(12, 20))]
+    listing = st.list()
+    for _ in range(10):  # down into a/ (a second sort), then stop early
+        next(listing)
+    listing.close()
+    assert open_temp_files(spill) == []
 
 
 def test_ranged_reads(upyun: Any) -> None:

@@ -14,12 +14,17 @@
   (messages name URLs through `_safe_url`, and its values are registered as log secrets).
 
 Sizes and mtimes come from HEAD (Content-Length, Last-Modified) over one pooled keep-alive client.
+
+A list file is in no order and may hold millions of lines: list() sorts its (key, URL) pairs in
+bounded memory (sorting.py: runs spilled to temporary files), and head()/open() look a key's URL
+up in a temporary on-disk index (`_UrlIndex`), so memory does not grow with the list.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -33,6 +38,7 @@ import urllib3
 from ossimport.errors import TRANSPORT_REASONS, NotFound, StorageError, transport_code
 from ossimport.log import register_secret
 from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions, StreamReader
+from ossimport.storage.sorting import Record, sorted_records
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -50,7 +56,7 @@ class HTTPListStorage(Storage):
         # self.list_errors (base class) receives failed HEADs and malformed list lines: those
         # entries are skipped by list(), and the engine reports the listing as incomplete
         self._pool = pool_manager(self.options)
-        self._index: dict[str, str] | None = None
+        self._index: _UrlIndex | None = None  # head()/open() look keys up here, built on first use
         self._lock = threading.Lock()
         path = location.path
         if path.startswith(_URL_SCHEMES):
@@ -119,11 +125,11 @@ class HTTPListStorage(Storage):
             return self.location.path + quote(key, safe="/") + self._query
         with self._lock:
             if self._index is None:
-                # head()/open() look keys up in a dict of the whole list (held in memory)
-                index: dict[str, str] = {}
-                for k, url in self._pairs():
-                    index.setdefault(k, url)
-                self._index = index
+                ordered = sorted_records(self._pairs())
+                try:
+                    self._index = _UrlIndex(self.location.path, _first_of_each_key(ordered))
+                finally:
+                    ordered.close()
             url = self._index.get(key)
         if url is None:
             raise NotFound(f"{self.describe()}: {key!r} is not in the URL list")
@@ -131,24 +137,28 @@ class HTTPListStorage(Storage):
 
     # ---- required ---------------------------------------------------------------------------
     def list(self, prefix: str = "", start_after: str = "") -> Iterator[Entry]:
-        # Sorting needs every key of the list in memory at once (the list file is not sorted).
-        # Duplicate keys: the first line wins, as in head()/open().
-        seen: dict[str, str] = {}
-        for key, url in self._pairs(record=True):
-            seen.setdefault(key, url)
-        with self._lock:
-            self._index = seen  # head()/open() during the copy look keys up here
+        # The list file is in no order and may hold millions of lines: its (key, URL) pairs are
+        # sorted on disk in bounded memory (sorting.py). Duplicate keys: the first line wins, as
+        # in head()/open() (the sort is stable, so it comes first among its equals).
         after = start_after.encode()
-        keys = (k for k in sorted(seen, key=lambda k: k.encode())
-                if k.startswith(prefix) and not (start_after and k.encode() <= after))
+        wanted = ((k, url) for k, url in self._pairs(record=True)
+                  if k.startswith(prefix) and not (start_after and k.encode() <= after))
+        ordered = sorted_records(wanted)
+        try:
+            yield from self._head_all(_first_of_each_key(ordered))
+        finally:
+            ordered.close()  # its temporary files, when the consumer stops early
+
+    def _head_all(self, pairs: Iterator[Record]) -> Iterator[Entry]:
+        """An Entry for every (key, URL) of `pairs`, in their order."""
         # one HEAD per URL, `threads` at a time (one at a time, 100,000 URLs took 100,000 round
         # trips in a row); entries are yielded in key order, with a bounded window in flight
         threads = max(1, min(self.options.threads, self.options.max_pool))  # a connection each
         with ThreadPoolExecutor(threads, thread_name_prefix="head") as pool:
             window: deque[tuple[str, Future[Entry]]] = deque()
             try:
-                for key in keys:
-                    window.append((key, pool.submit(self._head_url, key, seen[key])))
+                for key, url in pairs:
+                    window.append((key, pool.submit(self._head_url, key, url)))
                     if len(window) >= threads * 4:
                         yield from self._listed(*window.popleft())
                 while window:
@@ -243,6 +253,45 @@ class HTTPListStorage(Storage):
 
     def close(self) -> None:
         self._pool.clear()
+        with self._lock:
+            if self._index is not None:
+                self._index.close()
+                self._index = None
+
+
+class _UrlIndex:
+    """The URL of every key of a list file, in a temporary SQLite database: memory stays at its
+    page cache whatever the list's length (SQLite unlinks the file as it opens it, so a killed
+    process leaves nothing). Filled in key order (sorted, each key once): appends to its B-tree."""
+
+    def __init__(self, path: str, pairs: Iterator[Record]) -> None:
+        self._path = path
+        self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)  # "": temporary, on disk
+        try:
+            self._db.execute("CREATE TABLE url (key TEXT PRIMARY KEY, url TEXT NOT NULL) WITHOUT ROWID")
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO url VALUES (?, ?)", pairs)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._db.close()
+            raise self._error(e) from e
+        except BaseException:
+            self._db.close()
+            raise
+
+    def get(self, key: str) -> str | None:
+        try:
+            row = self._db.execute("SELECT url FROM url WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        return None if row is None else str(row[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _error(self, e: sqlite3.Error) -> StorageError:
+        return StorageError(f"indexing URL list {self._path} in a temporary file: {e}; free space in the "
+                            "temp directory or point TMPDIR at a larger disk", code="TempFileError")
 
 
 class _Reader(StreamReader):
@@ -391,3 +440,12 @@ def _etag(value: str | None) -> str | None:
     if not value:
         return None
     return value.removeprefix("W/").strip('"') or None
+
+
+def _first_of_each_key(pairs: Iterator[Record]) -> Iterator[Record]:
+    """Sorted (key, URL) pairs with each key once: the first of its run of equals."""
+    last: str | None = None
+    for pair in pairs:
+        if pair[0] != last:
+            last = pair[0]
+            yield pair

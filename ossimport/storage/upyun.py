@@ -15,8 +15,9 @@ What is sent and read (docs.upyun.com/api/rest_api/ and /api/authorization/):
 - errors: the HTTP status and a JSON body {"msg", "code", "id"}.
 
 UpYun lists a directory in its own order, so each directory is read whole and sorted (a
-directory `d` sorts as `d/`) before it is walked: the listing comes out in byte order, holding
-one directory's names per level of depth.
+directory `d` sorts as `d/`) before it is walked: the listing comes out in byte order. The sort
+holds at most `sorting.RUN_SIZE` names per level of depth in memory; a larger directory is sorted
+in runs spilled to temporary files and merged (sorting.py).
 
 Checksums: the API documents none of a stored file's content, so none is reported; the engine
 hashes what it reads.
@@ -30,7 +31,7 @@ import hashlib
 import hmac
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 from urllib.parse import quote
 
@@ -42,6 +43,7 @@ from ossimport.log import register_secret
 from ossimport.retry import with_retries
 from ossimport.storage.base import Abilities, Entry, Storage, StorageOptions
 from ossimport.storage.http import connection_error, discard, pool_manager, read_range
+from ossimport.storage.sorting import sorted_entries
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -179,17 +181,18 @@ class UpYunStorage(Storage):
             return Entry(f"{directory}{name}/", 0, mtime)
         return Entry(directory + name, _int(item.get("length")), mtime)
 
-    def _directory(self, directory: str) -> list[Entry]:
-        """One directory's entries (subdirectories' keys end with '/') sorted as their keys sort
-        in byte order. A missing directory has none; a missing root is checked (`_missing_root`)."""
+    def _directory(self, directory: str) -> Generator[Entry, None, None]:
+        """One directory's entries (subdirectories' keys end with '/') as their keys sort in byte
+        order: read whole, then sorted in bounded memory (on disk beyond a run: sorting.py).
+        A missing directory has none; a missing root is checked (`_missing_root`)."""
+        items = (self._entry(directory, item) for item in self._pages(directory))
         try:
-            out = [e for e in (self._entry(directory, item) for item in self._pages(directory)) if e]
+            # every page is read before the first entry comes out: a NotFound is the listing's
+            yield from sorted_entries(e for e in items if e)
         except NotFound:
             if not directory:
                 self._missing_root()
-            return []  # removed while we listed, or never there
-        out.sort(key=lambda e: e.key.encode())
-        return out
+            return  # removed while we listed, or never there
 
     def _missing_root(self) -> None:
         """The root is not there: an empty prefix of a service that exists, or no service at all."""
@@ -205,22 +208,26 @@ class UpYunStorage(Storage):
         after = start_after.encode("utf-8", "surrogateescape")
         start = prefix.rpartition("/")[0]
         start = start + "/" if start else ""
-        stack = [iter(self._directory(start))]
-        while stack:
-            entry = next(stack[-1], None)
-            if entry is None:
-                stack.pop()
-                continue
-            key = entry.key
-            raw = key.encode()
-            if key.endswith("/"):  # a directory: walk it if it can hold keys we want
-                if not (key.startswith(prefix) or prefix.startswith(key)):
+        stack = [self._directory(start)]
+        try:
+            while stack:
+                entry = next(stack[-1], None)
+                if entry is None:
+                    stack.pop()
                     continue
-                if start_after and raw < after and not start_after.startswith(key):
-                    continue  # every key under it sorts before start_after
-                stack.append(iter(self._directory(key)))
-            elif key.startswith(prefix) and raw > after:
-                yield entry
+                key = entry.key
+                raw = key.encode()
+                if key.endswith("/"):  # a directory: walk it if it can hold keys we want
+                    if not (key.startswith(prefix) or prefix.startswith(key)):
+                        continue
+                    if start_after and raw < after and not start_after.startswith(key):
+                        continue  # every key under it sorts before start_after
+                    stack.append(self._directory(key))
+                elif key.startswith(prefix) and raw > after:
+                    yield entry
+        finally:
+            for directory in stack:  # a consumer that stopped early: their temporary files
+                directory.close()
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         return [e.key for e in self._directory(prefix) if e.key.endswith("/")]
