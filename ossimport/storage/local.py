@@ -17,10 +17,11 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Generator, Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple, cast
 
 from ossimport.errors import NotFound, StorageError, UnsafeKey
+from ossimport.storage import sorting
 from ossimport.storage.base import (
     Abilities,
     Entry,
@@ -48,8 +49,10 @@ class Node(NamedTuple):
 
     kind "file": listed (through `make_entry`); "dir": descended into; "skip": not listed, reported
     to `on_skip` with `ref` as the reason (a symlink not followed, a dangling link).
-    `ident` names a directory's physical identity for symlink-loop detection (None: no check).
-    `ref` is whatever the backend needs later (a DirEntry, a stat result, SFTP attributes)."""
+    `ident` names a directory's physical identity for symlink-loop detection (None: no check); it
+    must be marshal-able (a str, a tuple of ints): a large directory is sorted on disk.
+    `ref` is whatever the backend needs later (a DirEntry, a stat result, SFTP attributes); in a
+    directory sorted on disk, a file's ref is what `sorted_walk`'s `plain` made of it."""
 
     name: str
     kind: NodeKind
@@ -57,14 +60,26 @@ class Node(NamedTuple):
     ref: Any = None
 
 
+FileFields = tuple[int, float, int | None]  # (size, mtime, permission bits): a file's ref as plain data
+
+
+def fields_entry(key: str, fields: FileFields) -> Entry:
+    size, mtime, mode = fields
+    return Entry(key, size, mtime, mode=mode)
+
+
 def _b(s: str) -> bytes:
     # surrogateescape: names that are not valid UTF-8 still sort by their raw bytes
     return s.encode("utf-8", "surrogateescape")
 
 
-def _sort_key(node: Node) -> bytes:
+def _sort_name(node: Node) -> str:
     # object-store order: directory `d` sorts as "d/", so "a/x" < "a0" and "a-b" < "a/x"
-    return _b(node.name + "/") if node.kind == "dir" else _b(node.name)
+    return node.name + "/" if node.kind == "dir" else node.name
+
+
+def _sort_key(node: Node) -> bytes:
+    return _b(_sort_name(node))
 
 
 def _may_contain(dir_b: bytes, prefix_b: bytes, after_b: bytes) -> bool:
@@ -76,6 +91,48 @@ def _may_contain(dir_b: bytes, prefix_b: bytes, after_b: bytes) -> bool:
     return dir_b > after_b or after_b.startswith(dir_b)
 
 
+def _no_plain(ref: Any) -> None:
+    return None
+
+
+def _sorted_nodes(nodes: Iterable[Node], plain: Callable[[Any], Any]) -> Generator[Node, None, None]:
+    """One directory's `nodes` in byte order of their sort names. Up to sorting.RUN_SIZE of them
+    are sorted in memory as they are (refs kept); a longer directory goes through the external sort
+    as plain records (sort name, kind, ident, plain ref), so memory holds one run however long it is.
+    The whole directory is read before the first node comes out (one listing open at a time)."""
+    size = max(1, sorting.RUN_SIZE)
+    it = iter(nodes)
+    try:
+        first = list(itertools.islice(it, size + 1))
+        if len(first) <= size:
+            first.sort(key=_sort_key)
+            yield from first
+            return
+
+        def records() -> Iterator[sorting.Record]:
+            first.reverse()  # popped from the end: each node freed as its record is made
+            while first:
+                yield _record(first.pop(), plain)
+            for node in it:
+                yield _record(node, plain)
+
+        spilled = sorting.sorted_records(records(), run_size=size)
+        try:
+            for sort_name, kind, ident, ref in spilled:
+                yield Node(sort_name[:-1] if kind == "dir" else sort_name, kind, ident, ref)
+        finally:
+            spilled.close()  # its temporary files, when the walk stops early or fails
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # the backend's open listing (a scandir, an SFTP handle)
+
+
+def _record(node: Node, plain: Callable[[Any], Any]) -> sorting.Record:
+    ref = plain(node.ref) if node.kind == "file" else node.ref  # a skip's ref is its reason (a str)
+    return (_sort_name(node), node.kind, node.ident, ref)
+
+
 def sorted_walk(
     scan: Callable[[str, Hashable | None], Iterable[Node]],
     make_entry: Callable[[str, Node], Entry | None],
@@ -84,52 +141,60 @@ def sorted_walk(
     start_after: str = "",
     root_ident: Hashable | None = None,
     on_skip: Callable[[str, str], None] | None = None,
+    plain: Callable[[Any], Any] = _no_plain,
 ) -> Iterator[Entry]:
     """Walk a directory tree yielding files in global UTF-8 byte order of their keys.
 
-    `scan(dir_key, ident)` lists one directory ("" is the root, else "a/b/"); only that one
-    directory's entries are held in memory at a time per level. Directories that cannot hold a key
-    starting with `prefix` and greater than `start_after` are never scanned. A directory whose
-    `ident` is already on the current path is a symlink loop: reported to `on_skip`, not entered.
+    `scan(dir_key, ident)` lists one directory ("" is the root, else "a/b/"), best as a generator:
+    a directory of up to sorting.RUN_SIZE entries is sorted in memory, a longer one in runs spilled
+    to temporary files (see `_sorted_nodes`), so memory holds at most one run per level of depth.
+    `plain(ref)` reduces a file's ref to marshal-able data that `make_entry` takes in its place for
+    a directory sorted on disk (default None: make_entry looks the file up again).
+    Directories that cannot hold a key starting with `prefix` and greater than `start_after` are
+    never scanned. A directory whose `ident` is already on the current path is a symlink loop:
+    reported to `on_skip`, not entered.
     """
     prefix_b, after_b = _b(prefix), _b(start_after)
     ancestors: set[Hashable] = set()
-    stack: list[tuple[Iterator[Node], str, Hashable | None]] = []
+    stack: list[tuple[Generator[Node, None, None], str, Hashable | None]] = []
 
     def enter(dir_key: str, ident: Hashable | None) -> None:
-        nodes = sorted(scan(dir_key, ident), key=_sort_key)
-        stack.append((iter(nodes), dir_key, ident))
+        stack.append((_sorted_nodes(scan(dir_key, ident), plain), dir_key, ident))
         if ident is not None:
             ancestors.add(ident)
 
-    enter("", root_ident)
-    while stack:
-        nodes, dir_key, dir_ident = stack[-1]
-        node = next(nodes, None)
-        if node is None:
-            stack.pop()
-            if dir_ident is not None:
-                ancestors.discard(dir_ident)
-            continue
-        key = dir_key + node.name
-        key_b = _b(key)
-        if node.kind == "dir":
-            if not _may_contain(key_b + b"/", prefix_b, after_b):
+    try:
+        enter("", root_ident)
+        while stack:
+            nodes, dir_key, dir_ident = stack[-1]
+            node = next(nodes, None)
+            if node is None:
+                stack.pop()
+                if dir_ident is not None:
+                    ancestors.discard(dir_ident)
                 continue
-            if node.ident is not None and node.ident in ancestors:
-                if on_skip:
-                    on_skip(key, "symlink loop")
-                continue
-            enter(key + "/", node.ident)
-        elif node.kind == "file":
-            if key_b.startswith(prefix_b) and key_b > after_b:
-                entry = make_entry(key, node)
-                if entry is not None:
-                    yield entry
-        elif on_skip and (
-            _may_contain(key_b + b"/", prefix_b, after_b) or (key_b.startswith(prefix_b) and key_b > after_b)
-        ):
-            on_skip(key, str(node.ref))
+            key = dir_key + node.name
+            key_b = _b(key)
+            if node.kind == "dir":
+                if not _may_contain(key_b + b"/", prefix_b, after_b):
+                    continue
+                if node.ident is not None and node.ident in ancestors:
+                    if on_skip:
+                        on_skip(key, "symlink loop")
+                    continue
+                enter(key + "/", node.ident)
+            elif node.kind == "file":
+                if key_b.startswith(prefix_b) and key_b > after_b:
+                    entry = make_entry(key, node)
+                    if entry is not None:
+                        yield entry
+            elif on_skip and (
+                _may_contain(key_b + b"/", prefix_b, after_b) or (key_b.startswith(prefix_b) and key_b > after_b)
+            ):
+                on_skip(key, str(node.ref))
+    finally:
+        for nodes, _, _ in reversed(stack):  # a walk closed early or failed: the open levels' sorts
+            nodes.close()
 
 
 _TEMP_RE = re.compile(r"\A\..*\.ossimport\.[0-9a-f]{16}\.tmp\Z", re.DOTALL)
@@ -203,6 +268,14 @@ def size_mismatch(key: str, expected: int, got: int | None) -> StorageError:
 
 
 # ---- local backend ------------------------------------------------------------------------------
+
+
+def _plain(ref: Any) -> FileFields | None:
+    """A file's ref as plain data for a directory sorted on disk: a stat result's fields; a DirEntry
+    has none before its stat (None: `_entry` makes the lstat the DirEntry would have made)."""
+    if isinstance(ref, os.stat_result):
+        return (ref.st_size, ref.st_mtime, stat.S_IMODE(ref.st_mode))
+    return None
 
 
 def _os_error(e: OSError, path: str, action: str) -> StorageError:
@@ -378,64 +451,84 @@ class LocalStorage(Storage):
         root_ident = (st.st_dev, st.st_ino) if self.options.follow_symlinks else None
         yield from sorted_walk(
             self._scan, self._entry, prefix=prefix, start_after=start_after,
-            root_ident=root_ident, on_skip=self._skipped,
+            root_ident=root_ident, on_skip=self._skipped, plain=_plain,
         )
 
     def _scan(self, dir_key: str, ident: Hashable | None) -> Iterator[Node]:
+        """One directory's nodes, read as they come (a directory of millions is never held whole
+        here: `sorted_walk` sorts it in bounded memory)."""
         path = os.path.join(self.root, dir_key[:-1]) if dir_key else self.root
         follow = self.options.follow_symlinks
         try:
-            with os.scandir(path) as it:
-                found = list(it)
+            it = os.scandir(path)
         except FileNotFoundError:
             return  # vanished while we walked
         except OSError as e:
-            if not dir_key:
-                raise _os_error(e, path, "list") from None
-            self._list_error(f"{path}: {e.strerror or e}")
+            self._scan_error(e, path, dir_key)
             return
-        for de in found:
-            if is_temp_name(de.name):
-                with contextlib.suppress(OSError):
-                    self._old_temp(dir_key + de.name, de.stat(follow_symlinks=False).st_mtime)
-                continue
-            try:
-                if de.is_symlink():
-                    if not follow:
-                        yield Node(de.name, "skip", ref="symlink not followed")
-                        continue
-                    try:
-                        st = os.stat(de.path)
-                    except OSError as e:
-                        yield Node(de.name, "skip", ref=f"broken symlink ({e.strerror})")
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        yield Node(de.name, "dir", (st.st_dev, st.st_ino))
-                    elif stat.S_ISREG(st.st_mode):
-                        yield Node(de.name, "file", ref=st)
-                elif de.is_dir(follow_symlinks=False):
-                    ino: Hashable | None = None
-                    if follow:  # identities only matter when links can lead back up
-                        st = de.stat(follow_symlinks=False)
-                        ino = (st.st_dev, st.st_ino)
-                    yield Node(de.name, "dir", ino)
-                elif de.is_file(follow_symlinks=False):
-                    yield Node(de.name, "file", ref=de)
-                # sockets, fifos and devices are not data to copy
-            except OSError as e:
-                self._list_error(f"{de.path}: {e.strerror or e}")
+        with it:
+            while True:
+                try:
+                    de = next(it, None)
+                except OSError as e:  # a read error part way: what was read is listed, the error recorded
+                    self._scan_error(e, path, dir_key)
+                    return
+                if de is None:
+                    return
+                node = self._node(de, dir_key, follow)
+                if node is not None:
+                    yield node
+
+    def _scan_error(self, e: OSError, path: str, dir_key: str) -> None:
+        if not dir_key:
+            raise _os_error(e, path, "list") from None
+        self._list_error(f"{path}: {e.strerror or e}")
+
+    def _node(self, de: os.DirEntry[str], dir_key: str, follow: bool) -> Node | None:
+        if is_temp_name(de.name):
+            with contextlib.suppress(OSError):
+                self._old_temp(dir_key + de.name, de.stat(follow_symlinks=False).st_mtime)
+            return None
+        try:
+            if de.is_symlink():
+                if not follow:
+                    return Node(de.name, "skip", ref="symlink not followed")
+                try:
+                    st = os.stat(de.path)
+                except OSError as e:
+                    return Node(de.name, "skip", ref=f"broken symlink ({e.strerror})")
+                if stat.S_ISDIR(st.st_mode):
+                    return Node(de.name, "dir", (st.st_dev, st.st_ino))
+                if stat.S_ISREG(st.st_mode):
+                    return Node(de.name, "file", ref=st)
+            elif de.is_dir(follow_symlinks=False):
+                ino: Hashable | None = None
+                if follow:  # identities only matter when links can lead back up
+                    st = de.stat(follow_symlinks=False)
+                    ino = (st.st_dev, st.st_ino)
+                return Node(de.name, "dir", ino)
+            elif de.is_file(follow_symlinks=False):
+                return Node(de.name, "file", ref=de)
+            # sockets, fifos and devices are not data to copy
+        except OSError as e:
+            self._list_error(f"{de.path}: {e.strerror or e}")
+        return None
 
     def _entry(self, key: str, node: Node) -> Entry | None:
         ref = node.ref
-        if isinstance(ref, os.stat_result):
+        if isinstance(ref, os.stat_result):  # a followed symlink, stat()ed when scanned
             st = ref
+        elif isinstance(ref, tuple):  # `_plain` of a stat result: from a directory sorted on disk
+            return fields_entry(key, cast(FileFields, ref))
         else:
+            # a DirEntry's stat is one lstat, made now; a directory sorted on disk carries None
+            # in its place and costs the same one lstat here
             try:
-                st = ref.stat(follow_symlinks=False)
+                st = ref.stat(follow_symlinks=False) if ref is not None else os.lstat(os.path.join(self.root, key))
             except FileNotFoundError:
                 return None
             except OSError as e:
-                self._list_error(f"{ref.path}: {e.strerror or e}")
+                self._list_error(f"{os.path.join(self.root, key)}: {e.strerror or e}")
                 return None
         return Entry(key, st.st_size, st.st_mtime, mode=stat.S_IMODE(st.st_mode))
 

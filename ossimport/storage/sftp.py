@@ -27,7 +27,19 @@ from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import paramiko
-from paramiko.sftp import CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_READ, CMD_STATUS, int64
+from paramiko.sftp import (
+    CMD_CLOSE,
+    CMD_DATA,
+    CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
+    CMD_HANDLE,
+    CMD_NAME,
+    CMD_OPENDIR,
+    CMD_READ,
+    CMD_READDIR,
+    CMD_STATUS,
+    int64,
+)
 from paramiko.sftp_file import SFTPFile
 
 from ossimport.errors import NotFound, StorageError, UnsafeKey, transport_code
@@ -41,7 +53,16 @@ from ossimport.storage.base import (
     check_relative,
     check_utf8,
 )
-from ossimport.storage.local import Node, is_temp_name, read_exact, sorted_walk, stale_temps, temp_name
+from ossimport.storage.local import (
+    FileFields,
+    Node,
+    fields_entry,
+    is_temp_name,
+    read_exact,
+    sorted_walk,
+    stale_temps,
+    temp_name,
+)
 
 if TYPE_CHECKING:
     from ossimport.address import Location
@@ -490,58 +511,70 @@ class SFTPStorage(Storage):
                 raise StorageError(f"{self.root} on {self.host} is not a directory", code="PathConflict")
         yield from sorted_walk(
             self._scan, self._entry, prefix=prefix, start_after=start_after,
-            root_ident=root_real, on_skip=self._skipped,
+            root_ident=root_real, on_skip=self._skipped, plain=_fields,
         )
 
     def _scan(self, dir_key: str, ident: Hashable | None) -> Iterator[Node]:
+        """One directory's nodes, read one READDIR reply at a time (a directory of millions is never
+        held whole here: `sorted_walk` sorts it in bounded memory)."""
         # idents are server-side real paths: unique per directory, and what we list
         path = cast(str, ident)
         sftp = self._sftp()
-        follow = self.options.follow_symlinks
-        with self._errors("list", path):
-            try:
-                attrs = sftp.listdir_attr(path)
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    return
-                if not dir_key or isinstance(e, _CONNECTION_ERRORS):
-                    raise
-                self._list_error(f"{self.host}:{path}: {e.strerror or e}")
-                return
-        base = path.rstrip("/")
-        for a in attrs:
-            name = a.filename
-            if name in (".", ".."):
-                continue
-            if is_temp_name(name):
-                self._old_temp(dir_key + name, float(a.st_mtime or 0))
-                continue
-            mode = a.st_mode or 0
-            child = f"{base}/{name}"
-            if stat.S_ISLNK(mode):
-                if not follow:
-                    yield Node(name, "skip", ref="symlink not followed")
-                    continue
-                with self._errors("stat", child):
+        batches = _read_dir(sftp, path)
+        try:
+            while True:
+                with self._errors("list", path):
                     try:
-                        target = sftp.stat(child)
+                        attrs = next(batches, None)
                     except OSError as e:
-                        if isinstance(e, _CONNECTION_ERRORS):
+                        if e.errno == errno.ENOENT:
+                            return
+                        if not dir_key or isinstance(e, _CONNECTION_ERRORS):
                             raise
-                        yield Node(name, "skip", ref=f"broken symlink ({e.strerror or e})")
-                        continue
-                    tmode = target.st_mode or 0
-                    if stat.S_ISDIR(tmode):
-                        yield Node(name, "dir", sftp.normalize(child))
-                    elif stat.S_ISREG(tmode):
-                        yield Node(name, "file", ref=target)
-            elif stat.S_ISDIR(mode):
-                yield Node(name, "dir", child)
-            elif stat.S_ISREG(mode):
-                yield Node(name, "file", ref=a)
+                        self._list_error(f"{self.host}:{path}: {e.strerror or e}")
+                        return
+                if attrs is None:
+                    return
+                for a in attrs:
+                    node = self._node(sftp, a, path, dir_key)
+                    if node is not None:
+                        yield node
+        finally:
+            batches.close()  # the directory handle, when the walk stops early
+
+    def _node(self, sftp: paramiko.SFTPClient, a: paramiko.SFTPAttributes, path: str, dir_key: str) -> Node | None:
+        name = a.filename
+        if name in (".", ".."):
+            return None
+        if is_temp_name(name):
+            self._old_temp(dir_key + name, float(a.st_mtime or 0))
+            return None
+        mode = a.st_mode or 0
+        child = f"{path.rstrip('/')}/{name}"
+        if stat.S_ISLNK(mode):
+            if not self.options.follow_symlinks:
+                return Node(name, "skip", ref="symlink not followed")
+            with self._errors("stat", child):
+                try:
+                    target = sftp.stat(child)
+                except OSError as e:
+                    if isinstance(e, _CONNECTION_ERRORS):
+                        raise
+                    return Node(name, "skip", ref=f"broken symlink ({e.strerror or e})")
+                tmode = target.st_mode or 0
+                if stat.S_ISDIR(tmode):
+                    return Node(name, "dir", sftp.normalize(child))
+                if stat.S_ISREG(tmode):
+                    return Node(name, "file", ref=target)
+        elif stat.S_ISDIR(mode):
+            return Node(name, "dir", child)
+        elif stat.S_ISREG(mode):
+            return Node(name, "file", ref=a)
+        return None
 
     def _entry(self, key: str, node: Node) -> Entry:
-        return _to_entry(key, node.ref)
+        ref = node.ref  # the attributes, or `_fields` of them from a directory sorted on disk
+        return fields_entry(key, ref if isinstance(ref, tuple) else _fields(ref))
 
     # ---- single objects ---------------------------------------------------------------------
     def head(self, key: str) -> Entry:
@@ -880,10 +913,38 @@ class _Reader(io.RawIOBase):
         super().close()
 
 
-def _to_entry(key: str, a: paramiko.SFTPAttributes) -> Entry:
+def _fields(a: paramiko.SFTPAttributes) -> FileFields:
+    """What a listing keeps of a file's attributes: plain data, so a directory can be sorted on disk
+    without a stat round trip per file afterwards."""
     mode = a.st_mode
-    return Entry(key, a.st_size or 0, float(a.st_mtime or 0),
-                 mode=stat.S_IMODE(mode) if mode is not None else None)
+    return (a.st_size or 0, float(a.st_mtime or 0), stat.S_IMODE(mode) if mode is not None else None)
+
+
+def _to_entry(key: str, a: paramiko.SFTPAttributes) -> Entry:
+    return fields_entry(key, _fields(a))
+
+
+def _read_dir(sftp: paramiko.SFTPClient, path: str) -> Iterator[list[paramiko.SFTPAttributes]]:
+    """The entries of the directory `path`, one READDIR reply (up to ~100 names) at a time: what
+    paramiko's listdir_attr does, without collecting them all (its listdir_iter leaves read-ahead
+    replies unread when stopped early). The handle is closed when done, stopped, or failed."""
+    t, msg = sftp._request(CMD_OPENDIR, sftp._adjust_cwd(path))
+    if t != CMD_HANDLE:
+        raise paramiko.SFTPError("expected a handle in reply to opendir")
+    handle = msg.get_binary()
+    try:
+        while True:
+            try:
+                t, msg = sftp._request(CMD_READDIR, handle)
+            except EOFError:  # the end of the directory
+                return
+            if t != CMD_NAME:
+                raise paramiko.SFTPError("expected names in reply to readdir")
+            yield [paramiko.SFTPAttributes._from_msg(msg, msg.get_text(), msg.get_text())
+                   for _ in range(msg.get_int())]
+    finally:
+        with contextlib.suppress(Exception):  # a broken connection has no handle left to close
+            sftp._request(CMD_CLOSE, handle)
 
 
 def _is_auth_failure(e: Exception) -> bool:
