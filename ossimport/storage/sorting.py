@@ -1,8 +1,8 @@
 """Sorting a stream of listed records by the UTF-8 bytes of their keys in bounded memory.
 
 Every `Storage.list()` yields keys in byte order, but some sources are read in an order of their
-own (an HTTP URL list file, an UpYun directory) and may hold millions of names. `sorted_records`
-is an external merge sort: runs of at most `run_size` records are sorted in memory and spilled
+own (an HTTP URL list file; an UpYun, local or SFTP directory) and may hold millions of names.
+`sorted_records` is an external merge sort: runs of at most `run_size` records are sorted in memory and spilled
 to temporary files, then merged lazily (heapq.merge), so memory holds one run while reading and a
 few hundred records per open run while merging. A stream that fits in one run never touches the
 disk, and the order is stable: records with equal keys come out in the order they went in.
