@@ -87,9 +87,8 @@ def byte_order(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
 
-@pytest.fixture
-def local_fs(backend_factory: Callable[[str], Any]) -> Iterator[FS]:
-    f = make_fs(backend_factory, "local")
+def opened_fs(backend_factory: Callable[[str], Any], name: str) -> Iterator[FS]:
+    f = make_fs(backend_factory, name)
     yield f
     for st in f.opened:
         st.close()
@@ -97,10 +96,17 @@ def local_fs(backend_factory: Callable[[str], Any]) -> Iterator[FS]:
 
 @pytest.fixture(params=["local", "sftp"])
 def fs(request: pytest.FixtureRequest, backend_factory: Callable[[str], Any]) -> Iterator[FS]:
-    f = make_fs(backend_factory, request.param)
-    yield f
-    for st in f.opened:
-        st.close()
+    yield from opened_fs(backend_factory, request.param)
+
+
+@pytest.fixture
+def local_fs(backend_factory: Callable[[str], Any]) -> Iterator[FS]:
+    yield from opened_fs(backend_factory, "local")
+
+
+@pytest.fixture
+def sftp_fs(backend_factory: Callable[[str], Any]) -> Iterator[FS]:
+    yield from opened_fs(backend_factory, "sftp")
 
 
 WHERE = [("", ""), ("a", ""), ("a/", ""), ("", "a-b"), ("", "a/"), ("", "a/x"), ("", "a/y/z"), ("x", "xx"),
@@ -234,3 +240,42 @@ def test_one_huge_directory_walks_in_bounded_memory(tmp_path: Path, monkeypatch:
     n_memory, in_memory = walk_peak(top, HUGE, monkeypatch)
     assert n_runs == n_memory == 100_000
     assert runs * 20 < in_memory, (runs, in_memory)
+
+
+def traced_peak(run: Callable[[], int]) -> tuple[int, int]:
+    tracemalloc.start()
+    try:
+        count = run()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return count, peak
+
+
+def test_sftp_flat_directory_is_read_as_it_comes(sftp_fs: FS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flat SFTP directory is read one READDIR reply at a time: the walk with runs of 500 peaks
+    at a small fraction of the walk that sorts it in memory, and list_dirs (the job scanner's split)
+    keeps only the subdirectories, so its peak stays put with four times the files."""
+    flat = sftp_fs.dir / "flat"
+    flat.mkdir()
+    (flat / "sub").mkdir()
+
+    def add_files(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            os.close(os.open(flat / f"img_{i:06d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+
+    add_files(0, 10_000)
+    st = sftp_fs.open()
+    st.list_dirs()  # connect first: the connection's buffers are not the listing's
+    monkeypatch.setattr(sorting, "RUN_SIZE", 500)
+    n_runs, runs = traced_peak(lambda: sum(1 for _ in st.list()))
+    monkeypatch.setattr(sorting, "RUN_SIZE", HUGE)
+    n_memory, in_memory = traced_peak(lambda: sum(1 for _ in st.list()))
+    assert n_runs == n_memory == 10_000
+    assert runs * 5 < in_memory, (runs, in_memory)
+
+    _, dirs_peak = traced_peak(lambda: len(st.list_dirs("flat/")))
+    add_files(10_000, 40_000)
+    _, dirs_peak_4x = traced_peak(lambda: len(st.list_dirs("flat/")))
+    assert st.list_dirs("flat/") == ["flat/sub/"]
+    assert dirs_peak_4x < 1.5 * dirs_peak, (dirs_peak, dirs_peak_4x)

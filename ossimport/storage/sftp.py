@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Generator, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import paramiko
@@ -544,8 +544,6 @@ class SFTPStorage(Storage):
 
     def _node(self, sftp: paramiko.SFTPClient, a: paramiko.SFTPAttributes, path: str, dir_key: str) -> Node | None:
         name = a.filename
-        if name in (".", ".."):
-            return None
         if is_temp_name(name):
             self._old_temp(dir_key + name, float(a.st_mtime or 0))
             return None
@@ -679,14 +677,13 @@ class SFTPStorage(Storage):
         sftp = self._sftp()
         path = posixpath.join(self.root, prefix)
         with self._errors("list", path):
-            try:
-                attrs = sftp.listdir_attr(path)
+            try:  # read as it comes: only the subdirectories are kept, however many files there are
+                names = [a.filename for a in _listdir(sftp, path)
+                         if a.st_mode is not None and stat.S_ISDIR(a.st_mode) and not is_temp_name(a.filename)]
             except OSError as e:
                 if e.errno == errno.ENOENT:
                     return []
                 raise
-        names = [a.filename for a in attrs
-                 if a.st_mode is not None and stat.S_ISDIR(a.st_mode) and not is_temp_name(a.filename)]
         return sorted((f"{prefix}{n}/" for n in names), key=lambda k: k.encode("utf-8", "surrogateescape"))
 
     def remove_stale_temps(self, keys: list[str], older_than: float | None = None) -> int:
@@ -694,7 +691,8 @@ class SFTPStorage(Storage):
 
         def listdir(d: str) -> list[tuple[str, float]]:
             try:
-                return [(a.filename, float(a.st_mtime or 0)) for a in sftp.listdir_attr(posixpath.join(self.root, d))]
+                return [(a.filename, float(a.st_mtime or 0)) for a in _listdir(sftp, posixpath.join(self.root, d))
+                        if is_temp_name(a.filename)]  # only temps: a flat directory may hold millions
             except OSError:
                 return []
 
@@ -924,10 +922,18 @@ def _to_entry(key: str, a: paramiko.SFTPAttributes) -> Entry:
     return fields_entry(key, _fields(a))
 
 
-def _read_dir(sftp: paramiko.SFTPClient, path: str) -> Iterator[list[paramiko.SFTPAttributes]]:
-    """The entries of the directory `path`, one READDIR reply (up to ~100 names) at a time: what
-    paramiko's listdir_attr does, without collecting them all (its listdir_iter leaves read-ahead
-    replies unread when stopped early). The handle is closed when done, stopped, or failed."""
+def _listdir(sftp: paramiko.SFTPClient, path: str) -> Iterator[paramiko.SFTPAttributes]:
+    """`_read_dir`'s entries one at a time."""
+    with contextlib.closing(_read_dir(sftp, path)) as batches:
+        for attrs in batches:
+            yield from attrs
+
+
+def _read_dir(sftp: paramiko.SFTPClient, path: str) -> Generator[list[paramiko.SFTPAttributes], None, None]:
+    """The entries of the directory `path` but "." and "..", one READDIR reply (up to ~100 names)
+    at a time: what paramiko's listdir_attr does, without collecting them all (its listdir_iter
+    leaves read-ahead replies unread when stopped early). The handle is closed when done, stopped,
+    or failed."""
     t, msg = sftp._request(CMD_OPENDIR, sftp._adjust_cwd(path))
     if t != CMD_HANDLE:
         raise paramiko.SFTPError("expected a handle in reply to opendir")
@@ -940,8 +946,9 @@ def _read_dir(sftp: paramiko.SFTPClient, path: str) -> Iterator[list[paramiko.SF
                 return
             if t != CMD_NAME:
                 raise paramiko.SFTPError("expected names in reply to readdir")
-            yield [paramiko.SFTPAttributes._from_msg(msg, msg.get_text(), msg.get_text())
-                   for _ in range(msg.get_int())]
+            attrs = [paramiko.SFTPAttributes._from_msg(msg, msg.get_text(), msg.get_text())
+                     for _ in range(msg.get_int())]
+            yield [a for a in attrs if a.filename not in (".", "..")]
     finally:
         with contextlib.suppress(Exception):  # a broken connection has no handle left to close
             sftp._request(CMD_CLOSE, handle)
