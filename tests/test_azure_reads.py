@@ -1,0 +1,94 @@
+"""Azure downloads: every range a GET brings is checked against the MD5 the service sent for it,
+whatever path reads it (a whole blob, the parallel ranges of a large one), against Azurite behind a
+proxy that damages answers (tests/servers/faultproxy.py)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from backends import azure as azurite
+from helpers import run_cli
+from servers.faultproxy import FaultProxy, Headers
+
+from ossimport.address import parse_address
+from ossimport.errors import StorageError
+from ossimport.storage import open_storage
+
+MiB = 1024 * 1024
+
+
+class Damage:
+    """Flips the first body byte of the next `left` GETs of a blob whose path matches `name`
+    (the service's Content-MD5 stays: what a bit flip on the way looks like)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.left, self.done = name, 0, 0
+
+    def response(self, method: str, path: str, headers: Headers, body: bytes) -> tuple[Headers, bytes]:
+        if method == "GET" and path.endswith("/" + self.name) and body and self.left:
+            self.left -= 1
+            self.done += 1
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
+        return headers, body
+
+
+@pytest.fixture
+def azure(backend_factory: Any) -> Any:
+    return backend_factory("azure")
+
+
+@pytest.fixture
+def damaged(azure: Any) -> Iterator[tuple[Any, FaultProxy, Damage]]:
+    damage = Damage("big.bin")
+    proxy = FaultProxy("127.0.0.1", azure.handle.port, shape_response=damage.response).start()
+    try:
+        yield azure, proxy, damage
+    finally:
+        proxy.stop()
+
+
+def _address(azure: Any, root: str, port: int) -> str:
+    return f"azure://{azurite.ACCOUNT}:{quote(azurite.KEY, safe='')}@{azure.handle.container}.127.0.0.1:{port}/{root}/"
+
+
+def test_a_damaged_range_is_refused_by_every_read(damaged: tuple[Any, FaultProxy, Damage]) -> None:
+    azure, proxy, damage = damaged
+    root = azure.new_root()
+    data = random.Random(7).randbytes(9 * MiB)  # three GETs: 4 + 4 + 1 MiB
+    azure.seed(root, {"big.bin": data})
+    st = open_storage(parse_address(_address(azure, root, proxy.port)))
+    try:
+        for start, end in ((0, None), (5 * MiB, 9 * MiB), (MiB, 2 * MiB)):
+            damage.left = 1
+            with pytest.raises(StorageError) as err, st.open("big.bin", start, end) as f:
+                f.read()
+            assert err.value.code == "CHECKSUM_NOT_MATCH" and err.value.retryable, (start, end)
+            with st.open("big.bin", start, end) as f:  # undamaged: the same range reads whole
+                assert f.read() == data[start:end]
+        assert damage.done == 3
+    finally:
+        st.close()
+
+
+@pytest.mark.parametrize("threshold", ["64m", "4m"])  # one stream; parallel ranges written at offsets
+def test_a_download_damaged_once_is_read_again_and_one_damaged_always_fails(
+        damaged: tuple[Any, FaultProxy, Damage], tmp_path: Path, threshold: str) -> None:
+    azure, proxy, damage = damaged
+    root = azure.new_root()
+    data = random.Random(8).randbytes(9 * MiB)
+    azure.seed(root, {"big.bin": data, "small.txt": b"small"})
+    addr = _address(azure, root, proxy.port)
+    opts = ("--multipart-threshold", threshold, "--part-size", "4m")
+    damage.left = 1
+    ok = run_cli(*opts, "cp", addr, f"{tmp_path / 'once'}/", timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "once" / "big.bin").read_bytes() == data and damage.done == 1
+    damage.left = 1000
+    bad = run_cli(*opts, "cp", addr, f"{tmp_path / 'always'}/", timeout=120)
+    assert bad.returncode == 1 and "CHECKSUM_NOT_MATCH" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert sorted(p.name for p in (tmp_path / "always").rglob("*")) == ["small.txt"], "no damaged file is left"
