@@ -1,6 +1,7 @@
-"""Azure downloads: every range a GET brings is checked against the MD5 the service sent for it,
-whatever path reads it (a whole blob, the parallel ranges of a large one), against Azurite behind a
-proxy that damages answers (tests/servers/faultproxy.py)."""
+"""Azure on the wire: every range a GET brings is checked against the MD5 the service sent for it,
+whatever path reads it (a whole blob, the parallel ranges of a large one), and every Put Blob is
+checked by the service against the MD5 sent with it; against Azurite behind a proxy that damages
+answers and requests (tests/servers/faultproxy.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,20 @@ class Damage:
             self.done += 1
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         return headers, body
+
+
+class DamagePuts:
+    """Flips the first byte of the next `left` Put Blob bodies (Content-MD5 as the client sent it)."""
+
+    def __init__(self) -> None:
+        self.left, self.done = 0, 0
+
+    def request(self, method: str, query: str, body: bytes) -> bytes:
+        if method == "PUT" and "comp=" not in query and body and self.left:
+            self.left -= 1
+            self.done += 1
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
+        return body
 
 
 @pytest.fixture
@@ -92,3 +107,25 @@ def test_a_download_damaged_once_is_read_again_and_one_damaged_always_fails(
     bad = run_cli(*opts, "cp", addr, f"{tmp_path / 'always'}/", timeout=120)
     assert bad.returncode == 1 and "CHECKSUM_NOT_MATCH" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert sorted(p.name for p in (tmp_path / "always").rglob("*")) == ["small.txt"], "no damaged file is left"
+
+
+def test_a_put_damaged_on_the_way_is_refused(azure: Any, tmp_path: Path) -> None:
+    # Azure answers 400 Md5Mismatch (retried as CHECKSUM_NOT_MATCH), Azurite 400 InvalidOperation
+    damage = DamagePuts()
+    proxy = FaultProxy("127.0.0.1", azure.handle.port, shape_request=damage.request).start()
+    try:
+        root = azure.new_root()
+        data = random.Random(9).randbytes(100_000)
+        (tmp_path / "src").mkdir()
+        (tmp_path / "src" / "f.bin").write_bytes(data)
+        damage.left = 1000
+        bad = run_cli("cp", f"{tmp_path / 'src'}/", _address(azure, root, proxy.port), timeout=120)
+        assert bad.returncode == 1 and "FAILED f.bin" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert damage.done >= 1 and list(azure.storage(root).list()) == [], "no damaged blob was stored"
+        damage.left = 0
+        ok = run_cli("cp", f"{tmp_path / 'src'}/", _address(azure, root, proxy.port), timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        with azure.storage(root).open("f.bin") as f:
+            assert f.read() == data
+    finally:
+        proxy.stop()
