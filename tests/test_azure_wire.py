@@ -5,6 +5,7 @@ answers and requests (tests/servers/faultproxy.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,18 @@ def test_a_put_damaged_on_the_way_is_refused(azure: Any, tmp_path: Path) -> None
             assert f.read() == data
     finally:
         proxy.stop()
+
+
+def test_a_listing_of_many_pages_lists_every_blob_once_in_order(azure: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ossimport.storage import azure as azure_storage
+
+    monkeypatch.setattr(azure_storage, "LIST_PAGE", 3)  # 3 pages and a bit for 10 blobs
+    root = azure.new_root()
+    files = {f"d{i % 3}/f{i}.txt": str(i).encode() for i in range(10)}
+    azure.seed(root, files)
+    st = azure.storage(root)
+    entries = list(st.list())
+    assert [e.key for e in entries] == sorted(files)
+    assert {e.key: (e.size, e.checksums) for e in entries} == {
+        k: (len(v), {"md5": hashlib.md5(v).hexdigest()}) for k, v in files.items()}
+    assert [e.key for e in st.list(start_after="d1/f4.txt")] == [k for k in sorted(files) if k > "d1/f4.txt"]

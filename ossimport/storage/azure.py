@@ -27,10 +27,12 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from email.utils import formatdate, parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlencode
+from xml.etree import ElementTree
 
 import requests
 import urllib3
@@ -55,6 +57,7 @@ PUT_BUFFER = 8 * MiB
 BLOCK = 8 * MiB
 # ranged GETs of at most 4 MiB: the most the service hashes for a read (x-ms-range-get-content-md5)
 GET_CHUNK = 4 * MiB
+LIST_PAGE = 5000  # blobs per List Blobs page: the service's maximum
 MARKERS = ".ossimport-uploads/"
 META_MTIME = "mtime"  # the source's mtime, as rclone keeps it (Last-Modified cannot be set)
 META_MD5 = "md5"  # on a marker: the content MD5 (hex) to set at commit
@@ -181,9 +184,8 @@ class AzureStorage(Storage):
         after = (self.root + start_after).encode() if start_after else b""
         last = b""
         with self._errors("list", prefix):
-            for blob in byte_ordered(self.root + prefix, lambda p: self._container.list_blobs(
-                    name_starts_with=p, include=["metadata"])):
-                name: str = blob.name
+            for blob in byte_ordered(self.root + prefix, self._listed):
+                name = blob.name
                 if (name.startswith(MARKERS) or len(name) <= cut or (name.endswith("/") and not blob.size)
                         or _is_folder(blob)):
                     continue  # our upload markers; directory markers made by tools and by ADLS Gen2
@@ -195,8 +197,7 @@ class AzureStorage(Storage):
                     raise StorageError(f"list {self._where(prefix)}: the service listed {name!r} after a name "
                                        "that sorts later in UTF-8 byte order", code="ListOrder")
                 last = raw
-                yield Entry(name[cut:], blob.size, _seconds(blob.last_modified), _etag(blob.etag),
-                            _checksums(blob.content_settings))
+                yield Entry(name[cut:], blob.size, blob.mtime, blob.etag, {MD5: blob.md5} if blob.md5 else {})
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         cut = len(self.root)
@@ -240,17 +241,23 @@ class AzureStorage(Storage):
         return self._send("GET", key, "get", headers, stream=True)
 
     def _send(self, method: str, key: str, op: str, headers: dict[str, str], body: bytes | None = None,
-              stream: bool = False) -> requests.Response:
-        """One request about a blob, sent beside the SDK over its session and signed by its
-        credential, for the calls made per file or per range (GET, Put Blob): the SDK's pipeline
-        cost ~1 ms of CPU per call, read bodies in 10 KiB pieces and hashed each downloaded range
-        three times. Raises the StorageError of an error answer."""
-        url = f"{self.url}/{quote(self.container)}/{quote(self._full(key), safe='~/')}"
+              stream: bool = False, query: dict[str, str] | None = None) -> requests.Response:
+        """One request about a blob (about the container where `query` is given: `key` then only
+        names the request in errors), sent beside the SDK over its session and signed by its
+        credential, for the calls made per file, per range or per listing page (GET, Put Blob,
+        List Blobs): the SDK's pipeline cost ~1 ms of CPU per call, read bodies in 10 KiB pieces,
+        hashed each downloaded range three times and took 0.17 ms per listed blob to deserialize.
+        Raises the StorageError of an error answer."""
+        url = f"{self.url}/{quote(self.container)}"
+        if query is None:
+            url += "/" + quote(self._full(key), safe="~/")
+        params = urlencode(query or {}, quote_via=quote)
+        if sas := self._service.url.partition("?")[2]:
+            params = f"{params}&{sas}" if params else sas
         headers = {"x-ms-version": self._service.api_version, "x-ms-date": formatdate(usegmt=True), **headers}
         if body is not None:
             headers["Content-Length"] = str(len(body))
-        sas = self._service.url.partition("?")[2]
-        request = HttpRequest(method, f"{url}?{sas}" if sas else url, headers=headers)
+        request = HttpRequest(method, f"{url}?{params}" if params else url, headers=headers)
         credential = self._service.credential
         if hasattr(credential, "on_request"):  # the account key (SharedKey): what the SDK signs with
             credential.on_request(PipelineRequest(request, PipelineContext(None)))
@@ -263,6 +270,29 @@ class AzureStorage(Storage):
             code = resp.headers.get("x-ms-error-code") or _STATUS_CODES.get(resp.status_code, "")
             raise self._status_error(resp.status_code, code, op, key)
         return resp
+
+    def _listed(self, prefix: str) -> Iterator[_Listed]:
+        """Every blob whose name starts with `prefix` (with its metadata), page by page."""
+        marker = ""
+        while True:  # page after page until the service gives no NextMarker
+            query = {"restype": "container", "comp": "list", "include": "metadata", "prefix": prefix,
+                     "maxresults": str(LIST_PAGE)}
+            if marker:
+                query["marker"] = marker
+            answer = self._send("GET", prefix, "list", {}, query=query).content
+            try:
+                page = ElementTree.fromstring(answer)
+                blobs = [_Listed.parse(blob) for blob in page.iterfind("Blobs/Blob")]
+            except (ElementTree.ParseError, ValueError) as exc:
+                raise StorageError(f"list {self._where(prefix)}: the service's answer is no blob listing ({exc})",
+                                   code="BadResponse", retryable=True) from exc
+            yield from blobs
+            marker, last = page.findtext("NextMarker") or "", marker
+            if not marker:
+                return
+            if marker == last:
+                raise StorageError(f"list {self._where(prefix)}: the service gave the same page marker twice",
+                                   code="BadResponse", retryable=True)
 
     def put(
         self,
@@ -631,6 +661,33 @@ def byte_ordered(prefix: str, list_from: Callable[[str], Iterable[Any]]) -> Iter
         else:
             pending.append((name[:i], {name[i]}))
     yield from flush(None)
+
+
+@dataclass(slots=True)
+class _Listed:
+    """One blob of a List Blobs page."""
+
+    name: str
+    size: int
+    mtime: float
+    etag: str | None
+    md5: str  # hex, or "" where the blob has none
+    metadata: dict[str, str]
+
+    @classmethod
+    def parse(cls, blob: ElementTree.Element) -> _Listed:
+        node = blob.find("Name")
+        name = (node.text or "") if node is not None else ""
+        if node is not None and node.get("Encoded") == "true":  # a name with characters XML cannot hold
+            name = unquote(name)
+        props = blob.find("Properties")
+        get = props.findtext if props is not None else (lambda _tag, default="": default)
+        md5 = get("Content-MD5", "") or ""
+        raw_md5 = base64.b64decode(md5) if md5 else b""
+        meta = blob.find("Metadata")
+        return cls(name, int(get("Content-Length", "0") or 0), _http_seconds(get("Last-Modified", "")),
+                   _etag(get("Etag", "")), raw_md5.hex() if len(raw_md5) == 16 else "",
+                   {m.tag: m.text or "" for m in meta} if meta is not None else {})
 
 
 def _is_folder(blob: Any) -> bool:
