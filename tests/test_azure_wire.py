@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pytest
 from backends import azure as azurite
 from helpers import run_cli
-from servers.faultproxy import FaultProxy, Headers
+from servers.faultproxy import Fault, FaultProxy, Headers
 
 from ossimport.address import parse_address
 from ossimport.errors import StorageError
@@ -145,3 +145,20 @@ def test_a_listing_of_many_pages_lists_every_blob_once_in_order(azure: Any, monk
     assert {e.key: (e.size, e.checksums) for e in entries} == {
         k: (len(v), {"md5": hashlib.md5(v).hexdigest()}) for k, v in files.items()}
     assert [e.key for e in st.list(start_after="d1/f4.txt")] == [k for k in sorted(files) if k > "d1/f4.txt"]
+
+
+@pytest.mark.parametrize("kind", ["reset_mid", "truncate"])
+def test_a_download_broken_off_mid_body_is_read_again(damaged: tuple[Any, FaultProxy, Damage], tmp_path: Path,
+                                                      kind: str) -> None:
+    azure, proxy, _ = damaged
+    root = azure.new_root()
+    data = random.Random(10).randbytes(9 * MiB)
+    azure.seed(root, {"big.bin": data})
+    proxy.add(Fault(kind, count=2, method="GET", path=r"/big\.bin$"))
+    for threshold in ("64m", "4m"):  # one stream; parallel ranges
+        out = tmp_path / threshold
+        ok = run_cli("--multipart-threshold", threshold, "--part-size", "4m", "cp", _address(azure, root, proxy.port),
+                     f"{out}/", timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        assert (out / "big.bin").read_bytes() == data
+    assert proxy.injected[kind] == 2
