@@ -6,6 +6,7 @@ answers and requests (tests/servers/faultproxy.py)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import quote
 import pytest
 from backends import azure as azurite
 from helpers import run_cli
+from jobenv import free_port
 from servers.faultproxy import Fault, FaultProxy, Headers
 
 from ossimport.address import parse_address
@@ -162,3 +164,25 @@ def test_a_download_broken_off_mid_body_is_read_again(damaged: tuple[Any, FaultP
         assert ok.returncode == 0, ok.stderr
         assert (out / "big.bin").read_bytes() == data
     assert proxy.injected[kind] == 2
+
+
+def test_requests_go_through_the_proxy_the_environment_names(azure: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the proxy settings are read once per storage (not by requests at every request): still read
+    root = azure.new_root()
+    azure.seed(root, {"a.txt": b"through the proxy"})
+    proxy = FaultProxy("127.0.0.1", azure.handle.port).start()  # forwards whatever it is sent to Azurite
+    try:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        st = open_storage(parse_address(_address(azure, root, free_port())))  # nothing listens there
+        try:
+            assert [e.key for e in st.list()] == ["a.txt"]
+            with st.open("a.txt") as f:
+                assert f.read() == b"through the proxy"
+            st.put("b.txt", io.BytesIO(b"b"), 1)
+        finally:
+            st.close()
+        assert {r.method for r in proxy.records} == {"GET", "PUT"}
+    finally:
+        proxy.stop()
