@@ -107,6 +107,13 @@ class _Writer(Writer):
         self.inner.write_at(offset, data)
         self.arrival.add(offset, data)  # counted once written
 
+    @property
+    def reads_back(self) -> bool:  # type: ignore[override]
+        return self.inner.reads_back
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        return self.inner.read_at(offset, n)
+
     def commit(self, mtime: float | None = None, mode: int | None = None) -> None:
         self.arrival.check()
         self.inner.commit(mtime=mtime, mode=mode)

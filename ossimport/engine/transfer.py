@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from ossimport.engine.behind import HashBehind
 from ossimport.engine.cancel import CancelToken
 from ossimport.engine.stats import Stats
 from ossimport.engine.stream import Hasher, MeteredReader
@@ -208,7 +209,13 @@ class Transfer:
 
     def _ranged_download(self, entry: Entry, dst_key: str) -> Entry:
         psize = self._part_size(entry.size)
+        # the ranges are never one stream to hash: where the source reports a checksum, the file
+        # is hashed in order as the ranges are written (else read back after the commit) and
+        # compared with it
+        source_says = self._reported(self.src, entry)
+        name = next((n for n in KINDS if n in source_says), None)
         writer = self.dst.open_writer(dst_key, entry.size)
+        behind = HashBehind(writer, entry.size, {name}) if name is not None and writer.reads_back else None
         futures: list[Future[None]] = []
         failed = threading.Event()
 
@@ -216,12 +223,16 @@ class Transfer:
             def once() -> None:
                 if failed.is_set():
                     raise StorageError(f"{entry.key!r}: range at {offset} not read: another failed", code="Cancelled")
+                if behind is not None:
+                    behind.restart(offset, offset + length)
                 pos = offset
                 with self.src.open(entry.key, offset, offset + length) as raw:
                     reader = MeteredReader(raw, bucket=self.opts.bucket, cancel=self.cancel,
                                            on_bytes=self.stats.moved)
                     while pos < offset + length and (chunk := reader.read(min(MiB, offset + length - pos))):
                         writer.write_at(pos, chunk)
+                        if behind is not None:
+                            behind.written(pos, pos + len(chunk))
                         pos += len(chunk)
                 if pos != offset + length:
                     raise SourceChanged(f"{entry.key!r}: range at {offset} ended {offset + length - pos} bytes short")
@@ -233,6 +244,11 @@ class Transfer:
                 futures.append(self._pool().submit(fetch, offset, min(psize, entry.size - offset)))
             for f in futures:
                 f.result()
+            got = behind.digests() if behind is not None else None
+            if name is not None and got is not None and got[name] != source_says[name]:
+                # refused before the commit: the file never appears under its name
+                raise VerifyFailed(f"{entry.key!r}: {name} of the bytes written ({got[name]}) differs from the "
+                                   f"source's ({source_says[name]})")
             writer.commit(mtime=entry.mtime, mode=self._mode(entry))
         except BaseException:
             failed.set()
@@ -243,17 +259,13 @@ class Transfer:
             raise
         result = self.dst.head(dst_key)
         self._check_size(entry, result, dst_key)
-        # the ranges were never one stream to hash: where the source reports a checksum, the
-        # file is read back once and compared with it
-        source_says = self._reported(self.src, entry)
-        name = next((n for n in KINDS if n in source_says), None)
-        if name is not None:
-            got = self._read_digests(self.dst, dst_key, {name})[name]
-            if got != source_says[name]:
+        if name is not None and got is None:
+            read = self._read_digests(self.dst, dst_key, {name})[name]
+            if read != source_says[name]:
                 self._discard(dst_key)
-                raise VerifyFailed(f"{entry.key!r}: {name} of the bytes written ({got}) differs from the "
+                raise VerifyFailed(f"{entry.key!r}: {name} of the bytes written ({read}) differs from the "
                                    f"source's ({source_says[name]})")
-        elif self.opts.checksum:
+        elif name is None and self.opts.checksum:
             self._verify_by_reading(entry, dst_key, {})
         return result
 

@@ -120,8 +120,17 @@ class Writer(ABC):
     """A file being written in ranges (parallel ranged download). Nothing is visible under the
     final key until `commit`; `abort` removes every trace."""
 
+    # read_at() costs no transfer (a local file: the page cache): the engine hashes the written
+    # ranges in file order while others still arrive (engine/behind.py) instead of reading the
+    # whole file back after the commit
+    reads_back: ClassVar[bool] = False
+
     @abstractmethod
     def write_at(self, offset: int, data: bytes) -> None: ...
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """Up to `n` bytes written at `offset`, before the commit (where `reads_back`)."""
+        raise NotImplementedError
 
     @abstractmethod
     def commit(self, mtime: float | None = None, mode: int | None = None) -> None: ...

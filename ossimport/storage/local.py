@@ -402,14 +402,14 @@ class LocalStorage(Storage):
                 )
         return StorageError(f"cannot create the directories for {key}", code="PathConflict")
 
-    def _create_temp(self, key: str, path: str) -> tuple[str, int]:
+    def _create_temp(self, key: str, path: str, access: int = os.O_WRONLY) -> tuple[str, int]:
         directory, name = os.path.split(path)
         # a concurrent delete() may remove the parent between makedirs and open: retry a little
         for attempt in range(3):
             self._make_parents(key, path)
             tmp = os.path.join(directory, temp_name(name))
             try:
-                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                return tmp, os.open(tmp, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             except FileNotFoundError:
                 self._dirs.discard(directory)
                 if attempt == 2:
@@ -607,7 +607,7 @@ class LocalStorage(Storage):
 
     def open_writer(self, key: str, size: int) -> Writer:
         path = self.local_path(check_key(key))
-        tmp, fd = self._create_temp(key, path)
+        tmp, fd = self._create_temp(key, path, os.O_RDWR)  # read back: the engine hashes what it wrote
         try:
             os.ftruncate(fd, size)
         except OSError as e:
@@ -670,6 +670,8 @@ class _LocalWriter(Writer):
     when another range failed (and the engine aborted) must never pwrite to a closed fd number,
     which another thread may meanwhile have been given for another file."""
 
+    reads_back = True
+
     def __init__(self, storage: LocalStorage, key: str, path: str, tmp: str, fd: int, size: int) -> None:
         self._storage, self._key, self._path, self._tmp = storage, key, path, tmp
         self._fd: int | None = fd
@@ -699,6 +701,22 @@ class _LocalWriter(Writer):
                 view, offset = view[n:], offset + n
         except OSError as e:
             raise _os_error(e, self._tmp, "write") from None
+        finally:
+            with self._lock:
+                self._writing -= 1
+                if not self._writing:
+                    self._idle.notify_all()
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                raise StorageError(f"{self._key}: read after commit or abort", code="InvalidState")
+            self._writing += 1  # the fd stays open until this read is done, as for a write
+        try:
+            return os.pread(fd, n, offset)
+        except OSError as e:
+            raise _os_error(e, self._tmp, "read") from None
         finally:
             with self._lock:
                 self._writing -= 1
