@@ -13,7 +13,7 @@ service -> master
   sub-poll    {}                                           answered by sub-status
   sub-withdraw {ids}                                       take back those still queued
 master -> service
-  sub-status  {workers, known: [id], queued: [id]}         workers connected; this client's ids
+  sub-status  {workers, known: [id], queued: [id]}         workers taking subtasks; this client's ids
   sub-withdrawn {ids}                                      taken back: no worker will run them
   sub-progress {subs: {id: [bytes, size or -1]}}
   sub-result  {id, result}                                 engine.single.SingleResult as a dict
@@ -64,9 +64,10 @@ class StreamBroker:
         self.seats: dict[bytes, Seat] = {}
 
     def workers(self) -> int:
-        """Workers heard from within a lease."""
+        """Workers heard from within a lease that take subtasks (a free slot, or one at work): a
+        worker started with --subtask-slots 0 is no reason for the service to send them here."""
         now = time.monotonic()
-        return sum(1 for seat in self.seats.values() if now - seat.seen < self.lease)
+        return sum(1 for seat in self.seats.values() if now - seat.seen < self.lease and (seat.free > 0 or seat.held))
 
     # ---- messages ----------------------------------------------------------------------------------
     def handle(self, ident: bytes, kind: str, msg: dict[str, Any]) -> bool:
