@@ -4,14 +4,21 @@ master and workers (processes), moto S3 behind a fault proxy, a local directory 
 
 from __future__ import annotations
 
+import os
+import random
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from servers.faultproxy import Fault, FaultProxy
 from serviceenv import ServiceEnv
 from test_service_dataflows import Flow, metric
 
+MiB = 1024 * 1024
 FINAL = {"COMPLETE", "FAILED", "CANCELED"}
 
 
@@ -30,6 +37,27 @@ def master_address(env: ServiceEnv) -> str:
 def master_log(env: ServiceEnv) -> str:
     path = env.workdir / "logs" / "ossimport2.log"
     return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+@contextmanager
+def slow_flow(env: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Iterator[tuple[Flow, FaultProxy]]:
+    s3 = backend_factory("s3-moto")
+    with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
+        address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
+        yield Flow(env, s3, tmp_path, address), proxy
+
+
+def worker_pids(env: ServiceEnv) -> list[int]:
+    return [int(p.read_text()) for p in sorted((env.workdir / "run").glob("worker-*.pid"))]
+
+
+def writing(pid: int, name: str) -> bool:
+    """Whether process `pid` has a file open whose name contains `name` (its temporary file)."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(name in os.readlink(fd) for fd in fds.iterdir())
+    except OSError:
+        return False
 
 
 def test_a_worker_without_subtask_slots_leaves_subtasks_to_the_service(backend_factory: Any, tmp_path: Path) -> None:
@@ -56,4 +84,31 @@ def test_a_worker_without_subtask_slots_leaves_subtasks_to_the_service(backend_f
         if worker is not None:
             worker.kill()
             worker.wait(10)
+        env.stop()
+
+
+def test_a_cancel_sent_to_a_killed_worker_ends_canceled(backend_factory: Any, tmp_path: Path) -> None:
+    """The worker copying a subtask is killed, and the subtask canceled before its lease lapses: the
+    cancel reaches nobody, the master takes the subtask back at the lapse. It must end CANCELED, not
+    stay CANCELING (which DeleteDataFlow and CancelDataFlowTask refuse, "cancel them first")."""
+    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            flow.put("test/big.bin", random.Random(21).randbytes(4 * MiB))
+            proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"big\.bin$", bps=256 * 1024))
+            task = flow.task("StreamImport")
+            sub = flow.sub(task, "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            [pid] = worker_pids(env)
+            os.kill(pid, signal.SIGKILL)
+            env.ok("CancelDataFlowSubTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, DataFlowTaskId=task,
+                   DataFlowSubTaskId=sub)
+            s = flow.wait(sub, FINAL, 60)
+            assert s["Status"] == "CANCELED", s
+            assert not (flow.fs / "oss" / "mnt" / "big.bin").exists()
+            env.ok("CancelDataFlowTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, TaskId=task)
+            env.ok("DeleteDataFlow", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id)
+    finally:
         env.stop()

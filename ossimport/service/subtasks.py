@@ -277,7 +277,9 @@ class Executor:
             for sub_id in ids:
                 self._away.pop(sub_id, None)
         for sub_id in ids:
-            self.db.update("subtasks", sub_id, {"status": "CREATED"}, "status = 'RUNNING'")
+            if not self.db.update("subtasks", sub_id, {"status": "CREATED"}, "status = 'RUNNING'"):
+                # canceled while away: the cancel may have reached no worker, so none answers it
+                self._finish(sub_id, "CANCELED", error="canceled", only_from="'CANCELING'")
         self.wake()
 
     # ---- in the service process ------------------------------------------------------------------------
@@ -334,8 +336,8 @@ class Executor:
     def _settle(self, subtask_id: str, result: SingleResult) -> None:
         self._finish(subtask_id, result.status, **result.row())
 
-    def _finish(self, subtask_id: str, status: str, **values: Any) -> None:
+    def _finish(self, subtask_id: str, status: str, only_from: str = "'CREATED', 'RUNNING', 'CANCELING'",
+                **values: Any) -> None:
         values = {"status": status, "end_time": now(), **values}
-        guard = "status IN ('CREATED', 'RUNNING', 'CANCELING')"
-        if self.db.update("subtasks", subtask_id, values, guard):
+        if self.db.update("subtasks", subtask_id, values, f"status IN ({only_from})"):
             self.svc.events.publish("subtask", {"DataFlowSubTaskId": subtask_id, "Status": status})
