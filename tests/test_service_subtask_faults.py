@@ -16,7 +16,7 @@ from typing import Any
 
 from servers.faultproxy import Fault, FaultProxy
 from serviceenv import ServiceEnv
-from test_service_dataflows import Flow, metric
+from test_service_dataflows import Flow, crc64, metric
 
 MiB = 1024 * 1024
 FINAL = {"COMPLETE", "FAILED", "CANCELED"}
@@ -110,5 +110,32 @@ def test_a_cancel_sent_to_a_killed_worker_ends_canceled(backend_factory: Any, tm
             assert not (flow.fs / "oss" / "mnt" / "big.bin").exists()
             env.ok("CancelDataFlowTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, TaskId=task)
             env.ok("DeleteDataFlow", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id)
+    finally:
+        env.stop()
+
+
+def test_a_subtask_handed_to_another_worker_removes_the_killed_ones_temporary_file(
+        backend_factory: Any, tmp_path: Path) -> None:
+    """Two workers; the one copying a subtask is killed mid-copy, its lease lapses and the master
+    hands the subtask to the other, which must remove what the first left at the destination."""
+    env = ServiceEnv(tmp_path, {"workerCount": 2})
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 2, 60, "both workers")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            data = random.Random(22).randbytes(4 * MiB)
+            flow.put("test/big.bin", data)
+            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=256 * 1024))
+            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            [holder] = env.wait(lambda: [p for p in worker_pids(env) if writing(p, ".big.bin.ossimport.")], 30,
+                                "the worker writing big.bin")
+            os.kill(holder, signal.SIGKILL)
+            s = flow.wait(sub, FINAL, 120)
+            assert s["Status"] == "COMPLETE", s
+            assert s["FileDetail"]["Checksum"] == crc64(data)
+            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
+            assert os.listdir(flow.fs / "oss" / "mnt") == ["big.bin"], "the killed worker's temporary file is gone"
+            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0, "finished by a worker"
     finally:
         env.stop()

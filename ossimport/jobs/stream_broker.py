@@ -190,6 +190,8 @@ class StreamBroker:
             if item.worker is not None and item.deadline <= now:
                 log.warning("subtask %s: its worker went silent; handing it on", item.id)
                 self.send(item.worker, "sub-drop", id=item.id)
+                if item.body:  # the next holder removes what a worker killed mid-copy left at the destination
+                    item.body["request"]["again"] = True
                 self._requeue(item)
         for ident in [i for i, s in self.seats.items() if now - s.seen > 10 * self.lease]:
             del self.seats[ident]
