@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,4 +139,47 @@ def test_a_subtask_handed_to_another_worker_removes_the_killed_ones_temporary_fi
             assert os.listdir(flow.fs / "oss" / "mnt") == ["big.bin"], "the killed worker's temporary file is gone"
             assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0, "finished by a worker"
     finally:
+        env.stop()
+
+
+def test_a_master_restarted_while_its_worker_is_silent_does_not_copy_the_subtask_twice(
+        backend_factory: Any, tmp_path: Path) -> None:
+    """The master is killed and restarted while the worker copying a subtask is frozen (SIGSTOP: a
+    slow host, a network hiccup), so the service's resubmission reaches the new master before the
+    worker's word. The master must neither give the subtask back to the service (no worker spoke
+    yet: none known is not none there) nor make the worker drop the copy once it speaks again."""
+    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
+    env.start()
+    frozen = 0
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            data = random.Random(23).randbytes(3 * MiB)
+            flow.put("test/big.bin", data)
+            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=256 * 1024))
+            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            [frozen] = worker_pids(env)
+            os.kill(frozen, signal.SIGSTOP)
+            os.kill(int((env.workdir / "run" / "master.pid").read_text()), signal.SIGKILL)
+            console(env, "start", "--no-service")
+            # the service polls the new master every second: three polls resubmit the subtask and
+            # would give it back; an absence over a span can only be checked over that span
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0, \
+                    "the master gave the subtask back while its worker still copied it"
+                time.sleep(0.2)
+            os.kill(frozen, signal.SIGCONT)
+            frozen = 0
+            s = flow.wait(sub, FINAL, 120)
+            assert s["Status"] == "COMPLETE", s
+            assert s["FileDetail"]["Checksum"] == crc64(data)
+            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
+            gets = [r for r in proxy.records if r.method == "GET" and r.path.endswith("/big.bin")]
+            assert len(gets) == 1, f"the source was read {len(gets)} times"
+            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0
+    finally:
+        if frozen:
+            os.kill(frozen, signal.SIGCONT)
         env.stop()

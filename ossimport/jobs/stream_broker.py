@@ -11,7 +11,7 @@ service -> master
   sub-submit  {items: [{id, spec: {src, dst}, request}]}   queue them (a known id: rebind only)
   sub-cancel  {id}                                         stop it (queued: CANCELED at once)
   sub-poll    {}                                           answered by sub-status
-  sub-withdraw {ids}                                       take back those still queued
+  sub-withdraw {ids}                                       take back those still queued (none in a lease of start)
 master -> service
   sub-status  {workers, known: [id], queued: [id]}         workers taking subtasks; this client's ids
   sub-withdrawn {ids}                                      taken back: no worker will run them
@@ -62,6 +62,7 @@ class StreamBroker:
         self.items: dict[str, Item] = {}
         self.queue: deque[str] = deque()
         self.seats: dict[bytes, Seat] = {}
+        self.born = time.monotonic()
 
     def workers(self) -> int:
         """Workers heard from within a lease that take subtasks (a free slot, or one at work): a
@@ -88,8 +89,10 @@ class StreamBroker:
             self.send(ident, "sub-status", workers=self.workers(), known=[i.id for i in mine],
                       queued=[i.id for i in mine if i.worker is None])
         elif kind == "sub-withdraw":
-            ids = [i for i in map(str, msg.get("ids", []))
-                   if i in self.items and self.items[i].worker is None and self.items[i].client == ident]
+            # within a lease of a (re)start no worker is known yet, but one may still be copying them
+            young = time.monotonic() - self.born < self.lease
+            ids = [] if young else [i for i in map(str, msg.get("ids", []))
+                                    if i in self.items and self.items[i].worker is None and self.items[i].client == ident]
             for sub_id in ids:
                 self.items.pop(sub_id)
                 self.queue.remove(sub_id)
@@ -135,6 +138,10 @@ class StreamBroker:
             item = self.items.get(sub_id)
             if item is None:  # the master restarted while it ran: adopt it, the service will claim it
                 item = self.items[sub_id] = Item(sub_id, None, worker=ident)
+                self.seats[ident].held.add(sub_id)
+            elif item.worker is None:  # queued again (its service spoke first after a restart): it is here
+                self.queue.remove(sub_id)
+                item.worker = ident
                 self.seats[ident].held.add(sub_id)
             elif item.worker != ident:  # handed on after its lease lapsed: the other holder goes on
                 self.send(ident, "sub-drop", id=sub_id)
