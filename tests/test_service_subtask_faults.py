@@ -183,3 +183,37 @@ def test_a_master_restarted_while_its_worker_is_silent_does_not_copy_the_subtask
         if frozen:
             os.kill(frozen, signal.SIGCONT)
         env.stop()
+
+
+def test_a_cancel_while_the_master_restarts_stops_the_workers_copy(backend_factory: Any, tmp_path: Path) -> None:
+    """A subtask is canceled while the master is down and the worker copying it frozen: the new
+    master knows nothing of it when the cancel arrives. The cancel must still win: CANCELED, and the
+    worker, once it speaks again, drops the copy (no file at the destination, no temporary file)."""
+    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
+    env.start()
+    frozen = 0
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            flow.put("test/big.bin", random.Random(24).randbytes(3 * MiB))
+            proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"big\.bin$", bps=256 * 1024))
+            task = flow.task("StreamImport")
+            sub = flow.sub(task, "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            [frozen] = worker_pids(env)
+            os.kill(frozen, signal.SIGSTOP)
+            os.kill(int((env.workdir / "run" / "master.pid").read_text()), signal.SIGKILL)
+            env.ok("CancelDataFlowSubTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, DataFlowTaskId=task,
+                   DataFlowSubTaskId=sub)
+            console(env, "start", "--no-service")
+            s = flow.wait(sub, FINAL, 30)
+            assert s["Status"] == "CANCELED", s
+            os.kill(frozen, signal.SIGCONT)
+            frozen = 0
+            mnt = flow.fs / "oss" / "mnt"
+            env.wait(lambda: os.listdir(mnt) == [], 60, "the worker to drop its copy and its temporary file")
+            assert flow.describe(sub)["Status"] == "CANCELED"
+    finally:
+        if frozen:
+            os.kill(frozen, signal.SIGCONT)
+        env.stop()

@@ -5,7 +5,9 @@ The service's database is the record of every subtask; the broker keeps only wha
 in memory. A master restart loses that, harmlessly: the service sees its subtasks missing from
 the next `sub-status` and submits them again, and a worker still copying one reports it in its
 beats, so the broker adopts it instead of running it twice. A worker that stops beating for a
-lease loses its subtasks to the queue; only the current holder's result counts.
+lease loses its subtasks to the queue; only the current holder's result counts. The ids of
+subtasks it is done with (answered, canceled while queued, withdrawn) are remembered for a while,
+so that a worker still reporting one is told to drop it, not adopted.
 
 service -> master
   sub-submit  {items: [{id, spec: {src, dst}, request}]}   queue them (a known id: rebind only)
@@ -35,6 +37,7 @@ from typing import Any
 log = logging.getLogger("ossimport.master")
 Send = Callable[..., None]  # send(identity, kind, **body)
 WORKER_KINDS = ("hello", "want", "beat", "sub-beat", "sub-result", "sub-busy")
+GONE_KEPT = 10000  # ids of finished subtasks remembered (a few hundred kB)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class StreamBroker:
         self.queue: deque[str] = deque()
         self.seats: dict[bytes, Seat] = {}
         self.born = time.monotonic()
+        self.gone: dict[str, None] = {}  # finished here, oldest first: a worker reporting one drops it
 
     def workers(self) -> int:
         """Workers heard from within a lease that take subtasks (a free slot, or one at work): a
@@ -96,6 +100,7 @@ class StreamBroker:
             for sub_id in ids:
                 self.items.pop(sub_id)
                 self.queue.remove(sub_id)
+                self._gone(sub_id)
             self.send(ident, "sub-withdrawn", ids=ids)
         elif kind in ("sub-beat", "beat"):
             self._progress(ident, msg.get("subs") or {})
@@ -110,6 +115,7 @@ class StreamBroker:
 
     def _submit(self, client: bytes, raw: dict[str, Any]) -> None:
         sub_id = str(raw["id"])
+        self.gone.pop(sub_id, None)  # its service runs it again
         item = self.items.get(sub_id)
         if item is not None:  # already here (a master that kept it, or adopted it): answer the new client
             item.client = client
@@ -126,6 +132,7 @@ class StreamBroker:
         if item.worker is None:
             self.items.pop(sub_id)
             self.queue.remove(sub_id)
+            self._gone(sub_id)  # a worker may still copy it (the master restarted): it is dropped there
             if item.client is not None:
                 self.send(item.client, "sub-result", id=sub_id, result={"status": "CANCELED", "error": "canceled"})
         else:
@@ -136,6 +143,9 @@ class StreamBroker:
         by_client: dict[bytes, dict[str, Any]] = {}
         for sub_id, counts in subs.items():
             item = self.items.get(sub_id)
+            if item is None and sub_id in self.gone:
+                self.send(ident, "sub-drop", id=sub_id)
+                continue
             if item is None:  # the master restarted while it ran: adopt it, the service will claim it
                 item = self.items[sub_id] = Item(sub_id, None, worker=ident)
                 self.seats[ident].held.add(sub_id)
@@ -154,6 +164,9 @@ class StreamBroker:
 
     def _result(self, ident: bytes, sub_id: str, result: dict[str, Any]) -> None:
         item = self.items.get(sub_id)
+        if item is None and sub_id in self.gone:
+            self.send(ident, "sub-ack", id=sub_id)  # answered already (the ack was lost), or nobody waits for it
+            return
         if item is None:
             item = self.items[sub_id] = Item(sub_id, None, worker=ident)  # a master restart: keep it
         if item.worker != ident:
@@ -163,9 +176,15 @@ class StreamBroker:
             item.deadline = time.monotonic() + self.lease
             return  # no service claimed it yet: the worker sends it again, the next time it may be
         self.items.pop(sub_id)
+        self._gone(sub_id)
         self.seats.get(ident, Seat()).held.discard(sub_id)
         self.send(item.client, "sub-result", id=sub_id, result=result)
         self.send(ident, "sub-ack", id=sub_id)
+
+    def _gone(self, sub_id: str) -> None:
+        self.gone[sub_id] = None
+        if len(self.gone) > GONE_KEPT:
+            del self.gone[next(iter(self.gone))]
 
     # ---- placing and lapsing ----------------------------------------------------------------------------
     def dispatch(self) -> None:

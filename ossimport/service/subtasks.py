@@ -48,6 +48,7 @@ class Away:
     started: float = field(default_factory=time.monotonic)
     bytes: int = 0
     sized: bool = False
+    canceled: bool = False  # CancelDataFlowSubTask was asked: said again to a master that forgot it
 
 
 class Executor:
@@ -166,6 +167,8 @@ class Executor:
         with self._lock:
             entry = self._running.get(subtask_id)
             away = subtask_id in self._away
+            if away:
+                self._away[subtask_id].canceled = True
         if entry is not None:
             entry[0].cancel.set()
         elif away:
@@ -230,9 +233,12 @@ class Executor:
         if kind == "sub-status":
             known = set(msg.get("known", []))
             with self._lock:
-                lost = [a.body for i, a in self._away.items() if i not in known]
-            if lost:  # a restarted master forgot them (or never got them): again
-                self.link.send("sub-submit", items=lost)
+                lost = [a for i, a in self._away.items() if i not in known]
+            if lost:  # a restarted master forgot them (or never got them): again, and their cancels
+                self.link.send("sub-submit", items=[a.body for a in lost])
+                for away in lost:
+                    if away.canceled:
+                        self.link.send("sub-cancel", id=away.body["id"])
             if not msg.get("workers") and msg.get("queued"):  # the last worker left: run them here
                 self.link.send("sub-withdraw", ids=msg["queued"])
             self.wake()
