@@ -48,7 +48,7 @@ class Away:
     started: float = field(default_factory=time.monotonic)
     bytes: int = 0
     sized: bool = False
-    canceled: bool = False  # CancelDataFlowSubTask was asked: said again to a master that forgot it
+    canceled: bool = False  # CancelDataFlowSubTask was asked: said again at each sub-status
 
 
 class Executor:
@@ -233,12 +233,12 @@ class Executor:
         if kind == "sub-status":
             known = set(msg.get("known", []))
             with self._lock:
-                lost = [a for i, a in self._away.items() if i not in known]
-            if lost:  # a restarted master forgot them (or never got them): again, and their cancels
-                self.link.send("sub-submit", items=[a.body for a in lost])
-                for away in lost:
-                    if away.canceled:
-                        self.link.send("sub-cancel", id=away.body["id"])
+                lost = [a.body for i, a in self._away.items() if i not in known]
+                canceled = [i for i, a in self._away.items() if a.canceled]
+            if lost:  # a restarted master forgot them (or never got them): again
+                self.link.send("sub-submit", items=lost)
+            for sub_id in canceled:  # until answered: a cancel lost on the way, or forgotten, is said again
+                self.link.send("sub-cancel", id=sub_id)
             if not msg.get("workers") and msg.get("queued"):  # the last worker left: run them here
                 self.link.send("sub-withdraw", ids=msg["queued"])
             self.wake()
