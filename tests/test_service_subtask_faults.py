@@ -219,3 +219,37 @@ def test_a_cancel_while_the_master_restarts_stops_the_workers_copy(backend_facto
         if frozen:
             os.kill(frozen, signal.SIGCONT)
         env.stop()
+
+
+def test_graceful_restarts_of_the_service_do_not_fail_a_subtask_its_worker_copies(
+        backend_factory: Any, tmp_path: Path) -> None:
+    """The service is stopped (SIGTERM) and started again three times while a worker copies a long
+    subtask: no start was a failed one (the copy went on at the worker), so the subtask is not
+    FAILED "started 3 times without finishing"; it completes, read once."""
+    env = ServiceEnv(tmp_path)  # the master and one worker
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            data = random.Random(25).randbytes(4 * MiB)
+            flow.put("test/big.bin", data)
+            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=128 * 1024))
+            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            for _ in range(3):
+                assert env.proc is not None
+                env.proc.terminate()
+                env.proc.wait(60)
+                env.proc = None
+                env.start()
+                # the new service claims it from the master again (a start counted in its attempts)
+                env.wait(lambda: metric(env, 'ossimport_subtasks_started_total{runner="workers"}') == 1, 30,
+                         "the restarted service to claim the subtask")
+            s = flow.wait(sub, FINAL, 120)
+            assert s["Status"] == "COMPLETE", s
+            assert s["FileDetail"]["Checksum"] == crc64(data)
+            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
+            gets = [r for r in proxy.records if r.method == "GET" and r.path.endswith("/big.bin")]
+            assert len(gets) == 1, f"the source was read {len(gets)} times"
+    finally:
+        env.stop()

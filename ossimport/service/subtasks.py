@@ -137,6 +137,11 @@ class Executor:
         self._cleaner.shutdown(wait=True, cancel_futures=True)
         self.link.close()  # subtasks away stay RUNNING: the next start claims them from the master
         with self._lock:
+            away = list(self._away)
+        for sub_id in away:  # their copies go on at the workers: this start is not among the MAX_ATTEMPTS
+            self.db.execute("UPDATE subtasks SET attempts = attempts - 1 WHERE id = ? AND attempts > 0 "
+                            "AND status IN ('RUNNING', 'CANCELING')", (sub_id,))
+        with self._lock:
             for pair in self._storages.values():
                 for st in pair:
                     st.close()
