@@ -1,6 +1,7 @@
-"""Dataflow subtasks on the job system's workers, under faults: workers that take no subtasks,
-workers killed mid-copy with a cancel pending or another worker to finish. Real `ossimport serve`,
-master and workers (processes), moto S3 behind a fault proxy, a local directory as the file system."""
+"""Dataflow subtasks on the job system's workers, under faults: a worker that takes no subtasks,
+workers killed or frozen mid-copy (with a cancel pending, another worker to finish, the master
+restarting meanwhile), the service restarted while a worker copies. Real `ossimport serve`, master
+and workers (processes), moto S3 behind a fault proxy, a local directory as the file system."""
 
 from __future__ import annotations
 
