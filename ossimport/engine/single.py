@@ -100,10 +100,8 @@ def copy_single(src: Storage, dst: Storage, req: SingleRequest, arrival: Arrival
             existing = dst.head(req.dst_key)
         except NotFound:
             existing = None
-    if req.again and not dst.abilities.multipart:
-        # an earlier run was killed mid-copy: its temporary file goes (object stores drop
-        # unfinished multipart uploads of the key in the transfer itself)
-        dst.remove_stale_temps([req.dst_key])
+    if req.again:  # an earlier run was killed mid-copy
+        remove_partial(dst, req.dst_key)
     outcomes: list[Outcome] = []
     opts = RunOptions(policy=policy, threads=1, transfer=TransferOptions(**TRANSFER, bucket=bucket))  # type: ignore[arg-type]
     runner = Runner(src, Arriving(dst, arrival), opts, Stats(), listener=outcomes.append)  # type: ignore[arg-type]
@@ -121,6 +119,13 @@ def copy_single(src: Storage, dst: Storage, req: SingleRequest, arrival: Arrival
     if last.kind is Kind.SKIPPED:
         return SingleResult("COMPLETE", "", bytes_done=entry.size, **detail)
     return SingleResult("FAILED", f"{last.code}: {last.message}", **detail)
+
+
+def remove_partial(dst: Storage, key: str) -> None:
+    """What a copy to `key` killed midway left: its temporary file (object stores drop unfinished
+    multipart uploads of the key in the next transfer itself)."""
+    if not dst.abilities.multipart:
+        dst.remove_stale_temps([key])
 
 
 def condition_problem(req: SingleRequest, entry: Entry) -> str:

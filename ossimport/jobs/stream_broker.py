@@ -5,15 +5,17 @@ The service's database is the record of every subtask; the broker keeps only wha
 in memory. A master restart loses that, harmlessly: the service sees its subtasks missing from
 the next `sub-status` and submits them again, and a worker still copying one reports it in its
 beats, so the broker adopts it instead of running it twice. A worker that stops beating for a
-lease loses its subtasks to the queue; only the current holder's result counts.
+lease loses its subtasks to the queue; only the current holder's result counts. The ids of
+subtasks it is done with (answered, canceled while queued, withdrawn) are remembered for a while,
+so that a worker still reporting one is told to drop it, not adopted.
 
 service -> master
   sub-submit  {items: [{id, spec: {src, dst}, request}]}   queue them (a known id: rebind only)
   sub-cancel  {id}                                         stop it (queued: CANCELED at once)
   sub-poll    {}                                           answered by sub-status
-  sub-withdraw {ids}                                       take back those still queued
+  sub-withdraw {ids}                                       take back those still queued (none in a lease of start)
 master -> service
-  sub-status  {workers, known: [id], queued: [id]}         workers connected; this client's ids
+  sub-status  {workers, known: [id], queued: [id]}         workers taking subtasks; this client's ids
   sub-withdrawn {ids}                                      taken back: no worker will run them
   sub-progress {subs: {id: [bytes, size or -1]}}
   sub-result  {id, result}                                 engine.single.SingleResult as a dict
@@ -35,6 +37,7 @@ from typing import Any
 log = logging.getLogger("ossimport.master")
 Send = Callable[..., None]  # send(identity, kind, **body)
 WORKER_KINDS = ("hello", "want", "beat", "sub-beat", "sub-result", "sub-busy")
+GONE_KEPT = 10000  # ids of finished subtasks remembered (a few hundred kB)
 
 
 @dataclass
@@ -62,11 +65,14 @@ class StreamBroker:
         self.items: dict[str, Item] = {}
         self.queue: deque[str] = deque()
         self.seats: dict[bytes, Seat] = {}
+        self.born = time.monotonic()
+        self.gone: dict[str, None] = {}  # finished here, oldest first: a worker reporting one drops it
 
     def workers(self) -> int:
-        """Workers heard from within a lease."""
+        """Workers heard from within a lease that take subtasks (a free slot, or one at work): a
+        worker started with --subtask-slots 0 is no reason for the service to send them here."""
         now = time.monotonic()
-        return sum(1 for seat in self.seats.values() if now - seat.seen < self.lease)
+        return sum(1 for seat in self.seats.values() if now - seat.seen < self.lease and (seat.free > 0 or seat.held))
 
     # ---- messages ----------------------------------------------------------------------------------
     def handle(self, ident: bytes, kind: str, msg: dict[str, Any]) -> bool:
@@ -87,11 +93,14 @@ class StreamBroker:
             self.send(ident, "sub-status", workers=self.workers(), known=[i.id for i in mine],
                       queued=[i.id for i in mine if i.worker is None])
         elif kind == "sub-withdraw":
-            ids = [i for i in map(str, msg.get("ids", []))
-                   if i in self.items and self.items[i].worker is None and self.items[i].client == ident]
+            # within a lease of a (re)start no worker is known yet, but one may still be copying them
+            young = time.monotonic() - self.born < self.lease
+            ids = [] if young else [i for i in map(str, msg.get("ids", []))
+                                    if i in self.items and self.items[i].worker is None and self.items[i].client == ident]
             for sub_id in ids:
                 self.items.pop(sub_id)
                 self.queue.remove(sub_id)
+                self._gone(sub_id)
             self.send(ident, "sub-withdrawn", ids=ids)
         elif kind in ("sub-beat", "beat"):
             self._progress(ident, msg.get("subs") or {})
@@ -106,6 +115,7 @@ class StreamBroker:
 
     def _submit(self, client: bytes, raw: dict[str, Any]) -> None:
         sub_id = str(raw["id"])
+        self.gone.pop(sub_id, None)  # its service runs it again
         item = self.items.get(sub_id)
         if item is not None:  # already here (a master that kept it, or adopted it): answer the new client
             item.client = client
@@ -122,6 +132,7 @@ class StreamBroker:
         if item.worker is None:
             self.items.pop(sub_id)
             self.queue.remove(sub_id)
+            self._gone(sub_id)  # a worker may still copy it (the master restarted): it is dropped there
             if item.client is not None:
                 self.send(item.client, "sub-result", id=sub_id, result={"status": "CANCELED", "error": "canceled"})
         else:
@@ -132,8 +143,15 @@ class StreamBroker:
         by_client: dict[bytes, dict[str, Any]] = {}
         for sub_id, counts in subs.items():
             item = self.items.get(sub_id)
+            if item is None and sub_id in self.gone:
+                self.send(ident, "sub-drop", id=sub_id)
+                continue
             if item is None:  # the master restarted while it ran: adopt it, the service will claim it
                 item = self.items[sub_id] = Item(sub_id, None, worker=ident)
+                self.seats[ident].held.add(sub_id)
+            elif item.worker is None:  # queued again (its service spoke first after a restart): it is here
+                self.queue.remove(sub_id)
+                item.worker = ident
                 self.seats[ident].held.add(sub_id)
             elif item.worker != ident:  # handed on after its lease lapsed: the other holder goes on
                 self.send(ident, "sub-drop", id=sub_id)
@@ -146,6 +164,9 @@ class StreamBroker:
 
     def _result(self, ident: bytes, sub_id: str, result: dict[str, Any]) -> None:
         item = self.items.get(sub_id)
+        if item is None and sub_id in self.gone:
+            self.send(ident, "sub-ack", id=sub_id)  # answered already (the ack was lost), or nobody waits for it
+            return
         if item is None:
             item = self.items[sub_id] = Item(sub_id, None, worker=ident)  # a master restart: keep it
         if item.worker != ident:
@@ -155,9 +176,15 @@ class StreamBroker:
             item.deadline = time.monotonic() + self.lease
             return  # no service claimed it yet: the worker sends it again, the next time it may be
         self.items.pop(sub_id)
+        self._gone(sub_id)
         self.seats.get(ident, Seat()).held.discard(sub_id)
         self.send(item.client, "sub-result", id=sub_id, result=result)
         self.send(ident, "sub-ack", id=sub_id)
+
+    def _gone(self, sub_id: str) -> None:
+        self.gone[sub_id] = None
+        if len(self.gone) > GONE_KEPT:
+            del self.gone[next(iter(self.gone))]
 
     # ---- placing and lapsing ----------------------------------------------------------------------------
     def dispatch(self) -> None:
@@ -189,6 +216,8 @@ class StreamBroker:
             if item.worker is not None and item.deadline <= now:
                 log.warning("subtask %s: its worker went silent; handing it on", item.id)
                 self.send(item.worker, "sub-drop", id=item.id)
+                if item.body:  # the next holder removes what a worker killed mid-copy left at the destination
+                    item.body["request"]["again"] = True
                 self._requeue(item)
         for ident in [i for i, s in self.seats.items() if now - s.seen > 10 * self.lease]:
             del self.seats[ident]

@@ -22,7 +22,7 @@ from typing import Any
 
 from ossimport.address import parse_address
 from ossimport.engine.arrival import Arrival
-from ossimport.engine.single import SingleRequest, SingleResult, copy_single
+from ossimport.engine.single import SingleRequest, SingleResult, copy_single, remove_partial
 from ossimport.jobs.protocol import location_to_dict
 from ossimport.service import paths
 from ossimport.service.remote import MasterLink
@@ -48,6 +48,7 @@ class Away:
     started: float = field(default_factory=time.monotonic)
     bytes: int = 0
     sized: bool = False
+    canceled: bool = False  # CancelDataFlowSubTask was asked: said again at each sub-status
 
 
 class Executor:
@@ -60,6 +61,7 @@ class Executor:
         self.svc = service
         self.db = service.db
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="subtask")
+        self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="subtask-cleanup")  # not behind copies
         self._running: dict[str, tuple[Arrival, float]] = {}  # in this process: id -> (what arrived, start)
         self._handed: set[str] = set()  # ids given to the pool, not finished yet
         self._away: dict[str, Away] = {}  # ids handed to the master, not finished yet
@@ -132,7 +134,13 @@ class Executor:
             for arrival, _ in self._running.values():
                 arrival.cancel.set()  # stop copying; rows stay RUNNING and are resumed on start
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._cleaner.shutdown(wait=True, cancel_futures=True)
         self.link.close()  # subtasks away stay RUNNING: the next start claims them from the master
+        with self._lock:
+            away = list(self._away)
+        for sub_id in away:  # their copies go on at the workers: this start is not among the MAX_ATTEMPTS
+            self.db.execute("UPDATE subtasks SET attempts = attempts - 1 WHERE id = ? AND attempts > 0 "
+                            "AND status IN ('RUNNING', 'CANCELING')", (sub_id,))
         with self._lock:
             for pair in self._storages.values():
                 for st in pair:
@@ -166,6 +174,8 @@ class Executor:
         with self._lock:
             entry = self._running.get(subtask_id)
             away = subtask_id in self._away
+            if away:
+                self._away[subtask_id].canceled = True
         if entry is not None:
             entry[0].cancel.set()
         elif away:
@@ -236,8 +246,11 @@ class Executor:
             known = set(msg.get("known", []))
             with self._lock:
                 lost = [a.body for i, a in self._away.items() if i not in known]
+                canceled = [i for i, a in self._away.items() if a.canceled]
             if lost:  # a restarted master forgot them (or never got them): again
                 self.link.send("sub-submit", items=lost)
+            for sub_id in canceled:  # until answered: a cancel lost on the way, or forgotten, is said again
+                self.link.send("sub-cancel", id=sub_id)
             if not msg.get("workers") and msg.get("queued"):  # the last worker left: run them here
                 self.link.send("sub-withdraw", ids=msg["queued"])
             self.wake()
@@ -260,7 +273,11 @@ class Executor:
             with self._lock:
                 away = self._away.pop(sub_id, None)
             if away is not None:
-                self._settle(sub_id, SingleResult.from_dict(msg.get("result", {})))
+                result = SingleResult.from_dict(msg.get("result", {}))
+                if result.status == "CANCELED":
+                    self._cancel_settled(sub_id, result, ("RUNNING", "CANCELING"))
+                else:
+                    self._settle(sub_id, result)
                 self.wake()
 
     def _reclaim_if_master_silent(self) -> None:
@@ -282,8 +299,30 @@ class Executor:
             for sub_id in ids:
                 self._away.pop(sub_id, None)
         for sub_id in ids:
-            self.db.update("subtasks", sub_id, {"status": "CREATED"}, "status = 'RUNNING'")
+            if not self.db.update("subtasks", sub_id, {"status": "CREATED"}, "status = 'RUNNING'"):
+                # canceled while away: the cancel may have reached no worker, so none answers it
+                self._cancel_settled(sub_id, SingleResult("CANCELED", "canceled"), ("CANCELING",))
         self.wake()
+
+    def _cancel_settled(self, subtask_id: str, result: SingleResult, only_from: tuple[str, ...]) -> None:
+        """CANCELED, once what a worker killed while copying it left at the destination is gone (the
+        cancel may have been answered for it by the master, or by nobody): on a thread of its own,
+        not the caller's (the link's, the feeder's)."""
+        if self._closed:
+            return  # CANCELING until the next start settles it
+        self._cleaner.submit(self._remove_partial_then_settle, subtask_id, result, only_from)
+
+    def _remove_partial_then_settle(self, subtask_id: str, result: SingleResult, only_from: tuple[str, ...]) -> None:
+        try:
+            sub = self.db.one("SELECT * FROM subtasks WHERE id = ?", (subtask_id,))
+            flow = sub and self.db.one("SELECT * FROM dataflows WHERE id = ?", (sub["dataflow_id"],))
+            task = sub and self.db.one("SELECT * FROM tasks WHERE id = ?", (sub["task_id"],))
+            if sub and flow and task and sub["status"] in only_from:
+                fs, store = self._open(flow)
+                remove_partial(fs if task["action"] == "StreamImport" else store, self._request(sub, task).dst_key)
+        except Exception:  # noqa: BLE001 - a leftover that cannot be removed does not keep it CANCELING
+            log.exception("subtask %s: removing what a killed copy left", subtask_id)
+        self._finish(subtask_id, result.status, only_from=only_from, **result.row())
 
     # ---- in the service process ------------------------------------------------------------------------
     def _run_logged(self, subtask_id: str) -> None:
@@ -339,8 +378,8 @@ class Executor:
     def _settle(self, subtask_id: str, result: SingleResult) -> None:
         self._finish(subtask_id, result.status, **result.row())
 
-    def _finish(self, subtask_id: str, status: str, **values: Any) -> None:
+    def _finish(self, subtask_id: str, status: str, only_from: tuple[str, ...] = ("CREATED", "RUNNING", "CANCELING"),
+                **values: Any) -> None:
         values = {"status": status, "end_time": now(), **values}
-        guard = "status IN ('CREATED', 'RUNNING', 'CANCELING')"
-        if self.db.update("subtasks", subtask_id, values, guard):
+        if self.db.update("subtasks", subtask_id, values, f"status IN ({', '.join(repr(s) for s in only_from)})"):
             self.svc.events.publish("subtask", {"DataFlowSubTaskId": subtask_id, "Status": status})

@@ -1,0 +1,256 @@
+"""Dataflow subtasks on the job system's workers, under faults: a worker that takes no subtasks,
+workers killed or frozen mid-copy (with a cancel pending, another worker to finish, the master
+restarting meanwhile), the service restarted while a worker copies. Real `ossimport serve`, master
+and workers (processes), moto S3 behind a fault proxy, a local directory as the file system."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from servers.faultproxy import Fault, FaultProxy
+from serviceenv import ServiceEnv
+from test_service_dataflows import Flow, crc64, metric
+
+MiB = 1024 * 1024
+FINAL = {"COMPLETE", "FAILED", "CANCELED"}
+
+
+def console(env: ServiceEnv, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "ossimport", "console", "--sys", str(env.sys_path), *args],
+                   check=True, capture_output=True, env=env.env, timeout=120)
+
+
+def master_address(env: ServiceEnv) -> str:
+    for line in env.sys_path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("masterAddress="):
+            return line.split("=", 1)[1].strip()
+    raise AssertionError("no masterAddress in sys.properties")
+
+
+def master_log(env: ServiceEnv) -> str:
+    path = env.workdir / "logs" / "ossimport2.log"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+@contextmanager
+def slow_flow(env: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Iterator[tuple[Flow, FaultProxy]]:
+    s3 = backend_factory("s3-moto")
+    with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
+        address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
+        yield Flow(env, s3, tmp_path, address), proxy
+
+
+def worker_pids(env: ServiceEnv) -> list[int]:
+    return [int(p.read_text()) for p in sorted((env.workdir / "run").glob("worker-*.pid"))]
+
+
+def writing(pid: int, name: str) -> bool:
+    """Whether process `pid` has a file open whose name contains `name` (its temporary file)."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(name in os.readlink(fd) for fd in fds.iterdir())
+    except OSError:
+        return False
+
+
+def test_a_worker_without_subtask_slots_leaves_subtasks_to_the_service(backend_factory: Any, tmp_path: Path) -> None:
+    """`ossimport worker --subtask-slots 0` is connected but takes no subtask: the service must not
+    hand them to the master (they would stay RUNNING forever), it copies them itself."""
+    env = ServiceEnv(tmp_path, workers=False)
+    worker = None
+    try:
+        console(env, "start", "--no-service", "--workers", "0")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "ossimport", "worker", "--master", master_address(env), "--workdir",
+             str(tmp_path / "w0"), "--curve-keys", str(env.workdir / "keys"), "--heartbeat", "1",
+             "--subtask-slots", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env.env)
+        env.wait(lambda: "connected from" in master_log(env), 60, "the worker to say hello to the master")
+        env.start()  # its first word from the master already counts that worker
+        flow = Flow(env, backend_factory("s3-moto"), tmp_path)
+        flow.put("test/a.txt", b"hello")
+        sub = flow.sub(flow.task("StreamImport"), "/a.txt", "/a.txt")
+        s = flow.wait(sub, FINAL, 30)
+        assert s["Status"] == "COMPLETE", s
+        assert (flow.fs / "oss" / "mnt" / "a.txt").read_bytes() == b"hello"
+        assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 1
+    finally:
+        if worker is not None:
+            worker.kill()
+            worker.wait(10)
+        env.stop()
+
+
+def test_a_cancel_sent_to_a_killed_worker_ends_canceled(backend_factory: Any, tmp_path: Path) -> None:
+    """The worker copying a subtask is killed, and the subtask canceled before its lease lapses: the
+    cancel reaches nobody, the master takes the subtask back at the lapse. It must end CANCELED, not
+    stay CANCELING (which DeleteDataFlow and CancelDataFlowTask refuse, "cancel them first"), and
+    what the killed worker left at the destination goes."""
+    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            flow.put("test/big.bin", random.Random(21).randbytes(4 * MiB))
+            proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"big\.bin$", bps=256 * 1024))
+            task = flow.task("StreamImport")
+            sub = flow.sub(task, "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            [pid] = worker_pids(env)
+            os.kill(pid, signal.SIGKILL)
+            env.ok("CancelDataFlowSubTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, DataFlowTaskId=task,
+                   DataFlowSubTaskId=sub)
+            s = flow.wait(sub, FINAL, 60)
+            assert s["Status"] == "CANCELED", s
+            mnt = flow.fs / "oss" / "mnt"
+            assert os.listdir(mnt) == [], "no file and no temporary file of the killed worker"
+            env.ok("CancelDataFlowTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, TaskId=task)
+            env.ok("DeleteDataFlow", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id)
+    finally:
+        env.stop()
+
+
+def test_a_subtask_handed_to_another_worker_removes_the_killed_ones_temporary_file(
+        backend_factory: Any, tmp_path: Path) -> None:
+    """Two workers; the one copying a subtask is killed mid-copy, its lease lapses and the master
+    hands the subtask to the other, which must remove what the first left at the destination."""
+    env = ServiceEnv(tmp_path, {"workerCount": 2})
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 2, 60, "both workers")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            data = random.Random(22).randbytes(4 * MiB)
+            flow.put("test/big.bin", data)
+            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=256 * 1024))
+            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            [holder] = env.wait(lambda: [p for p in worker_pids(env) if writing(p, ".big.bin.ossimport.")], 30,
+                                "the worker writing big.bin")
+            os.kill(holder, signal.SIGKILL)
+            s = flow.wait(sub, FINAL, 120)
+            assert s["Status"] == "COMPLETE", s
+            assert s["FileDetail"]["Checksum"] == crc64(data)
+            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
+            assert os.listdir(flow.fs / "oss" / "mnt") == ["big.bin"], "the killed worker's temporary file is gone"
+            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0, "finished by a worker"
+    finally:
+        env.stop()
+
+
+def test_a_master_restarted_while_its_worker_is_silent_does_not_copy_the_subtask_twice(
+        backend_factory: Any, tmp_path: Path) -> None:
+    """The master is killed and restarted while the worker copying a subtask is frozen (SIGSTOP: a
+    slow host, a network hiccup), so the service's resubmission reaches the new master before the
+    worker's word. The master must neither give the subtask back to the service (no worker spoke
+    yet: none known is not none there) nor make the worker drop the copy once it speaks again."""
+    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
+    env.start()
+    frozen = 0
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            data = random.Random(23).randbytes(3 * MiB)
+            flow.put("test/big.bin", data)
+            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=256 * 1024))
+            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            [frozen] = worker_pids(env)
+            os.kill(frozen, signal.SIGSTOP)
+            os.kill(int((env.workdir / "run" / "master.pid").read_text()), signal.SIGKILL)
+            console(env, "start", "--no-service")
+            # the service polls the new master every second: three polls resubmit the subtask and
+            # would give it back; an absence over a span can only be checked over that span
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0, \
+                    "the master gave the subtask back while its worker still copied it"
+                time.sleep(0.2)
+            os.kill(frozen, signal.SIGCONT)
+            frozen = 0
+            s = flow.wait(sub, FINAL, 120)
+            assert s["Status"] == "COMPLETE", s
+            assert s["FileDetail"]["Checksum"] == crc64(data)
+            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
+            gets = [r for r in proxy.records if r.method == "GET" and r.path.endswith("/big.bin")]
+            assert len(gets) == 1, f"the source was read {len(gets)} times"
+            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0
+    finally:
+        if frozen:
+            os.kill(frozen, signal.SIGCONT)
+        env.stop()
+
+
+def test_a_cancel_while_the_master_restarts_stops_the_workers_copy(backend_factory: Any, tmp_path: Path) -> None:
+    """A subtask is canceled while the master is down and the worker copying it frozen: the new
+    master knows nothing of it when the cancel arrives. The cancel must still win: CANCELED, and the
+    worker, once it speaks again, drops the copy (no file at the destination, no temporary file)."""
+    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
+    env.start()
+    frozen = 0
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            flow.put("test/big.bin", random.Random(24).randbytes(3 * MiB))
+            proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"big\.bin$", bps=256 * 1024))
+            task = flow.task("StreamImport")
+            sub = flow.sub(task, "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            [frozen] = worker_pids(env)
+            os.kill(frozen, signal.SIGSTOP)
+            os.kill(int((env.workdir / "run" / "master.pid").read_text()), signal.SIGKILL)
+            env.ok("CancelDataFlowSubTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, DataFlowTaskId=task,
+                   DataFlowSubTaskId=sub)
+            console(env, "start", "--no-service")
+            s = flow.wait(sub, FINAL, 30)
+            assert s["Status"] == "CANCELED", s
+            os.kill(frozen, signal.SIGCONT)
+            frozen = 0
+            mnt = flow.fs / "oss" / "mnt"
+            env.wait(lambda: os.listdir(mnt) == [], 60, "the worker to drop its copy and its temporary file")
+            assert flow.describe(sub)["Status"] == "CANCELED"
+    finally:
+        if frozen:
+            os.kill(frozen, signal.SIGCONT)
+        env.stop()
+
+
+def test_graceful_restarts_of_the_service_do_not_fail_a_subtask_its_worker_copies(
+        backend_factory: Any, tmp_path: Path) -> None:
+    """The service is stopped (SIGTERM) and started again three times while a worker copies a long
+    subtask: no start was a failed one (the copy went on at the worker), so the subtask is not
+    FAILED "started 3 times without finishing"; it completes, read once."""
+    env = ServiceEnv(tmp_path)  # the master and one worker
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            data = random.Random(25).randbytes(4 * MiB)
+            flow.put("test/big.bin", data)
+            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=128 * 1024))
+            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            for _ in range(3):
+                assert env.proc is not None
+                env.proc.terminate()
+                env.proc.wait(60)
+                env.proc = None
+                env.start()
+                # the new service claims it from the master again (a start counted in its attempts)
+                env.wait(lambda: metric(env, 'ossimport_subtasks_started_total{runner="workers"}') == 1, 30,
+                         "the restarted service to claim the subtask")
+            s = flow.wait(sub, FINAL, 120)
+            assert s["Status"] == "COMPLETE", s
+            assert s["FileDetail"]["Checksum"] == crc64(data)
+            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
+            gets = [r for r in proxy.records if r.method == "GET" and r.path.endswith("/big.bin")]
+            assert len(gets) == 1, f"the source was read {len(gets)} times"
+    finally:
+        env.stop()
