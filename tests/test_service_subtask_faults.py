@@ -254,3 +254,59 @@ def test_graceful_restarts_of_the_service_do_not_fail_a_subtask_its_worker_copie
             assert len(gets) == 1, f"the source was read {len(gets)} times"
     finally:
         env.stop()
+
+
+def test_a_worker_host_without_the_file_system_fails_the_subtask_instead_of_writing_its_own_disk(
+        tmp_path: Path) -> None:
+    """A worker on a host where the dataflow's file system is not mounted: the import would create
+    the path on that host's own disk and say COMPLETE. It fails, naming the path and the host."""
+
+    from ossimport.address import parse_address
+    from ossimport.engine.single import SingleRequest
+    from ossimport.jobs.protocol import location_to_dict
+    from ossimport.jobs.stream_worker import StreamSlots
+    from ossimport.jobs.wakeup import Wakeup
+
+    src_dir = tmp_path / "store"
+    src_dir.mkdir()
+    (src_dir / "a.txt").write_bytes(b"alpha")
+    unmounted = tmp_path / "cpfs" / "oss"  # not on this "host"
+    done = Wakeup()
+    slots = StreamSlots(1, done=done)
+    try:
+        spec = {"src": location_to_dict(parse_address(f"{src_dir}/")),
+                "dst": location_to_dict(parse_address(f"{unmounted}/"))}
+        request = SingleRequest("a.txt", "a.txt", "OVERWRITE_EXISTING", "/a.txt").to_dict()
+        assert slots.start({"id": "s1", "spec": spec, "request": request})
+        deadline = time.monotonic() + 30
+        results = slots.due()
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.05)
+            results = slots.due()
+        [(sub_id, result)] = results
+        assert sub_id == "s1" and result.status == "FAILED", result
+        assert "FILE_SYSTEM_NOT_FOUND" in result.error and str(unmounted) in result.error
+        assert not (tmp_path / "cpfs").exists(), "nothing was written on this host's disk"
+    finally:
+        slots.close()
+        done.close()
+
+
+def test_a_subtask_whose_file_system_directory_vanished_fails_with_the_reason(
+        backend_factory: Any, tmp_path: Path) -> None:
+    env = ServiceEnv(tmp_path, workers=False)
+    env.start()
+    try:
+        flow = Flow(env, backend_factory("s3-moto"), tmp_path)
+        flow.put("test/a.txt", b"alpha")
+        task = flow.task("StreamImport")
+        env.ok("StopDataFlow", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id)
+        sub = flow.sub(task, "/a.txt", "/a.txt")
+        (flow.fs / "oss").rmdir()
+        env.ok("StartDataFlow", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id)
+        s = flow.wait(sub, FINAL)
+        assert s["Status"] == "FAILED" and "create it first" in s["ErrorMsg"], s
+        assert "internal error" not in s["ErrorMsg"]
+        assert not (flow.fs / "oss").exists()
+    finally:
+        env.stop()

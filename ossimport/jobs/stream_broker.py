@@ -15,7 +15,8 @@ service -> master
   sub-poll    {}                                           answered by sub-status
   sub-withdraw {ids}                                       take back those still queued (none in a lease of start)
 master -> service
-  sub-status  {workers, known: [id], queued: [id]}         workers taking subtasks; this client's ids
+  sub-status  {workers, slots, known: [id], queued: [id]}  workers taking subtasks and their slots;
+                                                           this client's ids
   sub-withdrawn {ids}                                      taken back: no worker will run them
   sub-progress {subs: {id: [bytes, size or -1]}}
   sub-result  {id, result}                                 engine.single.SingleResult as a dict
@@ -74,6 +75,11 @@ class StreamBroker:
         now = time.monotonic()
         return sum(1 for seat in self.seats.values() if now - seat.seen < self.lease and (seat.free > 0 or seat.held))
 
+    def slots(self) -> int:
+        """Subtask slots of the workers heard from within a lease (free or at work)."""
+        now = time.monotonic()
+        return sum(seat.free + len(seat.held) for seat in self.seats.values() if now - seat.seen < self.lease)
+
     # ---- messages ----------------------------------------------------------------------------------
     def handle(self, ident: bytes, kind: str, msg: dict[str, Any]) -> bool:
         """Take what concerns subtasks; True when the message was only about them (hello, want
@@ -90,7 +96,7 @@ class StreamBroker:
             self._cancel(str(msg.get("id")))
         elif kind == "sub-poll":
             mine = [i for i in self.items.values() if i.client == ident]
-            self.send(ident, "sub-status", workers=self.workers(), known=[i.id for i in mine],
+            self.send(ident, "sub-status", workers=self.workers(), slots=self.slots(), known=[i.id for i in mine],
                       queued=[i.id for i in mine if i.worker is None])
         elif kind == "sub-withdraw":
             # within a lease of a (re)start no worker is known yet, but one may still be copying them

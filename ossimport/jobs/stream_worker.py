@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,7 @@ class StreamSlots:
         self._pool = ThreadPoolExecutor(slots, thread_name_prefix="subtask") if slots > 0 else None
         self._items: dict[str, Running] = {}  # running or waiting for the master's ack
         self._storages: dict[str, tuple[Storage, Storage]] = {}  # spec json -> (src, dst)
+        self._users: dict[str, int] = {}  # spec json -> copies using its storages now
         self._lock = threading.Lock()
 
     @property
@@ -73,9 +76,20 @@ class StreamSlots:
         def sized(entry: Entry) -> None:
             running.total = entry.size
 
+        key = json.dumps(msg["spec"], sort_keys=True)
         try:
-            src, dst = self._open(msg["spec"])
-            result = copy_single(src, dst, SingleRequest.from_dict(msg["request"]), running.arrival, sized, self.bucket)
+            missing = _missing_directory(msg["spec"])
+            if missing:
+                result = SingleResult("FAILED", f"FILE_SYSTEM_NOT_FOUND: {missing} does not exist on worker host "
+                                      f"{socket.gethostname()}; a dataflow's file system must be mounted at the same "
+                                      "path on every worker host")
+            else:
+                src, dst = self._open(key, msg["spec"])
+                try:
+                    result = copy_single(src, dst, SingleRequest.from_dict(msg["request"]), running.arrival, sized,
+                                         self.bucket)
+                finally:
+                    self._release(key)
         except Exception as exc:  # noqa: BLE001 - a bug fails the subtask, never the worker
             log.exception("subtask %s", running.id)
             result = SingleResult("FAILED", f"internal error: {type(exc).__name__}")
@@ -84,18 +98,27 @@ class StreamSlots:
         if self.done is not None:
             self.done.set()
 
-    def _open(self, spec: dict[str, Any]) -> tuple[Storage, Storage]:
-        key = json.dumps(spec, sort_keys=True)
+    def _open(self, key: str, spec: dict[str, Any]) -> tuple[Storage, Storage]:
+        """The dataflow's storages, kept open between its subtasks; held until `_release`."""
         with self._lock:
             pair = self._storages.get(key)
             if pair is None:
-                if len(self._storages) >= MAX_SPECS:
-                    for old in self._storages.pop(next(iter(self._storages))):
-                        old.close()
+                # close dataflows nobody copies with now, beyond MAX_SPECS (never one in use)
+                idle = [k for k in self._storages if not self._users.get(k)]
+                for old in idle[:max(0, len(self._storages) - MAX_SPECS + 1)]:
+                    for st in self._storages.pop(old):
+                        st.close()
                 options = StorageOptions(max_pool=self.slots * 4)
                 pair = self._storages[key] = (open_storage(location_from_dict(spec["src"]), options),
                                               open_storage(location_from_dict(spec["dst"]), options))
+            self._users[key] = self._users.get(key, 0) + 1
             return pair
+
+    def _release(self, key: str) -> None:
+        with self._lock:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key]
 
     def cancel(self, sub_id: str) -> None:
         with self._lock:
@@ -144,3 +167,13 @@ class StreamSlots:
                 for st in pair:
                     st.close()
             self._storages.clear()
+
+
+def _missing_directory(spec: dict[str, Any]) -> str:
+    """The local root of a dataflow's file system when this host lacks it ('' when all is there):
+    copying anyway would write a StreamImport onto this host's own disk and call it COMPLETE."""
+    for side in ("src", "dst"):
+        loc = location_from_dict(spec[side])
+        if loc.backend == "local" and not os.path.isdir(loc.path):
+            return loc.path
+    return ""

@@ -43,6 +43,7 @@ class MasterLink:
         self._wake = Wakeup()
         self._stop = threading.Event()
         self._workers = 0
+        self.slots = 0  # the connected workers' subtask slots, as the master last said
         self.heard = 0.0  # monotonic time of the last sub-status (0: never)
         self._since = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="master-link", daemon=True)
@@ -70,6 +71,8 @@ class MasterLink:
         self._wake.close()
 
     def send(self, kind: str, **body: Any) -> None:
+        if self._stop.is_set():
+            return  # closed: the wake-up pipe may be gone (what was away is claimed on the next start)
         self._outbox.put(pack(kind, **body))
         self._wake.set()
 
@@ -140,6 +143,7 @@ class MasterLink:
             return
         if msg["type"] == "sub-status":
             self._workers = int(msg.get("workers", 0))
+            self.slots = int(msg.get("slots", 0))
             self.heard = time.monotonic()
         try:
             self.on_message(msg)

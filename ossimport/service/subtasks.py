@@ -25,6 +25,7 @@ from ossimport.engine.arrival import Arrival
 from ossimport.engine.single import SingleRequest, SingleResult, copy_single, remove_partial
 from ossimport.jobs.protocol import location_to_dict
 from ossimport.service import paths
+from ossimport.service.errors import ApiError
 from ossimport.service.remote import MasterLink
 from ossimport.storage import open_storage
 from ossimport.storage.base import Entry, Storage, StorageOptions
@@ -32,7 +33,6 @@ from ossimport.storage.base import Entry, Storage, StorageOptions
 log = logging.getLogger("ossimport.service")
 MAX_ATTEMPTS = 3  # service starts a subtask may see RUNNING before it is failed instead of resumed
 THREADS = 4  # subtasks copying at once in the service process
-WORKER_SLOTS = 4  # what each worker takes at once (jobs/stream_worker.py): the window sent ahead
 MASTER_SILENT = 30.0  # seconds without word from the master before its subtasks are taken back
 
 
@@ -88,31 +88,39 @@ class Executor:
         while not self._closed:
             self._wake.wait(timeout=1.0)  # and a sweep now and then, should a wake be missed
             self._wake.clear()
-            self._reclaim_if_master_silent()
-            while not self._closed and self.link.settled:
-                workers = self.link.workers
-                with self._lock:
-                    if workers:
-                        room = max(2 * THREADS, workers * WORKER_SLOTS * 2) - len(self._away)
-                    else:
-                        room = THREADS * 2 - len(self._handed)
-                    skip = [*self._handed, *self._away]
-                if room <= 0:
-                    break
-                marks = ", ".join("?" for _ in skip) or "''"
-                rows = self.db.all(
-                    "SELECT id FROM subtasks WHERE status = 'CREATED' AND dataflow_id IN "
-                    "(SELECT id FROM dataflows WHERE status = 'Running') "
-                    f"AND id NOT IN ({marks}) ORDER BY seq LIMIT ?", [*skip, room])
-                if not rows:
-                    break
-                for row in rows:
-                    if workers:
-                        self._send_away(row["id"])
-                    else:
-                        with self._lock:
-                            self._handed.add(row["id"])
-                        self._pool.submit(self._run_logged, row["id"])
+            try:
+                self._reclaim_if_master_silent()
+                self._feed_once()
+            except Exception:  # noqa: BLE001 - the feeder must outlive a bad moment (the db busy, a bug)
+                log.exception("handing out subtasks")
+
+    def _feed_once(self) -> None:
+        """Hand out CREATED subtasks until the window is full or none waits."""
+        while not self._closed and self.link.settled:
+            workers = self.link.workers
+            with self._lock:
+                if workers:
+                    # two rounds of every worker's slots in flight: the next is there when one ends
+                    room = max(2 * THREADS, 2 * max(self.link.slots, workers)) - len(self._away)
+                else:
+                    room = THREADS * 2 - len(self._handed)
+                skip = [*self._handed, *self._away]
+            if room <= 0:
+                break
+            marks = ", ".join("?" for _ in skip) or "''"
+            rows = self.db.all(
+                "SELECT id FROM subtasks WHERE status = 'CREATED' AND dataflow_id IN "
+                "(SELECT id FROM dataflows WHERE status = 'Running') "
+                f"AND id NOT IN ({marks}) ORDER BY seq LIMIT ?", [*skip, room])
+            if not rows:
+                break
+            for row in rows:
+                if workers:
+                    self._send_away(row["id"])
+                else:
+                    with self._lock:
+                        self._handed.add(row["id"])
+                    self._pool.submit(self._run_logged, row["id"])
 
     def recover(self) -> None:
         """Settle what a killed service left RUNNING or CANCELING."""
@@ -223,6 +231,9 @@ class Executor:
                 return
             sub, flow, task = claimed
             fs_root, store = self._locations(flow)
+        except ApiError as exc:  # the file system's directory is gone, since the dataflow was made
+            self._finish(subtask_id, "FAILED", error=f"{exc.code}: {exc.message}")
+            return
         except Exception as exc:  # noqa: BLE001 - a bug fails the subtask, never the feeder
             log.exception("subtask %s", subtask_id)
             self._finish(subtask_id, "FAILED", error=f"internal error: {type(exc).__name__}")
@@ -328,6 +339,8 @@ class Executor:
     def _run_logged(self, subtask_id: str) -> None:
         try:
             self._run(subtask_id)
+        except ApiError as exc:  # the file system's directory is gone, since the dataflow was made
+            self._finish(subtask_id, "FAILED", error=f"{exc.code}: {exc.message}")
         except Exception as exc:  # noqa: BLE001 - a bug fails the subtask, never the pool
             log.exception("subtask %s", subtask_id)
             self._finish(subtask_id, "FAILED", error=f"internal error: {type(exc).__name__}")
