@@ -310,3 +310,31 @@ def test_a_subtask_whose_file_system_directory_vanished_fails_with_the_reason(
         assert not (flow.fs / "oss").exists()
     finally:
         env.stop()
+
+
+def test_a_result_that_came_while_the_service_was_down_is_not_copied_again(
+        backend_factory: Any, tmp_path: Path) -> None:
+    """The service is killed while a worker copies; the copy ends while no service listens (the
+    master's answer goes nowhere). The restarted service submits the subtask again and gets that
+    answer: COMPLETE with its crc64, the source read once."""
+    env = ServiceEnv(tmp_path)
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            data = random.Random(21).randbytes(2 * MiB)
+            flow.put("test/big.bin", data)
+            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=512 * 1024))
+            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            env.kill9()
+            target = flow.fs / "oss" / "mnt" / "big.bin"
+            env.wait(lambda: target.exists(), 60, "the worker to finish the copy")
+            env.start()
+            s = flow.wait(sub, FINAL, 120)
+            assert s["Status"] == "COMPLETE", s
+            assert s["FileDetail"]["Checksum"] == crc64(data) and target.read_bytes() == data
+            gets = [r for r in proxy.records if r.method == "GET" and r.path.endswith("/big.bin")]
+            assert len(gets) == 1, f"the source was read {len(gets)} times"
+    finally:
+        env.stop()

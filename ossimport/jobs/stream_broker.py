@@ -38,7 +38,7 @@ from typing import Any
 log = logging.getLogger("ossimport.master")
 Send = Callable[..., None]  # send(identity, kind, **body)
 WORKER_KINDS = ("hello", "want", "beat", "sub-beat", "sub-result", "sub-busy")
-GONE_KEPT = 10000  # ids of finished subtasks remembered (a few hundred kB)
+GONE_KEPT = 10000  # finished subtasks remembered, with their results (a few MB at most)
 
 
 @dataclass
@@ -57,6 +57,8 @@ class Item:
     body: dict[str, Any] = field(default_factory=dict)  # spec and request
     worker: bytes | None = None
     deadline: float = 0.0
+    result: dict[str, Any] | None = None  # its worker's word, while no service has claimed it
+    since: float = field(default_factory=time.monotonic)
 
 
 class StreamBroker:
@@ -67,7 +69,10 @@ class StreamBroker:
         self.queue: deque[str] = deque()
         self.seats: dict[bytes, Seat] = {}
         self.born = time.monotonic()
-        self.gone: dict[str, None] = {}  # finished here, oldest first: a worker reporting one drops it
+        # finished here, oldest first, with the result sent (None: none, e.g. withdrawn): a worker
+        # reporting one drops it; a service submitting one again (it never got the answer: killed,
+        # or the message lost) gets the answer again instead of a second copy
+        self.gone: dict[str, dict[str, Any] | None] = {}
 
     def workers(self) -> int:
         """Workers heard from within a lease that take subtasks (a free slot, or one at work): a
@@ -121,10 +126,17 @@ class StreamBroker:
 
     def _submit(self, client: bytes, raw: dict[str, Any]) -> None:
         sub_id = str(raw["id"])
-        self.gone.pop(sub_id, None)  # its service runs it again
+        answer = self.gone.pop(sub_id, None)
+        if answer is not None:
+            self.send(client, "sub-result", id=sub_id, result=answer)
+            self._gone(sub_id, answer)
+            return
         item = self.items.get(sub_id)
         if item is not None:  # already here (a master that kept it, or adopted it): answer the new client
             item.client = client
+            if item.result is not None and item.worker is not None:  # its worker finished meanwhile
+                self._result(item.worker, sub_id, item.result)
+                return
             if not item.body:
                 item.body = {"spec": raw["spec"], "request": raw["request"]}
             return
@@ -180,15 +192,16 @@ class StreamBroker:
             return
         if item.client is None:
             item.deadline = time.monotonic() + self.lease
+            item.result = result  # acknowledged after two leases unclaimed (see expire)
             return  # no service claimed it yet: the worker sends it again, the next time it may be
         self.items.pop(sub_id)
-        self._gone(sub_id)
+        self._gone(sub_id, result)
         self.seats.get(ident, Seat()).held.discard(sub_id)
         self.send(item.client, "sub-result", id=sub_id, result=result)
         self.send(ident, "sub-ack", id=sub_id)
 
-    def _gone(self, sub_id: str) -> None:
-        self.gone[sub_id] = None
+    def _gone(self, sub_id: str, result: dict[str, Any] | None = None) -> None:
+        self.gone[sub_id] = result
         if len(self.gone) > GONE_KEPT:
             del self.gone[next(iter(self.gone))]
 
@@ -225,6 +238,14 @@ class StreamBroker:
                 if item.body:  # the next holder removes what a worker killed mid-copy left at the destination
                     item.body["request"]["again"] = True
                 self._requeue(item)
+            elif item.client is None and item.result is not None and now - item.since > 2 * self.lease:
+                # a result nobody claims (its service got it from the master before a restart of
+                # this one): the worker stops resending it; a service asking later still gets it
+                self.items.pop(item.id)
+                self._gone(item.id, item.result)
+                if item.worker is not None:
+                    self.seats.get(item.worker, Seat()).held.discard(item.id)
+                    self.send(item.worker, "sub-ack", id=item.id)
         for ident in [i for i, s in self.seats.items() if now - s.seen > 10 * self.lease]:
             del self.seats[ident]
         self.dispatch()
