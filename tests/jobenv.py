@@ -70,6 +70,19 @@ class JobEnv:
             assert proc.returncode == 0, f"console {args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
 
+    def run_template(self, template: str, overrides: dict[str, Any], files: int) -> dict[str, Any]:
+        """Run an upstream job.cfg template unchanged but for `overrides` (appended: a key given
+        twice takes the later value, as upstream's properties loader does) on one worker; assert it
+        SUCCEEDs with exactly `files` files done."""
+        (self.conf / "local_job.cfg").write_text(
+            template + "\n" + "".join(f"{k}={v}\n" for k, v in overrides.items()), encoding="utf-8")
+        self.console("submit")
+        self.console("start", "--workers", "1")
+        st = self.wait_state({"SUCCEED", "FAILED"}, timeout=180)
+        assert st["JobState"] == "SUCCEED", self.log_tail()
+        assert (st["Files Total"], st["Files Done"], st["Files Failed"]) == (files, files, 0)
+        return st
+
     def stat(self, name: str | None = None) -> dict[str, Any]:
         """One job's status (`stat --json` prints a list of jobs, here of one)."""
         [st] = json.loads(self.console("stat", "--json", name or self.job_name).stdout)

@@ -216,13 +216,7 @@ def test_upstream_qiniu_template_runs_as_a_job(tmp_path: Path, envs: list[JobEnv
     }
     template = COMPAT_QINIU.read_text(encoding="utf-8")
     assert re.search(r"^srcType=qiniu$", template, re.M)
-    (env.conf / "local_job.cfg").write_text(
-        template + "\n" + "".join(f"{k}={v}\n" for k, v in overrides.items()), encoding="utf-8")
-    env.console("submit")
-    env.console("start", "--workers", "1")
-    st = env.wait_state({"SUCCEED", "FAILED"}, timeout=180)
-    assert st["JobState"] == "SUCCEED", env.log_tail()
-    assert (st["Files Total"], st["Files Done"], st["Files Failed"]) == (len(files), len(files), 0)
+    env.run_template(template, overrides, len(files))
     want = md5s({k.removeprefix("docs/"): v for k, v in files.items()})
     if dest == "local":
         assert md5s({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}) == want

@@ -7,9 +7,6 @@ import io
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -490,67 +487,6 @@ def test_cancel_of_a_running_multipart_export_leaves_no_object_and_no_upload(
     assert s["Status"] == "CANCELED", s
     assert [e.key for e in flow.bucket.list()] == []
     assert list(flow.bucket.list_multipart()) == [], "the multipart upload was aborted"
-
-
-def test_subtasks_on_a_worker_killed_mid_copy_are_finished_elsewhere(backend_factory: Any, tmp_path: Path) -> None:
-    """A worker copying a subtask is killed: its lease lapses at the master and the subtask is
-    handed on — here, with no worker left, back to the service, which finishes it."""
-    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
-    env.start()
-    try:
-        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
-        s3 = backend_factory("s3-moto")
-        with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
-            address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
-            flow = Flow(env, s3, tmp_path, address)
-            data = random.Random(12).randbytes(4 * MiB)
-            flow.put("test/big.bin", data)
-            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=256 * 1024))
-            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
-            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
-            assert metric(env, 'ossimport_subtasks_started_total{runner="workers"}') == 1
-            [pid_file] = (env.workdir / "run").glob("worker-*.pid")
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            s = flow.wait(sub, {"COMPLETE", "FAILED", "CANCELED"}, 120)
-            assert s["Status"] == "COMPLETE", s
-            assert s["FileDetail"]["Checksum"] == crc64(data)
-            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
-            assert os.listdir(flow.fs / "oss" / "mnt") == ["big.bin"], "the killed worker's temporary file is gone"
-            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 1
-            assert metric(env, 'ossimport_workers{kind="connected"}') == 0
-    finally:
-        env.stop()
-
-
-def test_a_master_killed_while_a_worker_copies_a_subtask_does_not_copy_it_twice(
-        backend_factory: Any, tmp_path: Path) -> None:
-    """The master forgets its subtasks when killed; the worker goes on, the restarted master adopts
-    the copy from the worker's beats and the service claims it: one GET of the source, COMPLETE."""
-    env = ServiceEnv(tmp_path)
-    env.start()
-    try:
-        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
-        s3 = backend_factory("s3-moto")
-        with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
-            address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
-            flow = Flow(env, s3, tmp_path, address)
-            data = random.Random(13).randbytes(3 * MiB)
-            flow.put("test/big.bin", data)
-            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=256 * 1024))
-            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
-            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
-            os.kill(int((env.workdir / "run" / "master.pid").read_text()), signal.SIGKILL)
-            subprocess.run([sys.executable, "-m", "ossimport", "console", "--sys", str(env.sys_path), "start",
-                            "--no-service"], check=True, capture_output=True, env=env.env, timeout=120)
-            s = flow.wait(sub, {"COMPLETE", "FAILED", "CANCELED"}, 120)
-            assert s["Status"] == "COMPLETE", s
-            assert s["FileDetail"]["Checksum"] == crc64(data)
-            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
-            gets = [r for r in proxy.records if r.method == "GET" and r.path.endswith("/big.bin")]
-            assert len(gets) == 1, f"the source was read {len(gets)} times"
-            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0
-    finally:
-        env.stop()
 
 
 def test_subtasks_spread_over_the_connected_workers(backend_factory: Any, tmp_path: Path) -> None:

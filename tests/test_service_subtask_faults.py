@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,53 @@ def slow_flow(env: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Iterator
     with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
         address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
         yield Flow(env, s3, tmp_path, address), proxy
+
+
+@dataclass
+class Copying:
+    """A StreamImport subtask of big.bin (`data`) whose first bytes arrived on a worker."""
+
+    env: ServiceEnv
+    flow: Flow
+    proxy: FaultProxy
+    task: str
+    sub: str
+    data: bytes
+
+    def reads(self) -> int:
+        """GETs of big.bin the object store served."""
+        return sum(1 for r in self.proxy.records if r.method == "GET" and r.path.endswith("/big.bin"))
+
+    def cancel(self) -> None:
+        self.env.ok("CancelDataFlowSubTask", FileSystemId=str(self.flow.fs), DataFlowId=self.flow.flow_id,
+                    DataFlowTaskId=self.task, DataFlowSubTaskId=self.sub)
+
+
+@contextmanager
+def copying_on_a_worker(backend_factory: Any, tmp_path: Path, data: bytes, *, bps: int, every_read: bool = False,
+                        workers: int = 1) -> Iterator[Copying]:
+    """The service with the master and `workers` workers (leaseSeconds 5), an object store that
+    serves big.bin at `bps` (its first GET, or `every_read`), and a StreamImport subtask of it
+    that a worker is copying; everything stopped afterwards."""
+    env = ServiceEnv(tmp_path, {"workerCount": workers})
+    env.start()
+    try:
+        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= workers, 60, "the workers")
+        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+            flow.put("test/big.bin", data)
+            slow = {"probability": 1.0} if every_read else {"count": 1}
+            proxy.add(Fault("slow_down", method="GET", path=r"big\.bin$", bps=bps, **slow))  # type: ignore[arg-type]
+            task = flow.task("StreamImport")
+            sub = flow.sub(task, "/big.bin", "/big.bin")
+            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
+            assert metric(env, 'ossimport_subtasks_started_total{runner="workers"}') == 1
+            yield Copying(env, flow, proxy, task, sub, data)
+    finally:
+        env.stop()
+
+
+def kill_master(env: ServiceEnv) -> None:
+    os.kill(int((env.workdir / "run" / "master.pid").read_text()), signal.SIGKILL)
 
 
 def worker_pids(env: ServiceEnv) -> list[int]:
@@ -94,55 +142,29 @@ def test_a_cancel_sent_to_a_killed_worker_ends_canceled(backend_factory: Any, tm
     cancel reaches nobody, the master takes the subtask back at the lapse. It must end CANCELED, not
     stay CANCELING (which DeleteDataFlow and CancelDataFlowTask refuse, "cancel them first"), and
     what the killed worker left at the destination goes."""
-    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
-    env.start()
-    try:
-        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
-        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
-            flow.put("test/big.bin", random.Random(21).randbytes(4 * MiB))
-            proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"big\.bin$", bps=256 * 1024))
-            task = flow.task("StreamImport")
-            sub = flow.sub(task, "/big.bin", "/big.bin")
-            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
-            [pid] = worker_pids(env)
-            os.kill(pid, signal.SIGKILL)
-            env.ok("CancelDataFlowSubTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, DataFlowTaskId=task,
-                   DataFlowSubTaskId=sub)
-            s = flow.wait(sub, FINAL, 60)
-            assert s["Status"] == "CANCELED", s
-            mnt = flow.fs / "oss" / "mnt"
-            assert os.listdir(mnt) == [], "no file and no temporary file of the killed worker"
-            env.ok("CancelDataFlowTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, TaskId=task)
-            env.ok("DeleteDataFlow", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id)
-    finally:
-        env.stop()
+    data = random.Random(21).randbytes(4 * MiB)
+    with copying_on_a_worker(backend_factory, tmp_path, data, bps=256 * 1024, every_read=True) as c:
+        [pid] = worker_pids(c.env)
+        os.kill(pid, signal.SIGKILL)
+        c.cancel()
+        s = c.flow.wait(c.sub, FINAL, 60)
+        assert s["Status"] == "CANCELED", s
+        assert os.listdir(c.flow.fs / "oss" / "mnt") == [], "no file and no temporary file of the killed worker"
+        c.env.ok("CancelDataFlowTask", FileSystemId=str(c.flow.fs), DataFlowId=c.flow.flow_id, TaskId=c.task)
+        c.env.ok("DeleteDataFlow", FileSystemId=str(c.flow.fs), DataFlowId=c.flow.flow_id)
 
 
 def test_a_subtask_handed_to_another_worker_removes_the_killed_ones_temporary_file(
         backend_factory: Any, tmp_path: Path) -> None:
     """Two workers; the one copying a subtask is killed mid-copy, its lease lapses and the master
     hands the subtask to the other, which must remove what the first left at the destination."""
-    env = ServiceEnv(tmp_path, {"workerCount": 2})
-    env.start()
-    try:
-        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 2, 60, "both workers")
-        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
-            data = random.Random(22).randbytes(4 * MiB)
-            flow.put("test/big.bin", data)
-            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=256 * 1024))
-            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
-            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
-            [holder] = env.wait(lambda: [p for p in worker_pids(env) if writing(p, ".big.bin.ossimport.")], 30,
-                                "the worker writing big.bin")
-            os.kill(holder, signal.SIGKILL)
-            s = flow.wait(sub, FINAL, 120)
-            assert s["Status"] == "COMPLETE", s
-            assert s["FileDetail"]["Checksum"] == crc64(data)
-            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
-            assert os.listdir(flow.fs / "oss" / "mnt") == ["big.bin"], "the killed worker's temporary file is gone"
-            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0, "finished by a worker"
-    finally:
-        env.stop()
+    data = random.Random(22).randbytes(4 * MiB)
+    with copying_on_a_worker(backend_factory, tmp_path, data, bps=256 * 1024, workers=2) as c:
+        [holder] = c.env.wait(lambda: [p for p in worker_pids(c.env) if writing(p, ".big.bin.ossimport.")], 30,
+                              "the worker writing big.bin")
+        os.kill(holder, signal.SIGKILL)
+        assert_complete(c)
+        assert metric(c.env, 'ossimport_subtasks_started_total{runner="service"}') == 0, "finished by a worker"
 
 
 def test_a_master_restarted_while_its_worker_is_silent_does_not_copy_the_subtask_twice(
@@ -151,75 +173,46 @@ def test_a_master_restarted_while_its_worker_is_silent_does_not_copy_the_subtask
     slow host, a network hiccup), so the service's resubmission reaches the new master before the
     worker's word. The master must neither give the subtask back to the service (no worker spoke
     yet: none known is not none there) nor make the worker drop the copy once it speaks again."""
-    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
-    env.start()
-    frozen = 0
-    try:
-        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
-        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
-            data = random.Random(23).randbytes(3 * MiB)
-            flow.put("test/big.bin", data)
-            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=256 * 1024))
-            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
-            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
-            [frozen] = worker_pids(env)
-            os.kill(frozen, signal.SIGSTOP)
-            os.kill(int((env.workdir / "run" / "master.pid").read_text()), signal.SIGKILL)
-            console(env, "start", "--no-service")
+    data = random.Random(23).randbytes(3 * MiB)
+    with copying_on_a_worker(backend_factory, tmp_path, data, bps=256 * 1024) as c:
+        [frozen] = worker_pids(c.env)
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            kill_master(c.env)
+            console(c.env, "start", "--no-service")
             # the service polls the new master every second: three polls resubmit the subtask and
             # would give it back; an absence over a span can only be checked over that span
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline:
-                assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0, \
+                assert metric(c.env, 'ossimport_subtasks_started_total{runner="service"}') == 0, \
                     "the master gave the subtask back while its worker still copied it"
                 time.sleep(0.2)
+        finally:
             os.kill(frozen, signal.SIGCONT)
-            frozen = 0
-            s = flow.wait(sub, FINAL, 120)
-            assert s["Status"] == "COMPLETE", s
-            assert s["FileDetail"]["Checksum"] == crc64(data)
-            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
-            gets = [r for r in proxy.records if r.method == "GET" and r.path.endswith("/big.bin")]
-            assert len(gets) == 1, f"the source was read {len(gets)} times"
-            assert metric(env, 'ossimport_subtasks_started_total{runner="service"}') == 0
-    finally:
-        if frozen:
-            os.kill(frozen, signal.SIGCONT)
-        env.stop()
+        assert_complete(c)
+        assert c.reads() == 1, f"the source was read {c.reads()} times"
+        assert metric(c.env, 'ossimport_subtasks_started_total{runner="service"}') == 0
 
 
 def test_a_cancel_while_the_master_restarts_stops_the_workers_copy(backend_factory: Any, tmp_path: Path) -> None:
     """A subtask is canceled while the master is down and the worker copying it frozen: the new
     master knows nothing of it when the cancel arrives. The cancel must still win: CANCELED, and the
     worker, once it speaks again, drops the copy (no file at the destination, no temporary file)."""
-    env = ServiceEnv(tmp_path)  # the master and one worker; leaseSeconds 5
-    env.start()
-    frozen = 0
-    try:
-        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
-        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
-            flow.put("test/big.bin", random.Random(24).randbytes(3 * MiB))
-            proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"big\.bin$", bps=256 * 1024))
-            task = flow.task("StreamImport")
-            sub = flow.sub(task, "/big.bin", "/big.bin")
-            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
-            [frozen] = worker_pids(env)
-            os.kill(frozen, signal.SIGSTOP)
-            os.kill(int((env.workdir / "run" / "master.pid").read_text()), signal.SIGKILL)
-            env.ok("CancelDataFlowSubTask", FileSystemId=str(flow.fs), DataFlowId=flow.flow_id, DataFlowTaskId=task,
-                   DataFlowSubTaskId=sub)
-            console(env, "start", "--no-service")
-            s = flow.wait(sub, FINAL, 30)
+    data = random.Random(24).randbytes(3 * MiB)
+    with copying_on_a_worker(backend_factory, tmp_path, data, bps=256 * 1024, every_read=True) as c:
+        [frozen] = worker_pids(c.env)
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            kill_master(c.env)
+            c.cancel()
+            console(c.env, "start", "--no-service")
+            s = c.flow.wait(c.sub, FINAL, 30)
             assert s["Status"] == "CANCELED", s
+        finally:
             os.kill(frozen, signal.SIGCONT)
-            frozen = 0
-            mnt = flow.fs / "oss" / "mnt"
-            env.wait(lambda: os.listdir(mnt) == [], 60, "the worker to drop its copy and its temporary file")
-            assert flow.describe(sub)["Status"] == "CANCELED"
-    finally:
-        if frozen:
-            os.kill(frozen, signal.SIGCONT)
-        env.stop()
+        mnt = c.flow.fs / "oss" / "mnt"
+        c.env.wait(lambda: os.listdir(mnt) == [], 60, "the worker to drop its copy and its temporary file")
+        assert c.flow.describe(c.sub)["Status"] == "CANCELED"
 
 
 def test_graceful_restarts_of_the_service_do_not_fail_a_subtask_its_worker_copies(
@@ -227,33 +220,19 @@ def test_graceful_restarts_of_the_service_do_not_fail_a_subtask_its_worker_copie
     """The service is stopped (SIGTERM) and started again three times while a worker copies a long
     subtask: no start was a failed one (the copy went on at the worker), so the subtask is not
     FAILED "started 3 times without finishing"; it completes, read once."""
-    env = ServiceEnv(tmp_path)  # the master and one worker
-    env.start()
-    try:
-        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
-        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
-            data = random.Random(25).randbytes(4 * MiB)
-            flow.put("test/big.bin", data)
-            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=128 * 1024))
-            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
-            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
-            for _ in range(3):
-                assert env.proc is not None
-                env.proc.terminate()
-                env.proc.wait(60)
-                env.proc = None
-                env.start()
-                # the new service claims it from the master again (a start counted in its attempts)
-                env.wait(lambda: metric(env, 'ossimport_subtasks_started_total{runner="workers"}') == 1, 30,
-                         "the restarted service to claim the subtask")
-            s = flow.wait(sub, FINAL, 120)
-            assert s["Status"] == "COMPLETE", s
-            assert s["FileDetail"]["Checksum"] == crc64(data)
-            assert (flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == data
-            gets = [r for r in proxy.records if r.method == "GET" and r.path.endswith("/big.bin")]
-            assert len(gets) == 1, f"the source was read {len(gets)} times"
-    finally:
-        env.stop()
+    data = random.Random(25).randbytes(4 * MiB)
+    with copying_on_a_worker(backend_factory, tmp_path, data, bps=128 * 1024) as c:
+        for _ in range(3):
+            assert c.env.proc is not None
+            c.env.proc.terminate()
+            c.env.proc.wait(60)
+            c.env.proc = None
+            c.env.start()
+            # the new service claims it from the master again (a start counted in its attempts)
+            c.env.wait(lambda: metric(c.env, 'ossimport_subtasks_started_total{runner="workers"}') == 1, 30,
+                       "the restarted service to claim the subtask")
+        assert_complete(c)
+        assert c.reads() == 1, f"the source was read {c.reads()} times"
 
 
 def test_a_worker_host_without_the_file_system_fails_the_subtask_instead_of_writing_its_own_disk(
@@ -317,24 +296,46 @@ def test_a_result_that_came_while_the_service_was_down_is_not_copied_again(
     """The service is killed while a worker copies; the copy ends while no service listens (the
     master's answer goes nowhere). The restarted service submits the subtask again and gets that
     answer: COMPLETE with its crc64, the source read once."""
-    env = ServiceEnv(tmp_path)
-    env.start()
-    try:
-        env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= 1, 60, "the worker")
-        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
-            data = random.Random(21).randbytes(2 * MiB)
-            flow.put("test/big.bin", data)
-            proxy.add(Fault("slow_down", count=1, method="GET", path=r"big\.bin$", bps=512 * 1024))
-            sub = flow.sub(flow.task("StreamImport"), "/big.bin", "/big.bin")
-            env.wait(lambda: flow.describe(sub)["ProgressStats"]["BytesDone"] > 0, 60, "bytes to arrive")
-            env.kill9()
-            target = flow.fs / "oss" / "mnt" / "big.bin"
-            env.wait(lambda: target.exists(), 60, "the worker to finish the copy")
-            env.start()
-            s = flow.wait(sub, FINAL, 120)
-            assert s["Status"] == "COMPLETE", s
-            assert s["FileDetail"]["Checksum"] == crc64(data) and target.read_bytes() == data
-            gets = [r for r in proxy.records if r.method == "GET" and r.path.endswith("/big.bin")]
-            assert len(gets) == 1, f"the source was read {len(gets)} times"
-    finally:
-        env.stop()
+    data = random.Random(26).randbytes(2 * MiB)
+    with copying_on_a_worker(backend_factory, tmp_path, data, bps=512 * 1024) as c:
+        c.env.kill9()
+        target = c.flow.fs / "oss" / "mnt" / "big.bin"
+        c.env.wait(lambda: target.exists(), 60, "the worker to finish the copy")
+        c.env.start()
+        assert_complete(c)
+        assert c.reads() == 1, f"the source was read {c.reads()} times"
+
+
+def test_subtasks_on_a_worker_killed_mid_copy_are_finished_elsewhere(backend_factory: Any, tmp_path: Path) -> None:
+    """A worker copying a subtask is killed: its lease lapses at the master and the subtask is
+    handed on — here, with no worker left, back to the service, which finishes it."""
+    data = random.Random(12).randbytes(4 * MiB)
+    with copying_on_a_worker(backend_factory, tmp_path, data, bps=256 * 1024) as c:
+        [pid] = worker_pids(c.env)
+        os.kill(pid, signal.SIGKILL)
+        assert_complete(c)
+        assert metric(c.env, 'ossimport_subtasks_started_total{runner="service"}') == 1
+        assert metric(c.env, 'ossimport_workers{kind="connected"}') == 0
+
+
+def test_a_master_killed_while_a_worker_copies_a_subtask_does_not_copy_it_twice(
+        backend_factory: Any, tmp_path: Path) -> None:
+    """The master forgets its subtasks when killed; the worker goes on, the restarted master adopts
+    the copy from the worker's beats and the service claims it: one GET of the source, COMPLETE."""
+    data = random.Random(13).randbytes(3 * MiB)
+    with copying_on_a_worker(backend_factory, tmp_path, data, bps=256 * 1024) as c:
+        kill_master(c.env)
+        console(c.env, "start", "--no-service")
+        assert_complete(c)
+        assert c.reads() == 1, f"the source was read {c.reads()} times"
+        assert metric(c.env, 'ossimport_subtasks_started_total{runner="service"}') == 0
+
+
+def assert_complete(c: Copying) -> None:
+    """The subtask ends COMPLETE with the crc64 of the data, which arrived whole and alone (no
+    temporary file of a killed copy beside it)."""
+    s = c.flow.wait(c.sub, FINAL, 120)
+    assert s["Status"] == "COMPLETE", s
+    assert s["FileDetail"]["Checksum"] == crc64(c.data)
+    assert (c.flow.fs / "oss" / "mnt" / "big.bin").read_bytes() == c.data
+    assert os.listdir(c.flow.fs / "oss" / "mnt") == ["big.bin"], "no temporary file is left"
