@@ -18,7 +18,7 @@ import pytest
 from backends import azure as azurite
 from helpers import digests, md5s, run_cli, tree, write_tree
 from jobenv import JobEnv, free_port
-from test_jobs import s3_keys
+from test_jobs import run_upstream_template
 
 from ossimport.address import parse_address
 from ossimport.errors import NotFound
@@ -201,25 +201,10 @@ def test_upstream_blob_template_runs_as_a_job(tmp_path: Path, envs: list[JobEnv]
     root = azure.new_root()
     files = {f"docs/{k}": v for k, v in tree().items()}
     azure.seed(root, {**files, "elsewhere/not-copied.txt": b"outside srcPrefix"})
-    if dest == "local":
-        out = tmp_path / "out"
-        dest_keys: dict[str, Any] = {"destType": "local", "destPrefix": f"{out}/"}
-    else:
-        s3 = backend_factory(dest)
-        s3_root = s3.new_root()
-        dest_keys = s3_keys("dest", s3.address(s3_root))
-    env = JobEnv(tmp_path, job={"jobName": "local_test"})
-    envs.append(env)
     overrides = {
         "srcDomain": f"http://127.0.0.1:{azure.handle.port}", "srcAccessKey": azurite.ACCOUNT,
         "srcSecretKey": azurite.KEY, "srcBucket": azure.handle.container, "srcPrefix": f"{root}/docs/",
-        **dest_keys,
     }
     template = COMPAT_BLOB.read_text(encoding="utf-8")
     assert re.search(r"^srcType=azure$", template, re.M)
-    env.run_template(template, overrides, len(files))
-    want = md5s({k.removeprefix("docs/"): v for k, v in files.items()})
-    if dest == "local":
-        assert md5s({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}) == want
-    else:
-        assert digests(s3.storage(s3_root)) == want
+    run_upstream_template(tmp_path, envs, backend_factory, template, overrides, files, dest)

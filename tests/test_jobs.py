@@ -27,6 +27,28 @@ def s3_keys(side: str, address: str) -> dict[str, Any]:
             f"{side}Prefix": loc.prefix, f"{side}AccessKey": loc.access_key, f"{side}SecretKey": loc.secret_key}
 
 
+def run_upstream_template(tmp_path: Path, envs: list[JobEnv], backend_factory: Any, template: str,
+                          src_keys: dict[str, Any], files: dict[str, bytes], dest: str) -> None:
+    """An upstream job.cfg template, unchanged but for its source's endpoint keys (`src_keys`) and
+    its destination: "local" (a directory) or an S3 test backend. `files` are the source's files
+    under the template's srcPrefix (docs/); they must arrive byte for byte, and nothing else."""
+    if dest == "local":
+        out = tmp_path / "out"
+        dest_keys: dict[str, Any] = {"destType": "local", "destPrefix": f"{out}/"}
+    else:
+        s3 = backend_factory(dest)
+        s3_root = s3.new_root()
+        dest_keys = s3_keys("dest", s3.address(s3_root))
+    env = JobEnv(tmp_path, job={"jobName": "local_test"})
+    envs.append(env)
+    env.run_template(template, {**src_keys, **dest_keys}, len(files))
+    want = md5s({k.removeprefix("docs/"): v for k, v in files.items()})
+    if dest == "local":
+        assert md5s({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}) == want
+    else:
+        assert digests(s3.storage(s3_root)) == want
+
+
 def local_keys(side: str, path: Path) -> dict[str, Any]:
     return {f"{side}Type": "local", f"{side}Prefix": f"{path}/"}
 

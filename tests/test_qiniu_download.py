@@ -21,7 +21,7 @@ from helpers import MiB, digests, md5s, run_cli, tree, via
 from jobenv import JobEnv
 from servers.faultproxy import FaultProxy
 from servers.qiniu_domain import QiniuDomain
-from test_jobs import s3_keys
+from test_jobs import run_upstream_template
 
 from ossimport.address import parse_address
 from ossimport.errors import UsageError
@@ -200,28 +200,14 @@ def test_upstream_qiniu_template_runs_as_a_job(tmp_path: Path, envs: list[JobEnv
     root = qiniu.s3.new_root()
     files = {f"docs/{k}": v for k, v in tree().items()}
     qiniu.s3.seed(root, {**files, "elsewhere/not-copied.txt": b"outside srcPrefix"})
-    if dest == "local":
-        out = tmp_path / "out"
-        dest_keys: dict[str, Any] = {"destType": "local", "destPrefix": f"{out}/"}
-    else:
-        s3 = backend_factory(dest)
-        s3_root = s3.new_root()
-        dest_keys = s3_keys("dest", s3.address(s3_root))
-    env = JobEnv(tmp_path, job={"jobName": "local_test"})
-    envs.append(env)
     overrides = {
         "srcDomain": f"http://{qiniu.proxy.address}", "srcAccessKey": AK, "srcSecretKey": SK,
         "srcBucket": qiniu.s3.handle.bucket, "srcPrefix": f"{root}/docs/",
-        "isDownloadFromCdn": "true", "cdnDomain": qiniu.domain.url, **dest_keys,
+        "isDownloadFromCdn": "true", "cdnDomain": qiniu.domain.url,
     }
     template = COMPAT_QINIU.read_text(encoding="utf-8")
     assert re.search(r"^srcType=qiniu$", template, re.M)
-    env.run_template(template, overrides, len(files))
-    want = md5s({k.removeprefix("docs/"): v for k, v in files.items()})
-    if dest == "local":
-        assert md5s({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}) == want
-    else:
-        assert digests(s3.storage(s3_root)) == want
+    run_upstream_template(tmp_path, envs, backend_factory, template, overrides, files, dest)
     assert qiniu.domain.gets >= sum(1 for v in files.values() if v)
     assert qiniu.object_gets() == [], "object bodies were read from the S3 API"
 

@@ -20,7 +20,7 @@ from backends import upyun as up
 from helpers import compat_dir, digests, md5s, run_cli, run_json, tree
 from jobenv import JobEnv, free_port
 from servers.upyun_server import UpYunServer
-from test_jobs import s3_keys
+from test_jobs import run_upstream_template
 from test_sorting import needs_proc, open_temp_files, small_runs
 
 from ossimport.address import parse_address
@@ -265,24 +265,10 @@ def test_upstream_youpai_template_runs_as_a_job(tmp_path: Path, envs: list[JobEn
     files = {f"docs/{k}": v for k, v in tree().items()}
     for key, data in {**files, "elsewhere/not-copied.txt": b"outside srcPrefix"}.items():
         template_service.put("mybucket", key, data)
-    if dest == "local":
-        out = tmp_path / "out"
-        dest_keys: dict[str, Any] = {"destType": "local", "destPrefix": f"{out}/"}
-    else:
-        s3 = backend_factory(dest)
-        s3_root = s3.new_root()
-        dest_keys = s3_keys("dest", s3.address(s3_root))
-    env = JobEnv(tmp_path, job={"jobName": "local_test"})
-    envs.append(env)
     template = template_file.read_text(encoding="utf-8")
     assert re.search(r"^srcType=youpai$", template, re.M) and re.search(r"^srcPrefix=docs/$", template, re.M)
-    overrides = {"srcDomain": f"http://127.0.0.1:{template_service.port}", **dest_keys}
-    env.run_template(template, overrides, len(files))
-    want = md5s({k.removeprefix("docs/"): v for k, v in files.items()})
-    if dest == "local":
-        assert md5s({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}) == want
-    else:
-        assert digests(s3.storage(s3_root)) == want
+    overrides = {"srcDomain": f"http://127.0.0.1:{template_service.port}"}
+    run_upstream_template(tmp_path, envs, backend_factory, template, overrides, files, dest)
     assert template_service.refused == 0
 
 
