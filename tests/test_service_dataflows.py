@@ -505,7 +505,7 @@ def test_subtasks_spread_over_the_connected_workers(backend_factory: Any, tmp_pa
             files = {f"f{i}.bin": random.Random(i).randbytes(512 * 1024) for i in range(8)}
             for name, data in files.items():
                 flow.put(f"test/{name}", data)
-            proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"\.bin$", bps=128 * 1024))
+            proxy.add(Fault("slow_down", probability=1.0, method="GET", path=r"\.bin$", bps=1 * MiB))  # shared by all
             task = flow.task("StreamImport")
             subs = [flow.sub(task, f"/{name}", f"/{name}") for name in files]
             workers = [psutil.Process(int(p.read_text())) for p in (env.workdir / "run").glob("worker-*.pid")]
