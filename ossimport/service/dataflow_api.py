@@ -195,27 +195,27 @@ def DeleteDataFlow(svc: Any, req: DataFlowRequest) -> dict[str, Any]:
     return {}
 
 
-@action(DataFlowRequest)
-def StopDataFlow(svc: Any, req: DataFlowRequest) -> dict[str, Any]:
-    """Stop starting subtasks (running copies finish; waiting ones wait for StartDataFlow)."""
+def _switch(svc: Any, req: DataFlowRequest, status: str) -> dict[str, Any]:
+    """Running <-> Stopped (either way from either: a repeated call changes nothing)."""
     flow = flow_of(svc, req.FileSystemId, req.DataFlowId)
     if flow["status"] not in ("Running", "Stopped"):
         raise ApiError("InvalidStatus.ResourceMismatch", f"dataflow {flow['id']} is {flow['status']}")
     if not req.DryRun:
-        svc.db.update("dataflows", flow["id"], {"status": "Stopped", "update_time": now()})
+        svc.db.update("dataflows", flow["id"], {"status": status, "update_time": now()})
+        svc.executor.wake()
     return {}
+
+
+@action(DataFlowRequest)
+def StopDataFlow(svc: Any, req: DataFlowRequest) -> dict[str, Any]:
+    """Stop starting subtasks (running copies finish; waiting ones wait for StartDataFlow)."""
+    return _switch(svc, req, "Stopped")
 
 
 @action(DataFlowRequest)
 def StartDataFlow(svc: Any, req: DataFlowRequest) -> dict[str, Any]:
     """Start a stopped dataflow; its waiting subtasks run."""
-    flow = flow_of(svc, req.FileSystemId, req.DataFlowId)
-    if flow["status"] not in ("Running", "Stopped"):
-        raise ApiError("InvalidStatus.ResourceMismatch", f"dataflow {flow['id']} is {flow['status']}")
-    if not req.DryRun:
-        svc.db.update("dataflows", flow["id"], {"status": "Running", "update_time": now()})
-        svc.executor.wake()
-    return {}
+    return _switch(svc, req, "Running")
 
 
 # ---- tasks ---------------------------------------------------------------------------------------
