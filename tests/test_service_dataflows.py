@@ -8,6 +8,7 @@ import json
 import os
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -283,13 +284,20 @@ def test_stop_start_delete_and_cancel_rules(flow: Flow) -> None:
     assert svc.ok("DescribeDataFlows", FileSystemId=fs)["DataFlowInfo"]["DataFlow"] == []
 
 
-@pytest.fixture
-def slow_flow(svc: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Iterator[tuple[Flow, FaultProxy]]:
-    """A dataflow whose object store answers GETs of big.bin at 1 MiB/s (through a proxy)."""
+@contextmanager
+def proxied_flow(svc: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Iterator[tuple[Flow, FaultProxy]]:
+    """A dataflow whose object store (moto) is reached through a fault proxy, to shape its answers."""
     s3 = backend_factory("s3-moto")
     with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
         address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
         yield Flow(svc, s3, tmp_path, address), proxy
+
+
+@pytest.fixture
+def slow_flow(svc: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Iterator[tuple[Flow, FaultProxy]]:
+    """A dataflow whose object store is behind a fault proxy (each test slows what it needs)."""
+    with proxied_flow(svc, backend_factory, tmp_path) as pair:
+        yield pair
 
 
 @BOTH

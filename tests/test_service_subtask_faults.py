@@ -19,7 +19,7 @@ from typing import Any
 
 from servers.faultproxy import Fault, FaultProxy
 from serviceenv import ServiceEnv
-from test_service_dataflows import Flow, crc64, metric
+from test_service_dataflows import Flow, crc64, metric, proxied_flow
 
 MiB = 1024 * 1024
 FINAL = {"COMPLETE", "FAILED", "CANCELED"}
@@ -40,14 +40,6 @@ def master_address(env: ServiceEnv) -> str:
 def master_log(env: ServiceEnv) -> str:
     path = env.workdir / "logs" / "ossimport2.log"
     return path.read_text(encoding="utf-8") if path.exists() else ""
-
-
-@contextmanager
-def slow_flow(env: ServiceEnv, backend_factory: Any, tmp_path: Path) -> Iterator[tuple[Flow, FaultProxy]]:
-    s3 = backend_factory("s3-moto")
-    with FaultProxy("127.0.0.1", s3.handle.port) as proxy:
-        address = f"s3://AKIDTEST1234:SECRET%2FTEST5678@{s3.handle.bucket}.127.0.0.1:{proxy.port}"
-        yield Flow(env, s3, tmp_path, address), proxy
 
 
 @dataclass
@@ -80,7 +72,7 @@ def copying_on_a_worker(backend_factory: Any, tmp_path: Path, data: bytes, *, bp
     env.start()
     try:
         env.wait(lambda: (metric(env, 'ossimport_workers{kind="connected"}') or 0) >= workers, 60, "the workers")
-        with slow_flow(env, backend_factory, tmp_path) as (flow, proxy):
+        with proxied_flow(env, backend_factory, tmp_path) as (flow, proxy):
             flow.put("test/big.bin", data)
             slow = {"probability": 1.0} if every_read else {"count": 1}
             proxy.add(Fault("slow_down", method="GET", path=r"big\.bin$", bps=bps, **slow))  # type: ignore[arg-type]

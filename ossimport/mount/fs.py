@@ -138,6 +138,15 @@ class MountFS(mfusepy.Operations):
                 "st_blksize": MiB,
                 "st_mtime": ns, "st_ctime": ns, "st_atime": ns}
 
+    def _file_attr(self, key: str) -> Attr:
+        """The attributes of the file `key`: ENOENT when there is none, EISDIR for a directory."""
+        attr = self._attr(key)
+        if attr is None:
+            raise _fail(errno.ENOENT)
+        if attr.is_dir:
+            raise _fail(errno.EISDIR)
+        return attr
+
     def _attr(self, key: str) -> Attr | None:
         with self._lock:
             sf = self._writers.get(key)
@@ -265,11 +274,7 @@ class MountFS(mfusepy.Operations):
                 sf.refs += 1  # being written: read what is written so far
                 fi.fh = self._register(sf)
                 return 0
-        attr = self._attr(key)
-        if attr is None:
-            raise _fail(errno.ENOENT)
-        if attr.is_dir:
-            raise _fail(errno.EISDIR)
+        attr = self._file_attr(key)
         reader = Reader(self.storage, key, attr.size, self.pool, self.budget,
                         max_window=self.opts.read_ahead)
         ident = (attr.size, attr.mtime, attr.etag)
@@ -347,11 +352,7 @@ class MountFS(mfusepy.Operations):
             if truncate:
                 sf.truncate(0)
             return fh
-        attr = self._attr(key)
-        if attr is None:
-            raise _fail(errno.ENOENT)
-        if attr.is_dir:
-            raise _fail(errno.EISDIR)
+        attr = self._file_attr(key)
         if not truncate and attr.size:
             log.info("refused to open %s for writing without O_TRUNC (objects are rewritten whole)", key)
             raise _fail(errno.EOPNOTSUPP)
@@ -376,11 +377,7 @@ class MountFS(mfusepy.Operations):
         if handle is not None and not handle.unlinked:
             handle.truncate(length)
             return 0
-        attr = self._attr(key)
-        if attr is None:
-            raise _fail(errno.ENOENT)
-        if attr.is_dir:
-            raise _fail(errno.EISDIR)
+        attr = self._file_attr(key)
         if length == attr.size:
             return 0
         if length:
@@ -445,11 +442,7 @@ class MountFS(mfusepy.Operations):
 
     def unlink(self, path: str) -> int:
         key = self._writable_key(path)
-        attr = self._attr(key)
-        if attr is None:
-            raise _fail(errno.ENOENT)
-        if attr.is_dir:
-            raise _fail(errno.EISDIR)
+        self._file_attr(key)  # only files are unlinked
         with self._lock:
             sf = self._writers.pop(key, None)
             if sf is not None:
